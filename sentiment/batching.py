@@ -1,0 +1,126 @@
+"""From cleaned texts to padded batches: tokenise once, truncate, group by length, pad.
+
+`encode` tokenises a list of texts in one batched call of the fast tokenizer and keeps, for a
+long text, its head, its tail or both (`TRUNCATIONS`); special tokens are added afterwards, so
+any tokenizer's own template (BERT's [CLS] … [SEP], RoBERTa's <s> … </s>) is kept. `LengthGroupedBatches`
+yields shuffled batches of similar lengths, so dynamic padding (`Collator`) wastes little.
+Training and inference both use these; nothing here knows about models or optimisers.
+"""
+
+import numpy as np
+import torch
+
+HEAD_SHARE = 0.25  # head+tail keeps this share of the budget from the start (128 of 510, as Sun et al.)
+
+
+def special_tokens(tokenizer):
+    """The ids the tokenizer puts before and after a single text, found by encoding a probe."""
+    bare = tokenizer("hello", add_special_tokens=False)["input_ids"]
+    full = tokenizer("hello", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start:start + len(bare)] == bare:
+            return full[:start], full[start + len(bare):]
+    return [], []
+
+
+def truncate(ids, budget, truncation):
+    """Keep at most `budget` of `ids`: the first, the last, or the first quarter plus the last rest."""
+    if len(ids) <= budget:
+        return ids
+    if truncation == "head":
+        return ids[:budget]
+    if truncation == "tail":
+        return ids[len(ids) - budget:]
+    head = int(budget * HEAD_SHARE)
+    return ids[:head] + ids[len(ids) - (budget - head):]
+
+
+def encode(tokenizer, texts, max_length, truncation):
+    """Token ids (special tokens included) of each text, at most `max_length` long."""
+    prefix, suffix = special_tokens(tokenizer)
+    budget = max_length - len(prefix) - len(suffix)
+    bare = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False,
+                     return_token_type_ids=False, verbose=False)["input_ids"]
+    return [prefix + truncate(ids, budget, truncation) + suffix for ids in bare]
+
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    """Token id lists with optional integer labels; items are plain dicts for `Collator`."""
+
+    def __init__(self, ids, labels=None):
+        self.ids = ids
+        self.labels = labels
+        self.lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        item = {"input_ids": self.ids[i]}
+        if self.labels is not None:
+            item["labels"] = self.labels[i]
+        return item
+
+
+class Collator:
+    """Pad a list of items to the longest in the batch (rounded up to `multiple_of`)."""
+
+    def __init__(self, pad_id, multiple_of=1):
+        self.pad_id = pad_id
+        self.multiple_of = multiple_of
+
+    def __call__(self, items):
+        longest = max(len(item["input_ids"]) for item in items)
+        width = -(-longest // self.multiple_of) * self.multiple_of
+        input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            input_ids[row, :n] = torch.as_tensor(item["input_ids"])
+            attention_mask[row, :n] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "labels" in items[0]:
+            batch["labels"] = torch.tensor([item["labels"] for item in items])
+        return batch
+
+
+class LengthGroupedBatches(torch.utils.data.Sampler):
+    """Batches of indices of similar length, in a random order that `seed` and the epoch fix.
+
+    Shuffle all indices, cut them into chunks of `group` batches, sort each chunk by length and
+    cut it into batches, then shuffle the full batches (the short one, if any, comes last). Padding stays small; the order stays random
+    across batches and changes with `epoch`, so resuming can replay it exactly. The training loop
+    sets `epoch` itself: Accelerate's own per-loader epoch counter restarts at 0 in a resumed run.
+    """
+
+    def __init__(self, lengths, batch_size, seed, group=50):
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.group = group
+        self.epoch = 0
+
+    def __len__(self):
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.lengths))
+        chunk = self.batch_size * self.group
+        batches = []
+        for start in range(0, len(order), chunk):
+            part = order[start:start + chunk]
+            part = part[np.argsort(-self.lengths[part], kind="stable")]
+            batches.extend(part[i:i + self.batch_size] for i in range(0, len(part), self.batch_size))
+        # The one short batch goes last: Accelerate's sharding across processes expects it there.
+        full = [b for b in batches if len(b) == self.batch_size]
+        short = [b for b in batches if len(b) < self.batch_size]
+        for i in rng.permutation(len(full)):
+            yield full[i].tolist()
+        for batch in short:
+            yield batch.tolist()
+
+
+def by_length(lengths):
+    """Indices sorted longest first: for evaluation and inference, where order does not matter."""
+    return np.argsort(-np.asarray(lengths), kind="stable")

@@ -1,0 +1,109 @@
+"""Typed settings for each job, and their command lines.
+
+`TrainArgs` holds every hyperparameter of a training run, with a one-line help per field and
+checks in `__post_init__`. `parse_args` builds an argparse parser whose flags map one-to-one
+onto a dataclass's fields (`max_length` is `--max-length`), so the flags, their help and the
+saved `train_config.json` cannot drift apart. Nothing here reads data or touches a model.
+"""
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+from .errors import SentimentError
+
+TRUNCATIONS = ("head", "tail", "head+tail")
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+def arg(default, help, **kwargs):
+    """A dataclass field that also carries its command-line help (and choices, if any)."""
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class TrainArgs:
+    # data
+    data: str = arg(None, "Training table (CSV, TSV, Parquet, JSON lines), 'imdb' to download the IMDb "
+                          "reviews from the Hugging Face Hub, or 'demo' for built-in generated reviews.")
+    val_data: str = arg(None, "Validation table; default: carve --val-size rows out of --data.")
+    test_data: str = arg(None, "Test table; default: carve --test-size rows out of --data.")
+    val_size: float = arg(0.1, "Validation rows taken from --data: a fraction (<1) or a count. 0 = none.")
+    test_size: float = arg(0.1, "Test rows taken from --data: a fraction (<1) or a count. 0 = none.")
+    text_column: str = arg("review", "Column holding the text.")
+    label_column: str = arg("sentiment", "Column holding the label (any strings; two or more classes).")
+    skip_bad_rows: bool = arg(False, "Drop rows with a missing or empty text or label instead of stopping.")
+    # model
+    model: str = arg("distilbert-base-uncased", "Hub id or local folder of a pretrained model, or 'tiny' for a "
+                                                "small random model with a tokenizer trained on the data.")
+    output_dir: str = arg("outputs/model", "Where the model folder, metrics and checkpoints go.")
+    overwrite: bool = arg(False, "Allow writing into a non-empty --output-dir (its contents are replaced).")
+    max_length: int = arg(512, "Longest input in tokens, special tokens included.")
+    truncation: str = arg("head+tail", "Which tokens of a long text to keep: the first, the last, or the first "
+                                       "quarter and the last three quarters (Sun et al., 2019).",
+                          choices=TRUNCATIONS)
+    # optimisation
+    epochs: int = arg(2, "Passes over the training rows.")
+    batch_size: int = arg(16, "Examples per batch on each device.")
+    grad_accum: int = arg(1, "Batches whose gradients are summed before each optimizer step.")
+    lr: float = arg(2e-5, "Peak learning rate of AdamW.")
+    weight_decay: float = arg(0.01, "AdamW weight decay (never applied to biases and LayerNorm weights).")
+    warmup_ratio: float = arg(0.1, "Fraction of the optimizer steps spent warming the learning rate up from 0.")
+    max_grad_norm: float = arg(1.0, "Clip the gradient norm to this; 0 turns clipping off.")
+    mixed_precision: str = arg(None, "no, fp16 or bf16; default: what `accelerate launch` was configured with.",
+                               choices=PRECISIONS)
+    seed: int = arg(42, "Seed for the data split, the shuffling, the new head's weights and dropout.")
+    max_steps: int = arg(None, "Stop after this many optimizer steps (for quick runs); default: all epochs.")
+    # bookkeeping
+    eval_every: int = arg(None, "Also evaluate every N optimizer steps; evaluation always runs each epoch.")
+    checkpoint_every: int = arg(500, "Save the full training state every N optimizer steps; 0 = never.")
+    keep_checkpoints: int = arg(2, "How many of the newest checkpoints to keep.")
+    resume: str = arg(None, "'latest' to continue from the newest checkpoint in --output-dir, or a checkpoint path.")
+    report_to: str = arg(None, "Also log to this tracker through Accelerate (e.g. tensorboard), if installed.")
+
+    def __post_init__(self):
+        if not self.data:
+            raise SentimentError("--data is required: a table file, 'imdb' or 'demo'")
+        for name in ("epochs", "batch_size", "grad_accum", "max_length", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise SentimentError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_length < 8:
+            raise SentimentError(f"--max-length must be at least 8 tokens, got {self.max_length}")
+        for name in ("val_size", "test_size"):
+            value = getattr(self, name)
+            if value < 0 or (value >= 1 and value != int(value)):
+                raise SentimentError(f"--{name.replace('_', '-')} must be a fraction below 1 or a whole count, "
+                                     f"got {value}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise SentimentError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.lr <= 0:
+            raise SentimentError(f"--lr must be positive, got {self.lr}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise SentimentError(f"--max-steps must be at least 1, got {self.max_steps}")
+        for name in ("eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise SentimentError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
+
+
+def build_parser(cls, description):
+    """An argparse parser with one `--flag` per field of the dataclass `cls`."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"],
+                                choices=f.metadata.get("choices"))
+    return parser
+
+
+def parse_args(cls, description, argv=None):
+    """Parse the command line into an instance of the dataclass `cls`."""
+    namespace = build_parser(cls, description).parse_args(argv)
+    return cls(**vars(namespace))

@@ -1,0 +1,195 @@
+"""Tables of labelled text: read, clean, check, dedupe, split, name the labels.
+
+Everything here is polars and numpy; nothing knows about tokens or models. The output is a
+`Splits` of plain Python lists that `batching` tokenises. `clean_texts` is the one text
+cleaning used everywhere, training and inference alike, so scores match what validation saw.
+"""
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from .errors import SentimentError
+
+READERS = {
+    ".csv": lambda path: pl.read_csv(path, infer_schema=False),
+    ".tsv": lambda path: pl.read_csv(path, separator="\t", infer_schema=False, quote_char=None),
+    ".parquet": pl.read_parquet,
+    ".jsonl": pl.read_ndjson,
+    ".ndjson": pl.read_ndjson,
+    ".json": pl.read_ndjson,
+}
+IMDB_REPO = "stanfordnlp/imdb"
+IMDB_FILES = {"train": "plain_text/train-00000-of-00001.parquet",
+              "test": "plain_text/test-00000-of-00001.parquet"}
+IMDB_LABELS = {0: "negative", 1: "positive"}
+SHOWN_ROWS = 5  # how many bad row numbers an error message lists
+
+
+def clean_expr(expr):
+    """Strip HTML tags such as `<br />` and fold runs of whitespace into one space."""
+    return (expr.str.replace_all(r"<[^>]*>", " ")
+                .str.replace_all(r"\s+", " ")
+                .str.strip_chars())
+
+
+def clean_texts(texts):
+    """`clean_expr` applied to a list of strings (None stays None)."""
+    return pl.Series(texts, dtype=pl.String).to_frame("t").select(clean_expr(pl.col("t"))).to_series().to_list()
+
+
+def read_table(path):
+    """Read a table file by its extension; every failure is a one-line `SentimentError`."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in READERS:
+        raise SentimentError(f"{path}: unknown file type {ext or '(none)'}; use one of {', '.join(READERS)}")
+    if not os.path.isfile(path):
+        raise SentimentError(f"{path}: no such file")
+    try:
+        return READERS[ext](path)
+    except (pl.exceptions.PolarsError, OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SentimentError(f"{path}: could not read it as {ext[1:].upper()}: {first_line}") from None
+
+
+def check_columns(frame, path, *columns):
+    for column in columns:
+        if column not in frame.columns:
+            raise SentimentError(f"{path}: no column {column!r}; it has {', '.join(map(repr, frame.columns))}. "
+                                 f"Name the right one with --text-column / --label-column")
+
+
+def load_labelled(path, text_column, label_column, skip_bad_rows=False, frame=None):
+    """Read `path` into a frame of cleaned `text` and string `label`, one row per usable review.
+
+    Rows with a missing or empty text or a missing label stop the run with their row numbers,
+    or are dropped and counted when `skip_bad_rows` is set. Returns (frame, report).
+    """
+    frame = read_table(path) if frame is None else frame
+    check_columns(frame, path, text_column, label_column)
+    frame = frame.select(
+        text=clean_expr(pl.col(text_column).cast(pl.String)),
+        label=pl.col(label_column).cast(pl.String).str.strip_chars(),
+    ).with_row_index("row", offset=1)
+    bad = frame.filter(pl.col("text").is_null() | (pl.col("text") == "")
+                       | pl.col("label").is_null() | (pl.col("label") == ""))
+    if len(bad) and not skip_bad_rows:
+        rows = ", ".join(map(str, bad["row"].head(SHOWN_ROWS).to_list()))
+        more = " …" if len(bad) > SHOWN_ROWS else ""
+        raise SentimentError(f"{path}: {len(bad)} rows with a missing or empty text or label (data rows {rows}{more}, "
+                             f"counting from 1 after the header); fix them or pass --skip-bad-rows to drop them")
+    frame = frame.join(bad.select("row"), on="row", how="anti")
+    deduped = frame.unique(subset="text", keep="first", maintain_order=True)
+    report = {"rows": len(frame) + len(bad), "bad_rows": len(bad), "duplicates": len(frame) - len(deduped)}
+    return deduped.drop("row"), report
+
+
+def stratified_order(labels, seed):
+    """A permutation of row indices whose every prefix holds the classes in their overall proportions.
+
+    Each row gets the position (rank + jitter) / class size inside its shuffled class; sorting by it
+    interleaves the classes evenly, so taking the first n rows is a stratified sample of n.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    position = np.empty(len(labels))
+    for value in np.unique(labels):
+        members = np.flatnonzero(labels == value)
+        rng.shuffle(members)
+        position[members] = (np.arange(len(members)) + rng.random(len(members))) / len(members)
+    return np.argsort(position, kind="stable")
+
+
+def split_count(size, total):
+    """`size` is a fraction (< 1) or a count of rows; return the count (at least 1 if asked for any)."""
+    return max(1, int(round(size * total))) if 0 < size < 1 else int(size)
+
+
+@dataclass
+class Splits:
+    labels: list  # class names, sorted; the model's class i is labels[i]
+    train: pl.DataFrame
+    val: pl.DataFrame  # may be empty: then the last model is kept
+    test: pl.DataFrame  # may be empty: then there is no test figure
+    report: dict
+
+    def label_ids(self, frame):
+        index = {name: i for i, name in enumerate(self.labels)}
+        return [index[name] for name in frame["label"].to_list()]
+
+
+def download_imdb():
+    """Fetch the IMDb train and test parquet files from the Hub; offline, say what to do instead."""
+    from huggingface_hub import hf_hub_download
+
+    paths = {}
+    for split, filename in IMDB_FILES.items():
+        try:
+            paths[split] = hf_hub_download(IMDB_REPO, filename, repo_type="dataset")
+        except Exception as err:  # offline, proxy, missing cache: all mean the same to the user
+            raise SentimentError(f"--data imdb: could not download {IMDB_REPO} from the Hugging Face Hub "
+                                 f"({type(err).__name__}); pass a local file instead, e.g. --data 'IMDB Dataset.csv'"
+                                 ) from None
+    return paths
+
+
+def load_imdb_frame(path):
+    frame = read_table(path)
+    check_columns(frame, path, "text", "label")
+    return frame.with_columns(pl.col("label").replace_strict(IMDB_LABELS, return_dtype=pl.String))
+
+
+def load_splits(args):
+    """Read, clean, dedupe and split the data named by a `TrainArgs`."""
+    text_col, label_col = args.text_column, args.label_column
+    given = {"val": args.val_data, "test": args.test_data}
+    if args.data == "imdb":
+        paths = download_imdb()
+        text_col, label_col = "text", "label"
+        frames = {"train": load_imdb_frame(paths["train"]), "test": load_imdb_frame(paths["test"])}
+        given["test"] = given["test"] or paths["test"]
+    elif args.data == "demo":
+        from .demo_data import demo_reviews
+        frames = {"train": demo_reviews(2000, seed=args.seed)}
+    else:
+        frames = {}
+
+    def load(split, path):
+        return load_labelled(path, text_col, label_col, args.skip_bad_rows, frames.get(split))
+
+    data, report = load("train", args.data)
+    reports = {"data": report}
+    held_out = {}
+    for split, path in given.items():
+        if path:
+            held_out[split], reports[split] = load(split, path)
+            # A review in both a held-out file and the training data would inflate its score.
+            before = len(data)
+            data = data.join(held_out[split].select("text"), on="text", how="anti")
+            reports[split]["removed_from_train"] = before - len(data)
+
+    order = stratified_order(data["label"].to_numpy(), args.seed)
+    counts = {split: 0 if split in held_out else split_count(getattr(args, f"{split}_size"), len(data))
+              for split in ("test", "val")}
+    if counts["test"] + counts["val"] >= len(data) or len(data) - counts["test"] - counts["val"] < 2:
+        raise SentimentError(f"{args.data}: too few rows ({len(data)} after cleaning) for {counts['val']} validation "
+                             f"and {counts['test']} test rows; lower --val-size / --test-size or add data")
+    test_idx, rest = order[:counts["test"]], order[counts["test"]:]
+    val_idx, train_idx = rest[:counts["val"]], rest[counts["val"]:]
+    carved = {"test": data[np.sort(test_idx)], "val": data[np.sort(val_idx)]}
+    train = data[np.sort(train_idx)]
+    val = held_out.get("val", carved["val"])
+    test = held_out.get("test", carved["test"])
+
+    labels = sorted(set(train["label"].to_list()))
+    if len(labels) < 2:
+        raise SentimentError(f"{args.data}: the training rows hold a single class ({labels[0] if labels else 'none'}); "
+                             f"a classifier needs two or more")
+    for split, frame in (("validation", val), ("test", test)):
+        unknown = sorted(set(frame["label"].to_list()) - set(labels))
+        if unknown:
+            raise SentimentError(f"{split} data has labels the training rows never show: {', '.join(unknown)}")
+    reports["sizes"] = {"train": len(train), "val": len(val), "test": len(test)}
+    return Splits(labels=labels, train=train, val=val, test=test, report=reports)

@@ -1,0 +1,69 @@
+"""Scores of a classifier: accuracy, macro F1, confusion matrix, calibration.
+
+Pure numpy and torch on arrays of class ids, logits or probabilities; used by training
+(validation, test, temperature fitting) and by `infer.py` when its input carries labels.
+"""
+
+import numpy as np
+import torch
+
+ECE_BINS = 15
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
+
+
+def classification_report(y_true, y_pred, labels):
+    """Accuracy, macro F1, the confusion matrix (rows: true, columns: predicted) and class counts."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    k = len(labels)
+    confusion = np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
+    tp = np.diag(confusion).astype(float)
+    precision = np.divide(tp, confusion.sum(0), out=np.zeros(k), where=confusion.sum(0) > 0)
+    recall = np.divide(tp, confusion.sum(1), out=np.zeros(k), where=confusion.sum(1) > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=precision + recall > 0)
+    return {
+        "accuracy": float(tp.sum() / max(len(y_true), 1)),
+        "macro_f1": float(f1.mean()),
+        "examples": int(len(y_true)),
+        "examples_per_class": {label: int(n) for label, n in zip(labels, confusion.sum(1))},
+        "confusion_matrix": {"labels": list(labels), "rows_true_columns_predicted": confusion.tolist()},
+    }
+
+
+def expected_calibration_error(probs, y_true, bins=ECE_BINS):
+    """Mean gap between confidence and accuracy over equal-width confidence bins, weighted by bin size."""
+    probs, y_true = np.asarray(probs), np.asarray(y_true)
+    confidence, predicted = probs.max(1), probs.argmax(1)
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            ece += in_bin.mean() * abs((predicted[in_bin] == y_true[in_bin]).mean() - confidence[in_bin].mean())
+    return float(ece)
+
+
+def fit_temperature(logits, y_true):
+    """The temperature T > 0 that minimises the negative log-likelihood of softmax(logits / T).
+
+    Temperature scaling (Guo et al., 2017) changes confidences, never the predicted class.
+    """
+    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    y_true = torch.as_tensor(np.asarray(y_true))
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), y_true)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    # Perfectly separated validation data drives T towards 0; keep it in a range that still ranks.
+    return float(log_t.detach().exp().clamp(MIN_TEMPERATURE, MAX_TEMPERATURE))
+
+
+def softmax(logits, temperature=1.0):
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = np.exp(z - z.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)

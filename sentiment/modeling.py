@@ -1,0 +1,145 @@
+"""Models and tokenizers: load a pretrained one, build a tiny one, and read or write the model folder.
+
+The model folder is the contract between training and everything after it: a standard Hugging
+Face folder (`config.json` with the label names, `model.safetensors`, tokenizer files) plus
+`sentiment.json`, our settings (`ModelSettings`: labels, max length, truncation, calibration).
+`load_model_folder` rebuilds everything inference needs from that folder alone.
+"""
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DistilBertConfig
+
+from .errors import SentimentError
+
+SETTINGS_FILE = "sentiment.json"
+TINY_VOCAB = 1000
+
+
+@dataclass
+class ModelSettings:
+    labels: list  # class names; class i of the model is labels[i]
+    max_length: int = 512  # tokens, special tokens included
+    truncation: str = "head"  # which tokens of a long text to keep (see batching.truncate)
+    temperature: float = 1.0  # logits are divided by it before the softmax (fitted on validation)
+
+    def save(self, folder):
+        with open(os.path.join(folder, SETTINGS_FILE), "w") as f:
+            json.dump(asdict(self), f, indent=2)
+
+
+def label_maps(labels):
+    return {i: name for i, name in enumerate(labels)}, {name: i for i, name in enumerate(labels)}
+
+
+def train_tiny_tokenizer(texts, vocab_size=TINY_VOCAB):
+    """A lowercasing WordPiece tokenizer with BERT's special tokens, built from `texts`.
+
+    The vocabulary is every character seen (alone and as a `##` continuation), then the most
+    frequent words, ties broken alphabetically: unlike the `tokenizers` trainer, which breaks ties
+    in hash order, this gives the same vocabulary in every process and every run.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = Counter(word for text in texts
+                    for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in words for c in word})
+    vocab = special + chars + ["##" + c for c in chars]
+    ranked = sorted((w for w in words if len(w) > 1), key=lambda w: (-words[w], w))
+    vocab += ranked[:max(0, vocab_size - len(vocab))]
+    tok = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab.index("[CLS]")), ("[SEP]", vocab.index("[SEP]"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
+
+
+def tiny_config(vocab_size, labels):
+    """A 2-layer DistilBERT with hidden size 32: trains in seconds on a CPU."""
+    id2label, label2id = label_maps(labels)
+    return DistilBertConfig(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                            max_position_embeddings=512, num_labels=len(labels), id2label=id2label,
+                            label2id=label2id)
+
+
+def load_tokenizer(name, train_texts):
+    """The fast tokenizer of a local folder or Hub id, or for 'tiny' a new one trained on `train_texts`.
+
+    Training a WordPiece vocabulary is not deterministic across processes (ties are broken in hash
+    order), so the training loop builds it once, saves it, and every other process loads that copy.
+    """
+    if name == "tiny":
+        return train_tiny_tokenizer(train_texts)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except OSError as err:
+        raise model_error(name, err) from None
+    if not tokenizer.is_fast:
+        raise SentimentError(f"--model {name}: its tokenizer has no fast (Rust) version, which batching needs")
+    return tokenizer
+
+
+def load_model(name, labels, vocab_size):
+    """A model with a fresh classification head for `labels`: 'tiny', a local folder or a Hub id.
+
+    Call it after seeding, so the seed also fixes the new head's initial weights.
+    """
+    if name == "tiny":
+        return AutoModelForSequenceClassification.from_config(tiny_config(vocab_size, labels))
+    id2label, label2id = label_maps(labels)
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            name, num_labels=len(labels), id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True)
+    except OSError as err:
+        raise model_error(name, err) from None
+
+
+def model_error(name, err):
+    where = "folder" if os.path.isdir(name) else "Hub id"
+    return SentimentError(f"--model {name}: could not load this {where} ({str(err).strip().splitlines()[0]}); "
+                          f"pass a local model folder, or --model tiny to train a small model offline")
+
+
+def save_model_folder(folder, model, tokenizer, settings):
+    """Write a standard Hugging Face folder (safetensors weights) plus `sentiment.json`."""
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    settings.save(folder)
+
+
+def read_settings(folder, config, tokenizer):
+    """Our settings from `sentiment.json`, or defaults that fit any sequence-classification folder."""
+    path = os.path.join(folder, SETTINGS_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            return ModelSettings(**json.load(f))
+    limits = [512, getattr(config, "max_position_embeddings", 512)]
+    if 0 < tokenizer.model_max_length < 10**6:  # unset limits are stored as a huge number
+        limits.append(tokenizer.model_max_length)
+    return ModelSettings(labels=[config.id2label[i] for i in range(config.num_labels)], max_length=min(limits))
+
+
+def load_model_folder(folder, dtype=None):
+    """Model (in eval mode), tokenizer and settings from a model folder; clear errors if it is not one."""
+    if not os.path.isdir(folder):
+        raise SentimentError(f"{folder}: no such model folder; train one with train.py or pass a Hugging Face "
+                             f"sequence-classification folder")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise SentimentError(f"{folder}: not a model folder (no config.json)")
+    config = AutoConfig.from_pretrained(folder)
+    if not any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
+        raise SentimentError(f"{folder}: not a sequence classifier (architectures: "
+                             f"{', '.join(config.architectures or ['none'])}); fine-tune it with train.py first")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype)
+    return model.eval(), tokenizer, read_settings(folder, config, tokenizer)

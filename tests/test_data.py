@@ -1,0 +1,138 @@
+import numpy as np
+import polars as pl
+import pytest
+
+from sentiment import data as data_module
+from sentiment.config import TrainArgs
+from sentiment.data import clean_texts, load_labelled, load_splits, stratified_order
+from sentiment.demo_data import demo_reviews
+from sentiment.errors import SentimentError
+
+
+def splits_of(path, **kwargs):
+    return load_splits(TrainArgs(data=str(path), **kwargs))
+
+
+def test_clean_texts_strips_html_and_folds_whitespace():
+    assert clean_texts(["Great<br /><br />film.\n\n It  was <i>fun</i>", None]) == ["Great film. It was fun", None]
+
+
+def test_stratified_order_keeps_class_proportions_in_every_prefix():
+    labels = np.array(["a"] * 300 + ["b"] * 100)
+    order = stratified_order(labels, seed=0)
+    assert sorted(order) == list(range(400))
+    for n in (40, 100, 200):
+        assert abs((labels[order[:n]] == "b").mean() - 0.25) <= 1.5 / n + 0.02
+
+
+def test_splits_are_stratified_disjoint_and_deduplicated(tmp_path):
+    frame = demo_reviews(500, seed=3)
+    frame = pl.concat([frame, frame.head(20)])  # 20 exact duplicates
+    path = tmp_path / "d.csv"
+    frame.write_csv(path)
+    splits = splits_of(path, val_size=0.2, test_size=50)
+    assert splits.report["data"]["duplicates"] >= 20
+    assert len(splits.test) == 50 and len(splits.val) == round(0.2 * (len(splits.train) + len(splits.val) + 50))
+    texts = [set(s["text"]) for s in (splits.train, splits.val, splits.test)]
+    assert not (texts[0] & texts[1]) and not (texts[0] & texts[2]) and not (texts[1] & texts[2])
+    for part in (splits.val, splits.test):
+        assert abs((part["label"] == "positive").mean() - (splits.train["label"] == "positive").mean()) < 0.05
+    assert splits.labels == ["negative", "positive"]
+    again = splits_of(path, val_size=0.2, test_size=50)
+    assert again.test["text"].to_list() == splits.test["text"].to_list()
+
+
+@pytest.mark.parametrize("ext", ["csv", "tsv", "parquet", "jsonl"])
+def test_every_table_format_reads_the_same(tmp_path, ext):
+    frame = demo_reviews(100, seed=4)
+    path = tmp_path / f"d.{ext}"
+    {"csv": frame.write_csv, "tsv": lambda p: frame.write_csv(p, separator="\t"),
+     "parquet": frame.write_parquet, "jsonl": frame.write_ndjson}[ext](path)
+    loaded, report = load_labelled(str(path), "review", "sentiment")
+    assert report["rows"] == 100
+    assert loaded["text"].to_list()[:5] == clean_texts(frame["review"].head(5).to_list())
+
+
+def test_multiclass_labels_are_sorted_names(tmp_path):
+    path = tmp_path / "m.csv"
+    pl.DataFrame({"review": [f"text number {i}" for i in range(90)],
+                  "sentiment": ["neutral", "positive", "negative"] * 30}).write_csv(path)
+    assert splits_of(path).labels == ["negative", "neutral", "positive"]
+
+
+def test_separate_val_and_test_files_use_all_training_rows_and_drop_overlap(tmp_path):
+    train, held = demo_reviews(300, seed=5), demo_reviews(60, seed=6)
+    pl.concat([train, held.head(5)]).write_csv(tmp_path / "train.csv")
+    held.head(30).write_csv(tmp_path / "val.csv")
+    held.tail(30).write_csv(tmp_path / "test.csv")
+    splits = splits_of(tmp_path / "train.csv", val_data=str(tmp_path / "val.csv"),
+                       test_data=str(tmp_path / "test.csv"))
+    assert len(splits.val) == len(set(clean_texts(held.head(30)["review"].to_list())))
+    assert not set(splits.train["text"]) & set(splits.val["text"])
+    assert splits.report["val"]["removed_from_train"] == 5
+    assert len(splits.train) == len(set(clean_texts(train["review"].to_list())) - set(splits.val["text"]))
+
+
+def test_bad_rows_stop_with_row_numbers_or_are_skipped(tmp_path):
+    path = tmp_path / "bad.csv"
+    frame = demo_reviews(50, seed=7).with_row_index()
+    frame = frame.with_columns(
+        review=pl.when(pl.col("index") == 2).then(pl.lit("<br />")).otherwise(pl.col("review")),
+        sentiment=pl.when(pl.col("index") == 9).then(None).otherwise(pl.col("sentiment"))).drop("index")
+    frame.write_csv(path)
+    with pytest.raises(SentimentError, match=r"bad.csv: 2 rows .* \(data rows 3, 10"):
+        load_labelled(str(path), "review", "sentiment")
+    kept, report = load_labelled(str(path), "review", "sentiment", skip_bad_rows=True)
+    assert report["bad_rows"] == 2 and len(kept) == 48 - report["duplicates"]
+
+
+def test_imdb_download_uses_the_hub_files(tmp_path, monkeypatch):
+    stand_in = {}
+    for split, seed in (("train", 8), ("test", 9)):
+        frame = demo_reviews(200, seed=seed)
+        stand_in[split] = tmp_path / f"{split}.parquet"
+        frame.select(text="review", label=(pl.col("sentiment") == "positive").cast(pl.Int64)).write_parquet(
+            stand_in[split])
+    asked = []
+
+    def fake_download(repo_id, filename, repo_type):
+        asked.append((repo_id, filename, repo_type))
+        return str(stand_in["train" if "train" in filename else "test"])
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_download)
+    splits = load_splits(TrainArgs(data="imdb", test_size=0.5))  # test_size is ignored: the Hub has a test split
+    assert {f for _, f, _ in asked} == set(data_module.IMDB_FILES.values())
+    assert all(repo == "stanfordnlp/imdb" and kind == "dataset" for repo, _, kind in asked)
+    assert splits.labels == ["negative", "positive"]
+    assert len(splits.test) == len(set(clean_texts(demo_reviews(200, seed=9)["review"].to_list())))
+
+
+def test_imdb_offline_says_to_pass_a_local_file(monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", offline)
+    with pytest.raises(SentimentError, match="pass a local file"):
+        load_splits(TrainArgs(data="imdb"))
+
+
+@pytest.mark.parametrize("problem, match", [
+    ("missing", "no such file"),
+    ("column", r"no column 'review'; it has 'text', 'sentiment'"),
+    ("one_class", "single class"),
+    ("few", "too few rows"),
+    ("extension", "unknown file type .xlsx"),
+])
+def test_bad_data_errors_name_the_problem(tmp_path, problem, match):
+    path = tmp_path / ("d.xlsx" if problem == "extension" else "d.csv")
+    frame = demo_reviews(40, seed=10)
+    if problem == "column":
+        frame = frame.rename({"review": "text"})
+    if problem == "one_class":
+        frame = frame.with_columns(sentiment=pl.lit("positive"))
+    if problem == "few":
+        frame = frame.head(3)
+    if problem != "missing":
+        frame.write_csv(path)
+    with pytest.raises(SentimentError, match=match):
+        splits_of(path)

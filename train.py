@@ -1,0 +1,12 @@
+"""Fine-tune a transformer to classify sentiment: `accelerate launch train.py --data reviews.csv`.
+
+All options: `python train.py --help`. The work is done by `sentiment.training.train`.
+"""
+
+from sentiment.config import TrainArgs, parse_args
+from sentiment.errors import exit_on_user_error
+from sentiment.training import train
+
+if __name__ == "__main__":
+    with exit_on_user_error():
+        train(parse_args(TrainArgs, __doc__.splitlines()[0]))
