@@ -37,6 +37,8 @@ def truncate(ids, budget, truncation):
 
 def encode(tokenizer, texts, max_length, truncation):
     """Token ids (special tokens included) of each text, at most `max_length` long."""
+    if not texts:
+        return []
     prefix, suffix = special_tokens(tokenizer)
     budget = max_length - len(prefix) - len(suffix)
     bare = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False,
@@ -88,9 +90,9 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
     """Batches of indices of similar length, in a random order that `seed` and the epoch fix.
 
     Shuffle all indices, cut them into chunks of `group` batches, sort each chunk by length and
-    cut it into batches, then shuffle the full batches (the short one, if any, comes last). Padding stays small; the order stays random
-    across batches and changes with `epoch`, so resuming can replay it exactly. The training loop
-    sets `epoch` itself: Accelerate's own per-loader epoch counter restarts at 0 in a resumed run.
+    cut it into batches, then shuffle the full batches (the short one, if any, comes last).
+    Padding stays small; the order stays random across batches and changes with `epoch`, so
+    resuming can replay it exactly. The training loop sets `epoch` itself: Accelerate's own per-loader epoch counter restarts at 0 in a resumed run.
     """
 
     def __init__(self, lengths, batch_size, seed, group=50):

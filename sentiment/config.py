@@ -95,7 +95,9 @@ def build_parser(cls, description):
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
-        if kind is bool:
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="*", default=[], help=f.metadata["help"])
+        elif kind is bool:
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
             parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"],
@@ -107,3 +109,31 @@ def parse_args(cls, description, argv=None):
     """Parse the command line into an instance of the dataclass `cls`."""
     namespace = build_parser(cls, description).parse_args(argv)
     return cls(**vars(namespace))
+
+
+@dataclass
+class InferArgs:
+    texts: list = arg(None, "Texts to score, each one argument (or use --input).", positional=True)
+    model: str = arg("outputs/model", "Model folder written by train.py, or any Hugging Face "
+                                      "sequence-classification folder.")
+    input: str = arg(None, "Table to score (CSV, TSV, Parquet, JSON lines) or plain text with one review per "
+                           "line (.txt); '-' reads lines from stdin.")
+    output: str = arg(None, "Write the scored rows here (format by extension); default: JSON lines on stdout.")
+    text_column: str = arg("review", "Column of --input holding the text.")
+    label_column: str = arg(None, "Column of --input holding true labels, to report accuracy; "
+                                  "default: 'sentiment' when the input has it.")
+    metrics_out: str = arg(None, "Also write accuracy, macro F1 and the confusion matrix to this JSON file.")
+    batch_size: int = arg(64, "Most texts in one forward pass.")
+    max_batch_tokens: int = arg(16384, "Most tokens (texts × padded length) in one forward pass.")
+    max_length: int = arg(None, "Truncate texts to this many tokens; default: what training used.")
+    device: str = arg("auto", "cpu, cuda, cuda:1, …; auto picks a GPU when there is one.")
+    threads: int = arg(None, "CPU threads for the model; default: PyTorch's choice (one per core).")
+    quantize: str = arg(None, "int8: dynamic int8 quantisation of the linear layers (CPU only).", choices=("int8",))
+    chunk_rows: int = arg(10000, "Rows read, scored and written at a time; bounds memory on large files.")
+
+    def __post_init__(self):
+        if bool(self.texts) == bool(self.input):
+            raise SentimentError("give texts to score as arguments, or --input FILE, but not both")
+        for name in ("batch_size", "max_batch_tokens", "chunk_rows"):
+            if getattr(self, name) < 1:
+                raise SentimentError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

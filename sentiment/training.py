@@ -14,7 +14,6 @@ import os
 import shutil
 import time
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -99,7 +98,8 @@ def train(args):
     # Several processes without a GPU (`accelerate launch --multi_gpu` on a CPU machine) train
     # over gloo only when Accelerate is told it runs on the CPU.
     multi_cpu = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(cpu=multi_cpu, mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
+    accelerator = Accelerator(cpu=multi_cpu, mixed_precision=args.mixed_precision,
+                              gradient_accumulation_steps=args.grad_accum,
                               step_scheduler_with_optimizer=False, log_with=args.report_to,
                               project_dir=args.output_dir)
     config = {**dataclasses.asdict(args), "num_processes": accelerator.num_processes}

@@ -1,0 +1,29 @@
+"""The per-request peer for bench/serve.py: one `transformers.pipeline` call per request, no batching.
+
+    SENTIMENT_MODEL=outputs/bench-train/same uvicorn bench.pipeline_server:app
+"""
+
+import os
+
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from transformers import pipeline
+
+classify = pipeline("text-classification", model=os.environ["SENTIMENT_MODEL"], device=-1, top_k=None)
+MAX_LENGTH = int(os.environ.get("SENTIMENT_MAX_LENGTH", "256"))
+
+
+async def predict(request):
+    text = (await request.json())["text"]
+    # The model runs on the event loop: one request at a time, as a simple per-request server does.
+    scores = classify(text, truncation=True, max_length=MAX_LENGTH)
+    best = max(scores, key=lambda s: s["score"])
+    return JSONResponse({"label": best["label"], "score": best["score"],
+                         "scores": {s["label"]: s["score"] for s in scores}})
+
+
+async def health(request):
+    return JSONResponse({"status": "ok"})
+
+app = Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/health", health)])

@@ -1,0 +1,189 @@
+"""Batch scoring of texts and files: the work behind `infer.py`.
+
+Reads the input in chunks (memory stays bounded on a file of millions of rows), scores each
+chunk with the `Predictor`, and appends it to the output in input order, with the input's
+other columns kept, so rows already scored are on disk if a later chunk fails. Under
+`accelerate launch`, every process scores its share of each chunk and the main process writes.
+When the input carries labels, it reports accuracy, macro F1 and the confusion matrix.
+"""
+
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import polars as pl
+from tqdm.auto import tqdm
+
+from .data import READERS
+from .errors import SentimentError
+from .metrics import classification_report
+from .predictor import Predictor
+
+SCANNERS = {".csv": lambda p: pl.scan_csv(p, infer_schema=False),
+            ".tsv": lambda p: pl.scan_csv(p, separator="\t", infer_schema=False, quote_char=None),
+            ".parquet": pl.scan_parquet, ".jsonl": pl.scan_ndjson, ".ndjson": pl.scan_ndjson,
+            ".json": pl.scan_ndjson}
+OUTPUTS = (".csv", ".tsv", ".parquet", ".jsonl", ".ndjson", ".json")
+
+
+def text_lines(stream, column, chunk_rows):
+    chunk = []
+    for line in stream:
+        chunk.append(line.rstrip("\r\n"))
+        if len(chunk) == chunk_rows:
+            yield pl.DataFrame({column: chunk})
+            chunk = []
+    if chunk:
+        yield pl.DataFrame({column: chunk})
+
+
+def read_chunks(path, column, chunk_rows):
+    """Frames of at most about `chunk_rows` rows from a table, a text file or stdin ('-')."""
+    if path == "-":
+        yield from text_lines(sys.stdin, column, chunk_rows)
+        return
+    ext = os.path.splitext(path)[1].lower()
+    if not os.path.isfile(path):
+        raise SentimentError(f"{path}: no such file")
+    if ext == ".txt":
+        with open(path, encoding="utf-8", errors="replace") as f:
+            yield from text_lines(f, column, chunk_rows)
+        return
+    if ext not in SCANNERS:
+        raise SentimentError(f"{path}: unknown file type {ext or '(none)'}; use .txt or one of {', '.join(READERS)}")
+    rows = 0
+    try:
+        for frame in SCANNERS[ext](path).collect_batches(chunk_size=chunk_rows):
+            rows += len(frame)
+            yield frame
+    except (pl.exceptions.PolarsError, OSError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SentimentError(f"{path}: could not read past row {rows}: {message}") from None
+
+
+class TableWriter:
+    """Appends scored chunks to one output file; Parquet goes through parts joined at the end."""
+
+    def __init__(self, path):
+        self.path = path
+        self.ext = os.path.splitext(path)[1].lower()
+        if self.ext not in OUTPUTS:
+            raise SentimentError(f"--output {path}: unknown file type; use one of {', '.join(OUTPUTS)}")
+        self.parts = path + ".parts"
+        self.count = 0
+        if self.ext == ".parquet":
+            shutil.rmtree(self.parts, ignore_errors=True)
+            os.makedirs(self.parts)
+        else:
+            open(path, "w").close()
+
+    def write(self, frame):
+        if self.ext == ".parquet":
+            frame.write_parquet(os.path.join(self.parts, f"part-{self.count:06d}.parquet"))
+        else:
+            with open(self.path, "a", encoding="utf-8") as f:
+                if self.ext in (".csv", ".tsv"):
+                    frame.write_csv(f, include_header=self.count == 0, separator="\t" if self.ext == ".tsv" else ",")
+                else:
+                    frame.write_ndjson(f)
+        self.count += 1
+
+    def close(self):
+        if self.ext == ".parquet":
+            pl.scan_parquet(os.path.join(self.parts, "*.parquet")).sink_parquet(self.path)
+            shutil.rmtree(self.parts)
+
+
+def scored_columns(frame, predictor, probs):
+    """The input frame with label, score, score_<label> and error columns added."""
+    answers = [predictor.answer(p) for p in probs]
+    columns = {"label": [a["label"] for a in answers], "score": [a["score"] for a in answers]}
+    for j, name in enumerate(predictor.labels):
+        columns[f"score_{name}"] = [None if np.isnan(p[j]) else float(p[j]) for p in probs]
+    columns["error"] = [a.get("error") for a in answers]
+    return frame.with_columns(pl.Series(k, v, dtype=pl.Float64 if k.startswith("score") else pl.String)
+                              for k, v in columns.items())
+
+
+def score_texts(args):
+    """Score the texts given on the command line: one JSON line each."""
+    predictor = Predictor(args.model, device=args.device, batch_size=args.batch_size,
+                          max_batch_tokens=args.max_batch_tokens, max_length=args.max_length,
+                          threads=args.threads, quantize=args.quantize)
+    for text, answer in zip(args.texts, predictor.predict(args.texts)):
+        print(json.dumps({"text": text, **answer}, ensure_ascii=False))
+
+
+def score_file(args, state):
+    """Score `args.input` chunk by chunk; returns the label metrics, if the input had labels."""
+    device = state.device if state.num_processes > 1 else args.device
+    predictor = Predictor(args.model, device=device, batch_size=args.batch_size,
+                          max_batch_tokens=args.max_batch_tokens, max_length=args.max_length,
+                          threads=args.threads, quantize=args.quantize)
+    writer = TableWriter(args.output) if args.output and state.is_main_process else None
+    y_true, y_pred, errors = [], [], 0
+    label_column = args.label_column
+    bar = tqdm(desc="scoring", unit=" rows", disable=not state.is_main_process or not args.output)
+    for number, frame in enumerate(read_chunks(args.input, args.text_column, args.chunk_rows)):
+        if number == 0:
+            if args.text_column not in frame.columns:
+                raise SentimentError(f"{args.input}: no column {args.text_column!r}; it has "
+                                     f"{', '.join(map(repr, frame.columns))}. Name it with --text-column")
+            if label_column is None and "sentiment" in frame.columns and args.text_column != "sentiment":
+                label_column = "sentiment"
+            if label_column and label_column not in frame.columns:
+                raise SentimentError(f"{args.input}: no label column {label_column!r}; it has "
+                                     f"{', '.join(map(repr, frame.columns))}")
+        texts = frame[args.text_column].cast(pl.String).to_list()
+        with state.split_between_processes(list(range(len(texts)))) as mine:
+            probs = predictor.probabilities([texts[i] for i in mine])
+        if state.num_processes > 1:
+            from accelerate.utils import gather_object
+            probs = np.concatenate([p for p in gather_object([probs]) if len(p)] or [probs])
+        if not state.is_main_process:
+            continue
+        out = scored_columns(frame, predictor, probs)
+        errors += out["error"].is_not_null().sum()
+        if label_column:
+            index = {name: i for i, name in enumerate(predictor.labels)}
+            known = out.filter(pl.col("error").is_null() & pl.col(label_column).cast(pl.String).is_in(list(index)))
+            y_true += [index[v] for v in known[label_column].cast(pl.String).to_list()]
+            y_pred += [index[v] for v in known["label"].to_list()]
+        if writer:
+            writer.write(out)
+        else:
+            for row in out.iter_rows(named=True):
+                answer = {"text": row[args.text_column], "label": row["label"], "score": row["score"],
+                          "scores": None if row["error"] else {n: row[f"score_{n}"] for n in predictor.labels}}
+                print(json.dumps({**answer, **({"error": row["error"]} if row["error"] else {})},
+                                 ensure_ascii=False))
+        bar.update(len(frame))
+    bar.close()
+    if writer:
+        writer.close()
+    if state.is_main_process and errors:
+        print(f"{errors} rows had no text to score; their 'error' column says so", file=sys.stderr)
+    if state.is_main_process and label_column:
+        return classification_report(y_true, y_pred, predictor.labels)
+    return None
+
+
+def run(args):
+    from accelerate import PartialState
+    import torch
+
+    # Several CPU processes (`accelerate launch` without a GPU) talk over gloo.
+    state = PartialState(cpu=int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available())
+    if args.texts:
+        score_texts(args)
+        return
+    report = score_file(args, state)
+    if report:
+        print(f"accuracy {report['accuracy']:.4f}, macro F1 {report['macro_f1']:.4f} on {report['examples']} rows; "
+              f"confusion (rows true, columns predicted, {report['confusion_matrix']['labels']}): "
+              f"{report['confusion_matrix']['rows_true_columns_predicted']}", file=sys.stderr)
+        if args.metrics_out:
+            with open(args.metrics_out, "w") as f:
+                json.dump(report, f, indent=2)

@@ -1,0 +1,108 @@
+"""`Predictor`: the one inference core, shared by `infer.py` and the HTTP service.
+
+It loads a model folder once and scores any number of texts: clean them as training did,
+tokenise them in one batched call with the saved truncation, sort them by length, cut batches
+by count and by a token budget, pad each batch only to its own longest text, run the model under
+`torch.inference_mode`, and return label names with temperature-calibrated probabilities in
+the order the texts came in. It knows nothing of files or HTTP.
+"""
+
+import numpy as np
+import torch
+
+from .batching import by_length, encode
+from .data import clean_texts
+from .errors import SentimentError
+from .metrics import softmax
+from .modeling import load_model_folder
+
+
+def pick_device(device):
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Predictor:
+    """Score texts with the model in `folder`.
+
+    batch_size: most texts in one forward pass. max_batch_tokens: most tokens (texts × padded
+    length) in one pass, so long texts come in smaller batches. max_length: override the saved
+    limit (up to the model's position limit). quantize='int8': dynamic int8 linear layers on
+    the CPU (bench/infer.py measures what it costs in accuracy).
+    """
+
+    def __init__(self, folder, device=None, batch_size=64, max_batch_tokens=16384, max_length=None, threads=None,
+                 quantize=None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = pick_device(device)
+        dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        model, self.tokenizer, self.settings = load_model_folder(folder, dtype=dtype)
+        if quantize == "int8":
+            if self.device.type != "cpu":
+                raise SentimentError("--quantize int8 runs on the CPU only; drop it or use --device cpu")
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        self.model = model.to(self.device)
+        self.labels = list(self.settings.labels)
+        longest = getattr(self.model.config, "max_position_embeddings", None) or self.settings.max_length
+        self.max_length = min(max_length or self.settings.max_length, longest)
+        self.batch_size = batch_size
+        self.max_batch_tokens = max(max_batch_tokens, self.max_length)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def encode(self, texts):
+        """Token ids of already cleaned, non-empty texts."""
+        return encode(self.tokenizer, texts, self.max_length, self.settings.truncation)
+
+    def batches(self, lengths):
+        """Index batches over `lengths`, longest first, within the count and token limits."""
+        order = by_length(lengths)
+        batch = []
+        for i in order:
+            # Sorted longest first, so the batch's first text sets its padded width.
+            width = lengths[batch[0]] if batch else lengths[i]
+            if batch and (len(batch) == self.batch_size or (len(batch) + 1) * width > self.max_batch_tokens):
+                yield batch
+                batch = []
+            batch.append(i)
+        if batch:
+            yield batch
+
+    @torch.inference_mode()
+    def logits(self, ids):
+        """Raw logits (float32 numpy, one row per text, input order) of token id lists."""
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        out = np.empty((len(ids), len(self.labels)), dtype=np.float32)
+        for batch in self.batches(lengths):
+            width = int(lengths[batch[0]])
+            input_ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(batch), width), dtype=np.int64)
+            for row, i in enumerate(batch):
+                input_ids[row, :lengths[i]] = ids[i]
+                mask[row, :lengths[i]] = 1
+            logits = self.model(input_ids=torch.from_numpy(input_ids).to(self.device),
+                                attention_mask=torch.from_numpy(mask).to(self.device)).logits
+            out[batch] = logits.float().cpu().numpy()
+        return out
+
+    def probabilities(self, texts):
+        """Calibrated class probabilities of raw texts; (None, error) for a text with nothing to score."""
+        cleaned = clean_texts(texts)
+        valid = [i for i, t in enumerate(cleaned) if t]
+        probs = np.full((len(texts), len(self.labels)), np.nan)
+        if valid:
+            logits = self.logits(self.encode([cleaned[i] for i in valid]))
+            probs[valid] = softmax(logits, self.settings.temperature)
+        return probs
+
+    def predict(self, texts):
+        """One dict per text, in order: label, score and every label's score; `error` for empty texts."""
+        return [self.answer(p) for p in self.probabilities(texts)]
+
+    def answer(self, probs):
+        if np.isnan(probs).any():
+            return {"label": None, "score": None, "scores": None, "error": "empty text: nothing to score"}
+        best = int(probs.argmax())
+        return {"label": self.labels[best], "score": float(probs[best]),
+                "scores": {label: float(p) for label, p in zip(self.labels, probs)}}

@@ -1,0 +1,308 @@
+"""The HTTP service: settings, the micro-batching queue, metrics and the Starlette app.
+
+Each text of each request becomes one `asyncio.Future` in a bounded queue. One batching task
+takes what is queued, up to a batch size and a token budget (waiting up to `max_wait_ms` for more
+only while traffic is heavy, so a lone request is never held back), drops texts whose client has
+gone, and runs the `Predictor` in a worker thread so the event loop keeps accepting requests.
+The model is loaded once in the lifespan; `/health` answers 503 until it is loaded and warm.
+"""
+
+import asyncio
+import json
+import os
+import time
+from dataclasses import dataclass, fields
+
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+
+CHARS_PER_TOKEN = 4  # a cheap token estimate for the batch budget; the Predictor counts exactly
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@dataclass
+class ServeSettings:
+    model: str = "outputs/model"  # SENTIMENT_MODEL: the model folder
+    max_batch_size: int = 32  # SENTIMENT_MAX_BATCH_SIZE: most texts per model call
+    max_batch_tokens: int = 8192  # SENTIMENT_MAX_BATCH_TOKENS: most (estimated) tokens per model call
+    max_wait_ms: float = 5.0  # SENTIMENT_MAX_WAIT_MS: longest wait for a batch to fill, under load
+    queue_size: int = 256  # SENTIMENT_QUEUE_SIZE: texts waiting at most; beyond it, 503 at once
+    max_body_bytes: int = 1 << 20  # SENTIMENT_MAX_BODY_BYTES: larger bodies get 413
+    max_texts: int = 64  # SENTIMENT_MAX_TEXTS: most texts in one request
+    max_chars: int = 20000  # SENTIMENT_MAX_CHARS: longest text accepted
+    request_timeout_s: float = 30.0  # SENTIMENT_REQUEST_TIMEOUT_S: then 504
+    device: str = "auto"  # SENTIMENT_DEVICE
+    threads: int = 0  # SENTIMENT_THREADS: CPU threads for the model; 0 = PyTorch's choice
+
+    @classmethod
+    def from_env(cls, environ=os.environ):
+        values = {}
+        for f in fields(cls):
+            raw = environ.get(f"SENTIMENT_{f.name.upper()}")
+            if raw is not None:
+                try:
+                    values[f.name] = type(f.default)(raw)
+                except ValueError:
+                    raise ValueError(f"SENTIMENT_{f.name.upper()}={raw!r} is not a {type(f.default).__name__}")
+        return cls(**values)
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Metrics:
+    """Prometheus counters and histograms, written out by hand in the text format."""
+
+    def __init__(self):
+        self.requests = {}
+        self.latency = Histogram(LATENCY_BUCKETS)
+        self.batch_sizes = Histogram(BATCH_BUCKETS)
+        self.texts_scored = 0
+
+    def count_request(self, status, seconds):
+        self.requests[status] = self.requests.get(status, 0) + 1
+        self.latency.observe(seconds)
+
+    def render(self, queue_depth):
+        lines = ["# TYPE sentiment_requests_total counter"]
+        lines += [f'sentiment_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.requests.items())]
+        lines += self.latency.render("sentiment_request_seconds")
+        lines += self.batch_sizes.render("sentiment_batch_size")
+        lines += ["# TYPE sentiment_queue_depth gauge", f"sentiment_queue_depth {queue_depth}",
+                  "# TYPE sentiment_texts_scored_total counter", f"sentiment_texts_scored_total {self.texts_scored}"]
+        return "\n".join(lines) + "\n"
+
+
+class Histogram:
+    def __init__(self, buckets):
+        self.buckets, self.counts, self.sum, self.count = buckets, [0] * len(buckets), 0.0, 0
+
+    def observe(self, value):
+        self.sum += value
+        self.count += 1
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+
+    def render(self, name):
+        lines = [f"# TYPE {name} histogram"]
+        lines += [f'{name}_bucket{{le="{b}"}} {n}' for b, n in zip(self.buckets, self.counts)]
+        return lines + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum}",
+                        f"{name}_count {self.count}"]
+
+
+class MicroBatcher:
+    """Gathers texts from concurrent requests into model batches; one task runs them in order."""
+
+    def __init__(self, predictor, settings, metrics):
+        self.predictor = predictor
+        self.settings = settings
+        self.metrics = metrics
+        self.queue = asyncio.Queue(maxsize=settings.queue_size)
+        self.heavy = False  # the last batch had company: worth waiting a moment for more
+        self.task = asyncio.create_task(self.run())
+
+    async def submit(self, texts):
+        """Queue the texts and wait for their answers; `QueueFull` at once if there is no room."""
+        if self.queue.maxsize - self.queue.qsize() < len(texts):
+            raise QueueFull
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in texts]
+        for text, future in zip(texts, futures):
+            self.queue.put_nowait((text, future))
+        try:
+            return await asyncio.gather(*futures)
+        finally:
+            for future in futures:  # the client left or timed out: the batcher will skip these
+                future.cancel()
+
+    async def next_batch(self):
+        batch = [await self.queue.get()]
+        tokens = len(batch[0][0]) // CHARS_PER_TOKEN
+        deadline = time.monotonic() + self.settings.max_wait_ms / 1000
+        while len(batch) < self.settings.max_batch_size and tokens < self.settings.max_batch_tokens:
+            if self.queue.empty():
+                wait = deadline - time.monotonic()
+                if not self.heavy or wait <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), wait)
+                except TimeoutError:
+                    break
+            else:
+                item = self.queue.get_nowait()
+            batch.append(item)
+            tokens += len(item[0]) // CHARS_PER_TOKEN
+        return [(text, future) for text, future in batch if not future.done()]
+
+    async def run(self):
+        while True:
+            batch = await self.next_batch()
+            self.heavy = len(batch) > 1 or not self.queue.empty()
+            if not batch:
+                continue
+            self.metrics.batch_sizes.observe(len(batch))
+            try:
+                probs = await asyncio.to_thread(self.predictor.probabilities, [text for text, _ in batch])
+            except Exception as err:  # a model failure fails this batch, not the service
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(RuntimeError(f"model error: {type(err).__name__}"))
+                continue
+            self.metrics.texts_scored += len(batch)
+            for (_, future), p in zip(batch, probs):
+                if not future.done():
+                    future.set_result(self.predictor.answer(p))
+
+    async def drain(self):
+        """Finish what is queued, then stop the batching task."""
+        while not self.queue.empty():
+            await asyncio.sleep(0.01)
+        self.task.cancel()
+
+
+def error(status, kind, message, headers=None):
+    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+
+
+class BadRequest(Exception):
+    def __init__(self, status, kind, message):
+        self.response = error(status, kind, message)
+
+
+async def read_texts(request, settings):
+    """The texts of a /predict body, or `BadRequest` naming what is wrong with it."""
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        raise BadRequest(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
+        raise BadRequest(413, "body_too_large", f"the body is over {settings.max_body_bytes} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > settings.max_body_bytes:
+            raise BadRequest(413, "body_too_large", f"the body is over {settings.max_body_bytes} bytes")
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest(400, "malformed_json", "the body is not valid JSON") from None
+    if not isinstance(payload, dict) or ("text" in payload) == ("texts" in payload):
+        raise BadRequest(422, "invalid_request", 'send {"text": "…"} or {"texts": ["…", …]}')
+    single = "text" in payload
+    texts = [payload["text"]] if single else payload["texts"]
+    if not isinstance(texts, list) or not texts:
+        raise BadRequest(422, "invalid_request", '"texts" must be a non-empty list of strings')
+    if len(texts) > settings.max_texts:
+        raise BadRequest(413, "too_many_texts", f"{len(texts)} texts in one request; the limit is "
+                                                f"{settings.max_texts} (SENTIMENT_MAX_TEXTS): split the request")
+    for i, text in enumerate(texts):
+        where = "text" if single else f"texts[{i}]"
+        if not isinstance(text, str):
+            raise BadRequest(422, "invalid_request", f"{where} must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise BadRequest(422, "empty_text", f"{where} is empty")
+        if len(text) > settings.max_chars:
+            raise BadRequest(413, "text_too_long", f"{where} has {len(text)} characters; the limit is "
+                                                   f"{settings.max_chars} (SENTIMENT_MAX_CHARS)")
+    return texts, single
+
+
+async def client_gone(request):
+    """Return once the client has disconnected (the body has been read, so nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(settings=None, predictor_factory=None):
+    """The Starlette app. `predictor_factory(settings)` builds the Predictor (tests pass their own)."""
+    settings = settings or ServeSettings.from_env()
+
+    def load_predictor(settings):
+        from .predictor import Predictor
+        return Predictor(settings.model, device=settings.device, batch_size=settings.max_batch_size,
+                         threads=settings.threads or None)
+
+    predictor_factory = predictor_factory or load_predictor
+    metrics = Metrics()
+
+    async def lifespan(app):
+        print("sentiment service settings: " + json.dumps(settings.__dict__), flush=True)
+        app.state.batcher = None
+        app.state.load_error = None
+
+        async def load():
+            try:
+                predictor = await asyncio.to_thread(predictor_factory, settings)
+                await asyncio.to_thread(predictor.probabilities, ["warm-up text"] * 2)
+                app.state.batcher = MicroBatcher(predictor, settings, metrics)
+                print(f"model loaded from {settings.model}: labels {predictor.labels}", flush=True)
+            except Exception as err:
+                app.state.load_error = f"{type(err).__name__}: {err}"
+                print(f"could not load the model: {app.state.load_error}", flush=True)
+
+        loader = asyncio.create_task(load())
+        yield
+        loader.cancel()
+        if app.state.batcher:
+            await app.state.batcher.drain()
+
+    async def predict(request):
+        start = time.perf_counter()
+        response = await answer(request)
+        metrics.count_request(response.status_code, time.perf_counter() - start)
+        return response
+
+    async def answer(request):
+        batcher = request.app.state.batcher
+        if batcher is None:
+            return error(503, "not_ready", request.app.state.load_error or "the model is still loading",
+                         headers={"Retry-After": "5"})
+        try:
+            texts, single = await read_texts(request, settings)
+        except BadRequest as bad:
+            return bad.response
+        except ClientDisconnect:
+            return error(400, "client_disconnected", "the client went away")
+        scoring = asyncio.ensure_future(asyncio.wait_for(batcher.submit(texts), settings.request_timeout_s))
+        gone = asyncio.ensure_future(client_gone(request))
+        await asyncio.wait({scoring, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not scoring.done():  # cancelling it cancels the texts' futures: the batcher skips them
+            scoring.cancel()
+            return error(499, "client_disconnected", "the client went away")
+        try:
+            answers = scoring.result()
+        except QueueFull:
+            return error(503, "overloaded", "the queue is full; retry shortly", headers={"Retry-After": "1"})
+        except TimeoutError:
+            return error(504, "timeout", f"no answer within {settings.request_timeout_s} s "
+                                         f"(SENTIMENT_REQUEST_TIMEOUT_S)")
+        except RuntimeError as err:
+            return error(500, "model_error", str(err))
+        return JSONResponse(answers[0] if single else {"predictions": answers})
+
+    async def health(request):
+        batcher = request.app.state.batcher
+        if batcher is None:
+            return error(503, "not_ready", request.app.state.load_error or "the model is still loading")
+        return JSONResponse({"status": "ok", "model": settings.model, "labels": batcher.predictor.labels})
+
+    async def prometheus(request):
+        batcher = request.app.state.batcher
+        return PlainTextResponse(metrics.render(batcher.queue.qsize() if batcher else 0),
+                                 media_type="text/plain; version=0.0.4")
+
+    async def not_found(request, exc):
+        return error(exc.status_code, "http_error", exc.detail)
+
+    async def server_error(request, exc):
+        return error(500, "internal_error", "internal error; the service is still running")
+
+    from starlette.exceptions import HTTPException
+    return Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/health", health),
+                             Route("/metrics", prometheus)],
+                     lifespan=lifespan, exception_handlers={HTTPException: not_found, Exception: server_error})

@@ -1,0 +1,233 @@
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from starlette.testclient import TestClient
+
+from conftest import ROOT, FakePredictor
+from sentiment.serving import Metrics, MicroBatcher, ServeSettings, create_app
+
+
+def client_for(predictor, **settings):
+    app = create_app(ServeSettings(**settings), predictor_factory=lambda s: predictor)
+    return TestClient(app)
+
+
+def wait_ready(client, seconds=30):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if client.get("/health").status_code == 200:
+            return
+        time.sleep(0.02)
+    raise AssertionError("the service never became ready")
+
+
+@pytest.fixture
+def real_client(trained_model):
+    with TestClient(create_app(ServeSettings(model=str(trained_model)))) as client:
+        wait_ready(client)
+        yield client
+
+
+def test_predict_one_text_and_many_in_order(real_client):
+    one = real_client.post("/predict", json={"text": "The acting was superb. I loved it."})
+    assert one.status_code == 200
+    assert one.json()["label"] == "positive" and set(one.json()["scores"]) == {"negative", "positive"}
+    many = real_client.post("/predict", json={"texts": ["The plot was dreadful. Avoid it.", "A real treat."]})
+    assert [p["label"] for p in many.json()["predictions"]] == ["negative", "positive"]
+    health = real_client.get("/health").json()
+    assert health["labels"] == ["negative", "positive"] and health["status"] == "ok"
+
+
+def test_health_is_503_until_the_model_is_loaded():
+    gate = threading.Event()
+
+    def slow_factory(settings):
+        gate.wait(10)
+        return FakePredictor()
+
+    with TestClient(create_app(ServeSettings(), predictor_factory=slow_factory)) as client:
+        assert client.get("/health").status_code == 503
+        refused = client.post("/predict", json={"text": "good"})
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "not_ready"
+        gate.set()
+        wait_ready(client)
+        assert client.post("/predict", json={"text": "good"}).json()["label"] == "positive"
+
+
+@pytest.mark.parametrize("kwargs, status, kind", [
+    ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "malformed_json"),
+    ({"json": {"text": 5}}, 422, "invalid_request"),
+    ({"json": {"review": "good"}}, 422, "invalid_request"),
+    ({"json": {"texts": "good"}}, 422, "invalid_request"),
+    ({"json": {"text": "   "}}, 422, "empty_text"),
+    ({"json": {"texts": ["good"] * 9}}, 413, "too_many_texts"),
+    ({"json": {"text": "x" * 101}}, 413, "text_too_long"),
+    ({"json": {"text": "good " * 300}}, 413, "body_too_large"),
+    ({"content": b"text=good", "headers": {"content-type": "application/x-www-form-urlencoded"}}, 415,
+     "unsupported_media_type"),
+])
+def test_bad_requests_get_json_errors_with_the_right_status(kwargs, status, kind):
+    with client_for(FakePredictor(), max_texts=8, max_chars=100, max_body_bytes=1000) as client:
+        wait_ready(client)
+        response = client.post("/predict", **kwargs)
+        assert response.status_code == status
+        assert response.json()["error"]["type"] == kind and response.json()["error"]["message"]
+        assert client.get("/nowhere").json()["error"]["type"] == "http_error"
+
+
+def test_a_model_error_fails_its_batch_with_500_and_the_service_goes_on():
+    with client_for(FakePredictor()) as client:
+        wait_ready(client)
+        failed = client.post("/predict", json={"text": "boom"})
+        assert failed.status_code == 500 and "Traceback" not in failed.text
+        assert failed.json()["error"]["type"] == "model_error"
+        assert client.post("/predict", json={"text": "good"}).status_code == 200
+
+
+def test_a_request_that_waits_too_long_gets_504():
+    with client_for(FakePredictor(delay=1.0), request_timeout_s=0.2) as client:
+        wait_ready(client)
+        response = client.post("/predict", json={"text": "good"})
+        assert response.status_code == 504 and response.json()["error"]["type"] == "timeout"
+
+
+def test_a_full_queue_answers_503_at_once_while_admitted_requests_finish():
+    gate = threading.Event()
+    predictor = FakePredictor(gate=gate)
+    with client_for(predictor, queue_size=4, max_batch_size=1) as client:
+        gate.set()
+        wait_ready(client)  # the warm-up call has passed the gate
+        gate.clear()
+        with ThreadPoolExecutor(12) as pool:
+            futures = [pool.submit(client.post, "/predict", json={"text": f"good {i}"}) for i in range(12)]
+            time.sleep(0.5)
+            overflow = [f.result(timeout=2) for f in futures if f.done()]
+            gate.set()
+            answers = [f.result(timeout=10) for f in futures]
+        assert overflow and all(r.status_code == 503 for r in overflow)
+        assert all(r.headers["retry-after"] for r in overflow)
+        statuses = sorted(r.status_code for r in answers)
+        assert statuses.count(200) >= 4 and set(statuses) == {200, 503}
+
+
+def test_concurrent_requests_share_batches():
+    predictor = FakePredictor(delay=0.2)
+    with client_for(predictor, max_batch_size=16) as client:
+        wait_ready(client)
+        warm_up = len(predictor.batches)
+        with ThreadPoolExecutor(10) as pool:
+            answers = list(pool.map(lambda i: client.post("/predict", json={"text": f"good {i}"}), range(10)))
+        assert all(a.status_code == 200 for a in answers)
+        metrics = client.get("/metrics").text
+        assert max(len(b) for b in predictor.batches[warm_up:]) > 1
+        assert 'sentiment_batch_size_bucket{le="1"}' in metrics
+        ones = int(metrics.split('sentiment_batch_size_bucket{le="1"} ')[1].split()[0])
+        total = int(metrics.split("sentiment_batch_size_count ")[1].split()[0])
+        assert total > ones  # some batches held more than one text
+        assert 'sentiment_requests_total{status="200"} 10' in metrics
+        assert "sentiment_texts_scored_total 10" in metrics
+
+
+def test_texts_of_a_departed_client_are_dropped_and_the_batch_goes_on():
+    async def scenario():
+        gate = threading.Event()
+        predictor = FakePredictor(gate=gate)
+        batcher = MicroBatcher(predictor, ServeSettings(max_batch_size=8), Metrics())
+        first = asyncio.create_task(batcher.submit(["good first"]))  # occupies the model
+        await asyncio.sleep(0.05)
+        left = asyncio.create_task(batcher.submit(["good left"]))
+        stayed = asyncio.create_task(batcher.submit(["bad stayed"]))
+        await asyncio.sleep(0.05)
+        left.cancel()  # the client went away while its text waited
+        gate.set()
+        answers = await asyncio.gather(first, stayed)
+        batcher.task.cancel()
+        return predictor.batches, answers
+
+    batches, answers = asyncio.run(scenario())
+    assert batches == [["good first"], ["bad stayed"]]
+    assert [a[0]["label"] for a in answers] == ["positive", "negative"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(trained_model):
+    port = free_port()
+    env = {**os.environ, "SENTIMENT_MODEL": str(trained_model), "TOKENIZERS_PARALLELISM": "false",
+           "SENTIMENT_MAX_BATCH_SIZE": "4", "SENTIMENT_QUEUE_SIZE": "2048"}
+    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(port)],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    else:
+        process.kill()
+        raise AssertionError("uvicorn never became ready: " + process.communicate()[0])
+    yield url, process
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def predict_sh(url, *args, stdin=None):
+    return subprocess.run([os.path.join(ROOT, "predict_sentiment.sh"), *args], input=stdin, capture_output=True,
+                          text=True, env={**os.environ, "SENTIMENT_URL": url}, timeout=60)
+
+
+@pytest.mark.slow
+def test_predict_sentiment_sh_against_a_real_uvicorn(server):
+    url, _ = server
+    result = predict_sh(url, 'The acting was "superb".\nI loved it — vraiment génial ✓')
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["label"] == "positive"
+    piped = predict_sh(url, stdin="The plot was dreadful.\nAvoid it.\n")
+    assert json.loads(piped.stdout)["label"] == "negative"
+    too_long = predict_sh(url, "x" * 20001)
+    assert too_long.returncode == 1 and "413" in too_long.stderr and len(too_long.stderr.splitlines()) == 1
+    down = predict_sh(f"http://127.0.0.1:{free_port()}", "hello")
+    assert down.returncode == 1 and down.stderr.startswith("error: no answer from")
+    assert len(down.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_sigterm_answers_every_request_in_flight(server):
+    import httpx
+    url, process = server
+    texts = [f"The acting was superb. I loved it. {i} " + "It runs a little over two hours. " * 8 for i in range(64)]
+
+    def ask():
+        response = httpx.post(url + "/predict", json={"texts": texts}, timeout=60)
+        return response, time.monotonic()
+
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(ask) for _ in range(16)]
+        time.sleep(0.3)  # every connection is open and queued; the batches take far longer to run
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        answers = [f.result() for f in futures]
+    assert process.wait(timeout=60) == 0
+    assert any(done > signalled for _, done in answers), "nothing was in flight at SIGTERM"
+    for response, _ in answers:
+        assert response.status_code == 200
+        assert [p["label"] for p in response.json()["predictions"]] == ["positive"] * 64
