@@ -11,9 +11,11 @@ if [ -z "${text//[[:space:]]/}" ]; then
 fi
 # python3's json module escapes quotes, backslashes, newlines and non-ASCII text correctly.
 body="$(printf '%s' "$text" | python3 -c 'import json, sys; print(json.dumps({"text": sys.stdin.read()}))')"
+err="$(mktemp)"
+trap 'rm -f "$err"' EXIT
 if ! answer="$(curl -sS --max-time 60 -H 'Content-Type: application/json' --data-binary "$body" \
-                    -w '\n%{http_code}' "$url/predict" 2>&1)"; then
-  echo "error: no answer from $url: ${answer##*curl: }" >&2
+                    -w '\n%{http_code}' "$url/predict" 2>"$err")"; then
+  echo "error: no answer from $url: $(head -n 1 "$err" | sed 's/^curl: //')" >&2
   exit 1
 fi
 status="${answer##*$'\n'}"

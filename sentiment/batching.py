@@ -92,7 +92,8 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
     Shuffle all indices, cut them into chunks of `group` batches, sort each chunk by length and
     cut it into batches, then shuffle the full batches (the short one, if any, comes last).
     Padding stays small; the order stays random across batches and changes with `epoch`, so
-    resuming can replay it exactly. The training loop sets `epoch` itself: Accelerate's own per-loader epoch counter restarts at 0 in a resumed run.
+    resuming can replay it exactly. The training loop sets `epoch` itself: Accelerate's own
+    per-loader epoch counter restarts at 0 in a resumed run.
     """
 
     def __init__(self, lengths, batch_size, seed, group=50):

@@ -180,6 +180,9 @@ def run(args):
         score_texts(args)
         return
     report = score_file(args, state)
+    if state.num_processes > 1:  # leave together, or gloo's threads abort the process that leaves first
+        state.wait_for_everyone()
+        state.destroy_process_group()
     if report:
         print(f"accuracy {report['accuracy']:.4f}, macro F1 {report['macro_f1']:.4f} on {report['examples']} rows; "
               f"confusion (rows true, columns predicted, {report['confusion_matrix']['labels']}): "

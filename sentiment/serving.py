@@ -8,6 +8,7 @@ The model is loaded once in the lifespan; `/health` answers 503 until it is load
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -229,6 +230,7 @@ def create_app(settings=None, predictor_factory=None):
     predictor_factory = predictor_factory or load_predictor
     metrics = Metrics()
 
+    @contextlib.asynccontextmanager
     async def lifespan(app):
         print("sentiment service settings: " + json.dumps(settings.__dict__), flush=True)
         app.state.batcher = None
