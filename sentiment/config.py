@@ -123,8 +123,9 @@ class InferArgs:
     label_column: str = arg(None, "Column of --input holding true labels, to report accuracy; "
                                   "default: 'sentiment' when the input has it.")
     metrics_out: str = arg(None, "Also write accuracy, macro F1 and the confusion matrix to this JSON file.")
-    batch_size: int = arg(64, "Most texts in one forward pass.")
-    max_batch_tokens: int = arg(16384, "Most tokens (texts × padded length) in one forward pass.")
+    batch_size: int = arg(None, "Most texts in one forward pass; default: 16 on a CPU, 64 on a GPU.")
+    max_batch_tokens: int = arg(None, "Most tokens (texts × padded length) in one forward pass; "
+                                      "default: 4096 on a CPU, 32768 on a GPU.")
     max_length: int = arg(None, "Truncate texts to this many tokens; default: what training used.")
     device: str = arg("auto", "cpu, cuda, cuda:1, …; auto picks a GPU when there is one.")
     threads: int = arg(None, "CPU threads for the model; default: PyTorch's choice (one per core).")
@@ -135,5 +136,5 @@ class InferArgs:
         if bool(self.texts) == bool(self.input):
             raise SentimentError("give texts to score as arguments, or --input FILE, but not both")
         for name in ("batch_size", "max_batch_tokens", "chunk_rows"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SentimentError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

@@ -224,8 +224,8 @@ def create_app(settings=None, predictor_factory=None):
 
     def load_predictor(settings):
         from .predictor import Predictor
-        return Predictor(settings.model, device=settings.device, batch_size=settings.max_batch_size,
-                         threads=settings.threads or None)
+        # The queue's batch is what one call receives; the Predictor cuts it into compute batches.
+        return Predictor(settings.model, device=settings.device, threads=settings.threads or None)
 
     predictor_factory = predictor_factory or load_predictor
     metrics = Metrics()
