@@ -47,11 +47,10 @@ def matmul_rate(config, tokens=4096, seconds=3.0):
     shapes = [(tokens, hidden, hidden)] * 4 + [(tokens, hidden, ffn), (tokens, ffn, hidden)]
     mats = [(torch.randn(m, k), torch.randn(k, n)) for m, k, n in shapes]
     flops_per_round = sum(2 * m * k * n for m, k, n in shapes)
-    for a, b in mats:
-        a @ b
-    rounds, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:  # the best round: what the CPU reaches, not what a neighbour left it
+        start = time.perf_counter()
         for a, b in mats:
             a @ b
-        rounds += 1
-    return rounds * flops_per_round / (time.perf_counter() - start)
+        best = max(best, flops_per_round / (time.perf_counter() - start))
+    return best

@@ -118,7 +118,10 @@ def main():
     parser.add_argument("--data", default=DATA, help="The IMDb CSV (Kaggle layout).")
     parser.add_argument("--model", default=None, help="Model folder; default: the all-MiniLM-L6-v2 package.")
     parser.add_argument("--output-dir", default="outputs/bench-train", help="Model folders of our runs go here.")
-    parser.add_argument("--skip-trainer", action="store_true", help="Only run ours (for a quick look).")
+    parser.add_argument("--skip-trainer", action="store_true", help="Leave out the two Trainer runs.")
+    parser.add_argument("--skip-recipe", action="store_true", help="Leave out the best-recipe run.")
+    parser.add_argument("--precision", default="no", help="Mixed precision of our like-for-like run (no = fp32; "
+                                                          "bf16 shows what AVX512-BF16 CPUs gain).")
     # The best recipe must fit in the default Trainer's wall time (about 600 s here): bf16 autocast
     # (this CPU has AVX512-BF16) about doubles the step rate, which buys more rows and tokens.
     parser.add_argument("--recipe-rows", type=int, default=2500, help="Training rows of the best recipe.")
@@ -144,17 +147,20 @@ def main():
     limit = rate / (3 * forward_flops(config, lengths) / len(lengths))
 
     rows = {}
-    rows["ours"] = run_ours(paths["train"], paths["eval"], os.path.join(args.output_dir, "same"), model)
+    same = "same" if args.precision == "no" else f"same-{args.precision}"
+    rows["ours"] = run_ours(paths["train"], paths["eval"], os.path.join(args.output_dir, same), model,
+                            mixed_precision=args.precision)
     print("ours", rows["ours"], flush=True)
     if not args.skip_trainer:
         rows["trainer"] = run_trainer(train, evaluation, model, group_by_length=False)
         print("trainer", rows["trainer"], flush=True)
         rows["trainer_grouped"] = run_trainer(train, evaluation, model, group_by_length=True)
         print("trainer_grouped", rows["trainer_grouped"], flush=True)
-    rows["ours_best_recipe"] = run_ours(
-        paths["recipe"], paths["eval"], os.path.join(args.output_dir, "recipe"), model,
-        truncation="head+tail", max_length=args.recipe_length, lr=args.recipe_lr,
-        mixed_precision=args.recipe_precision, val_size=0.1)  # validation picks the best model and the temperature
+    if not args.skip_recipe:  # validation picks the best model and fits the temperature
+        rows["ours_best_recipe"] = run_ours(
+            paths["recipe"], paths["eval"], os.path.join(args.output_dir, "recipe"), model,
+            truncation="head+tail", max_length=args.recipe_length, lr=args.recipe_lr,
+            mixed_precision=args.recipe_precision, val_size=0.1)
     profile = profile_step(model, train.head(400))
 
     print(f"\nmachine: {os.cpu_count()} CPU threads, fp32; matmul rate on the model's shapes {rate / 1e9:.0f} GFLOP/s; "
@@ -167,9 +173,10 @@ def main():
         for peer in ("trainer", "trainer_grouped"):
             print(f"ours / {peer}: {rows['ours']['samples_s'] / rows[peer]['samples_s']:.2f}x samples/s, "
                   f"accuracy {100 * (rows['ours']['accuracy'] - rows[peer]['accuracy']):+.1f} points")
-    recipe = rows["ours_best_recipe"]
-    print(f"best recipe: expected calibration error on the evaluation rows {recipe['ece_before']:.4f} before, "
-          f"{recipe['ece_after']:.4f} after temperature scaling")
+    if "ours_best_recipe" in rows:
+        recipe = rows["ours_best_recipe"]
+        print(f"best recipe: expected calibration error on the evaluation rows {recipe['ece_before']:.4f} before, "
+              f"{recipe['ece_after']:.4f} after temperature scaling")
     step = sum(profile.values())
     print("one training step of ours (batch 16, max 256): " + ", ".join(
         f"{k} {1000 * v:.0f} ms ({v / step:.0%})" for k, v in profile.items()))

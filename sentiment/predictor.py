@@ -7,6 +7,8 @@ by count and by a token budget, pad each batch only to its own longest text, run
 the order the texts came in. It knows nothing of files or HTTP.
 """
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -42,7 +44,9 @@ class Predictor:
         if quantize == "int8":
             if self.device.type != "cpu":
                 raise SentimentError("--quantize int8 runs on the CPU only; drop it or use --device cpu")
-            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+            with warnings.catch_warnings():  # torch.ao's eager quantisation is deprecated but still the
+                warnings.simplefilter("ignore")  # one dependency-free int8 path; its successor is torchao
+                model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
         self.model = model.to(self.device)
         self.labels = list(self.settings.labels)
         longest = getattr(self.model.config, "max_position_embeddings", None) or self.settings.max_length

@@ -7,6 +7,7 @@ by calibrating and testing the best model. The same code runs on one CPU or many
 `accelerate launch`. Data, batching, models and checkpoint files live in their own modules.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -77,6 +78,31 @@ def evaluate(model, loader, accelerator):
     return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy()
 
 
+class Stopwatch:
+    """Seconds spent training: evaluation and checkpoints run `paused()` and do not count."""
+
+    def __init__(self, seconds=0.0):
+        self.seconds, self.since = seconds, None
+
+    def start(self):
+        self.since = time.perf_counter()
+
+    def stop(self):
+        self.seconds += time.perf_counter() - self.since
+        self.since = None
+
+    def now(self):
+        return max(self.seconds + (time.perf_counter() - self.since if self.since else 0.0), 1e-9)
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.stop()
+        try:
+            yield
+        finally:
+            self.start()
+
+
 def log_line(path, record):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -93,10 +119,9 @@ def truncate_log(path, step):
 
 def train(args):
     wall_start = time.perf_counter()
-    # The scheduler is stepped by hand once per optimizer step, so its length is in optimizer
-    # steps whatever the number of processes.
     # Several processes without a GPU (`accelerate launch --multi_gpu` on a CPU machine) train
-    # over gloo only when Accelerate is told it runs on the CPU.
+    # over gloo only when Accelerate is told it runs on the CPU. The scheduler is stepped by hand
+    # once per optimizer step, so its length is in optimizer steps whatever the process count.
     multi_cpu = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(cpu=multi_cpu, mixed_precision=args.mixed_precision,
                               gradient_accumulation_steps=args.grad_accum,
@@ -137,8 +162,9 @@ def train(args):
         return accelerator.prepare(make_loader(sorted_set, collate, batch_size=2 * args.batch_size))
 
     val_dl, test_dl = eval_loader(val_set), eval_loader(test_set)
+    # The fused kernel updates every parameter in one pass; PyTorch has it for CPUs and GPUs.
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
-                                  fused=accelerator.device.type == "cuda")
+                                  fused=accelerator.device.type in ("cpu", "cuda"))
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     steps_per_epoch = math.ceil(len(train_dl) / args.grad_accum)
     total_steps = min(args.max_steps or math.inf, steps_per_epoch * args.epochs)
@@ -148,9 +174,8 @@ def train(args):
         accelerator.init_trackers("sentiment", config={k: v for k, v in config.items() if v is not None})
 
     log_path = os.path.join(args.output_dir, "log.jsonl")
-    state = {"step": 0, "epoch": 0, "batches_done": 0, "best_val_accuracy": -1.0, "best_val_loss": math.inf,
-             "best_step": None,
-             "best_epoch": None, "train_seconds": 0.0, "train_samples": 0}
+    state = {"step": 0, "epoch": 0, "batches_done": 0, "train_seconds": 0.0, "train_samples": 0,
+             "best_val_accuracy": -1.0, "best_val_loss": math.inf, "best_step": None, "best_epoch": None}
     if resume_from:
         state = load_trainer_state(resume_from, config)
         accelerator.load_state(resume_from)
@@ -161,7 +186,10 @@ def train(args):
         with open(os.path.join(args.output_dir, CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=2)
 
+    clock = Stopwatch(state["train_seconds"])
+
     def checkpoint():
+        state["train_seconds"] = clock.seconds
         save_checkpoint(accelerator, args.output_dir, state, config, tokenizer, args.keep_checkpoints)
 
     def validate():
@@ -191,7 +219,7 @@ def train(args):
     while state["step"] < total_steps:
         batches.epoch = state["epoch"]
         loader = accelerator.skip_first_batches(train_dl, state["batches_done"]) if state["batches_done"] else train_dl
-        tick = time.perf_counter()
+        clock.start()
         for batch in loader:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
@@ -210,12 +238,8 @@ def train(args):
             state["step"] += 1
             bar.update(1)
             if state["step"] % LOG_EVERY == 0 or state["step"] == total_steps:
-                state["train_seconds"] += time.perf_counter() - tick
-                tick = time.perf_counter()
-                record = {"step": state["step"], "epoch": state["epoch"],
-                          "loss": running_loss.item() / loss_batches,
-                          "lr": scheduler.get_last_lr()[0],
-                          "samples_per_second": state["train_samples"] / max(state["train_seconds"], 1e-9)}
+                record = {"step": state["step"], "epoch": state["epoch"], "loss": running_loss.item() / loss_batches,
+                          "lr": scheduler.get_last_lr()[0], "samples_per_second": state["train_samples"] / clock.now()}
                 running_loss.zero_()
                 loss_batches = 0
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
@@ -225,18 +249,18 @@ def train(args):
                     log_line(log_path, record)
             end_of_epoch = accelerator.gradient_state.end_of_dataloader or state["step"] == total_steps
             if end_of_epoch or (args.eval_every and state["step"] % args.eval_every == 0):
-                state["train_seconds"] += time.perf_counter() - tick
-                validate()
-                tick = time.perf_counter()
+                with clock.paused():
+                    validate()
             if end_of_epoch:
                 state.update(epoch=state["epoch"] + 1, batches_done=0)
             if args.checkpoint_every and (state["step"] % args.checkpoint_every == 0 or state["step"] == total_steps):
-                state["train_seconds"] += time.perf_counter() - tick
-                checkpoint()
-                tick = time.perf_counter()
+                with clock.paused():
+                    checkpoint()
             if end_of_epoch or state["step"] >= total_steps:
                 break
+        clock.stop()
     bar.close()
+    state["train_seconds"] = clock.seconds
     finish(args, accelerator, model, tokenizer, settings, splits, state, val_dl, test_dl, wall_start)
     accelerator.end_training()
 

@@ -132,3 +132,22 @@ def test_two_processes_write_the_same_output_as_one(tmp_path, trained_model):
     assert one["review"].to_list() == two["review"].to_list()
     assert one["label"].to_list() == two["label"].to_list()
     np.testing.assert_allclose(one["score"].to_numpy(), two["score"].to_numpy(), atol=1e-6)
+
+
+def test_int8_quantisation_scores_like_the_full_model(trained_model):
+    texts = demo_reviews(60, seed=24)["review"].to_list()
+    full = Predictor(str(trained_model)).probabilities(texts)
+    int8 = Predictor(str(trained_model), quantize="int8").probabilities(texts)
+    assert (full.argmax(1) == int8.argmax(1)).mean() >= 0.95
+    assert np.abs(full - int8).max() < 0.2
+
+
+def test_any_classification_folder_works_with_default_settings(tmp_path, trained_model):
+    import shutil
+    folder = tmp_path / "plain"
+    shutil.copytree(trained_model, folder)
+    (folder / "sentiment.json").unlink()  # a Hugging Face folder that train.py did not write
+    predictor = Predictor(str(folder))
+    assert predictor.labels == ["negative", "positive"]
+    assert (predictor.settings.truncation, predictor.settings.temperature, predictor.max_length) == ("head", 1.0, 512)
+    assert predictor.predict(["The acting was superb. I loved it."])[0]["label"] == "positive"
