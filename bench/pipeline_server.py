@@ -17,7 +17,7 @@ MAX_LENGTH = int(os.environ.get("SENTIMENT_MAX_LENGTH", "256"))
 async def predict(request):
     text = (await request.json())["text"]
     # The model runs on the event loop: one request at a time, as a simple per-request server does.
-    scores = classify(text, truncation=True, max_length=MAX_LENGTH)
+    scores = classify([text], truncation=True, max_length=MAX_LENGTH)[0]
     best = max(scores, key=lambda s: s["score"])
     return JSONResponse({"label": best["label"], "score": best["score"],
                          "scores": {s["label"]: s["score"] for s in scores}})
