@@ -14,6 +14,9 @@ import sys
 
 import numpy as np
 import polars as pl
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from .data import READERS
@@ -140,7 +143,6 @@ def score_file(args, state):
         with state.split_between_processes(list(range(len(texts)))) as mine:
             probs = predictor.probabilities([texts[i] for i in mine])
         if state.num_processes > 1:
-            from accelerate.utils import gather_object
             probs = np.concatenate([p for p in gather_object([probs]) if len(p)] or [probs])
         if not state.is_main_process:
             continue
@@ -171,9 +173,6 @@ def score_file(args, state):
 
 
 def run(args):
-    from accelerate import PartialState
-    import torch
-
     # Several CPU processes (`accelerate launch` without a GPU) talk over gloo.
     state = PartialState(cpu=int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available())
     if args.texts:

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, fields
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
@@ -298,13 +299,12 @@ def create_app(settings=None, predictor_factory=None):
         return PlainTextResponse(metrics.render(batcher.queue.qsize() if batcher else 0),
                                  media_type="text/plain; version=0.0.4")
 
-    async def not_found(request, exc):
+    async def http_error(request, exc):
         return error(exc.status_code, "http_error", exc.detail)
 
     async def server_error(request, exc):
         return error(500, "internal_error", "internal error; the service is still running")
 
-    from starlette.exceptions import HTTPException
     return Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/health", health),
                              Route("/metrics", prometheus)],
-                     lifespan=lifespan, exception_handlers={HTTPException: not_found, Exception: server_error})
+                     lifespan=lifespan, exception_handlers={HTTPException: http_error, Exception: server_error})
