@@ -19,7 +19,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from .data import READERS
+from .data import READERS, check_columns
 from .errors import SentimentError
 from .metrics import classification_report
 from .predictor import Predictor
@@ -99,41 +99,38 @@ class TableWriter:
             shutil.rmtree(self.parts)
 
 
-def scored_columns(frame, predictor, probs):
+def scored_columns(frame, labels, answers):
     """The input frame with label, score, score_<label> and error columns added."""
-    answers = [predictor.answer(p) for p in probs]
     columns = {"label": [a["label"] for a in answers], "score": [a["score"] for a in answers]}
-    for j, name in enumerate(predictor.labels):
-        columns[f"score_{name}"] = [None if np.isnan(p[j]) else float(p[j]) for p in probs]
+    for name in labels:
+        columns[f"score_{name}"] = [a["scores"][name] if a["scores"] else None for a in answers]
     columns["error"] = [a.get("error") for a in answers]
     return frame.with_columns(pl.Series(k, v, dtype=pl.Float64 if k.startswith("score") else pl.String)
                               for k, v in columns.items())
 
 
-def score_texts(args):
-    """Score the texts given on the command line: one JSON line each."""
-    predictor = Predictor(args.model, device=args.device, batch_size=args.batch_size,
-                          max_batch_tokens=args.max_batch_tokens, max_length=args.max_length,
-                          threads=args.threads, quantize=args.quantize)
-    for text, answer in zip(args.texts, predictor.predict(args.texts)):
+def make_predictor(args, device):
+    return Predictor(args.model, device=device, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
+                     max_length=args.max_length, threads=args.threads, quantize=args.quantize)
+
+
+def print_answers(texts, answers):
+    """One JSON line per text: the text, its label, score and every label's score (or its error)."""
+    for text, answer in zip(texts, answers):
         print(json.dumps({"text": text, **answer}, ensure_ascii=False))
 
 
 def score_file(args, state):
     """Score `args.input` chunk by chunk; returns the label metrics, if the input had labels."""
-    device = state.device if state.num_processes > 1 else args.device
-    predictor = Predictor(args.model, device=device, batch_size=args.batch_size,
-                          max_batch_tokens=args.max_batch_tokens, max_length=args.max_length,
-                          threads=args.threads, quantize=args.quantize)
+    predictor = make_predictor(args, state.device if state.num_processes > 1 else args.device)
+    index = {name: i for i, name in enumerate(predictor.labels)}
     writer = TableWriter(args.output) if args.output and state.is_main_process else None
     y_true, y_pred, errors = [], [], 0
     label_column = args.label_column
     bar = tqdm(desc="scoring", unit=" rows", disable=not state.is_main_process or not args.output)
     for number, frame in enumerate(read_chunks(args.input, args.text_column, args.chunk_rows)):
         if number == 0:
-            if args.text_column not in frame.columns:
-                raise SentimentError(f"{args.input}: no column {args.text_column!r}; it has "
-                                     f"{', '.join(map(repr, frame.columns))}. Name it with --text-column")
+            check_columns(frame, args.input, args.text_column)
             if label_column is None and "sentiment" in frame.columns and args.text_column != "sentiment":
                 label_column = "sentiment"
             if label_column and label_column not in frame.columns:
@@ -146,21 +143,17 @@ def score_file(args, state):
             probs = np.concatenate([p for p in gather_object([probs]) if len(p)] or [probs])
         if not state.is_main_process:
             continue
-        out = scored_columns(frame, predictor, probs)
+        answers = [predictor.answer(p) for p in probs]
+        out = scored_columns(frame, predictor.labels, answers)
         errors += out["error"].is_not_null().sum()
         if label_column:
-            index = {name: i for i, name in enumerate(predictor.labels)}
             known = out.filter(pl.col("error").is_null() & pl.col(label_column).cast(pl.String).is_in(list(index)))
             y_true += [index[v] for v in known[label_column].cast(pl.String).to_list()]
             y_pred += [index[v] for v in known["label"].to_list()]
         if writer:
             writer.write(out)
         else:
-            for row in out.iter_rows(named=True):
-                answer = {"text": row[args.text_column], "label": row["label"], "score": row["score"],
-                          "scores": None if row["error"] else {n: row[f"score_{n}"] for n in predictor.labels}}
-                print(json.dumps({**answer, **({"error": row["error"]} if row["error"] else {})},
-                                 ensure_ascii=False))
+            print_answers(texts, answers)
         bar.update(len(frame))
     bar.close()
     if writer:
@@ -176,7 +169,7 @@ def run(args):
     # Several CPU processes (`accelerate launch` without a GPU) talk over gloo.
     state = PartialState(cpu=int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available())
     if args.texts:
-        score_texts(args)
+        print_answers(args.texts, make_predictor(args, args.device).predict(args.texts))
         return
     report = score_file(args, state)
     if state.num_processes > 1:  # leave together, or gloo's threads abort the process that leaves first

@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import torch
 
-from .batching import by_length, encode
+from .batching import Collator, by_length, encode
 from .data import clean_texts
 from .errors import SentimentError
 from .metrics import softmax
@@ -56,7 +56,8 @@ class Predictor:
         on_gpu = self.device.type != "cpu"
         self.batch_size = batch_size or (64 if on_gpu else 16)
         self.max_batch_tokens = max(max_batch_tokens or (32768 if on_gpu else 4096), self.max_length)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.collate = Collator(pad_id)
 
     def encode(self, texts):
         """Token ids of already cleaned, non-empty texts."""
@@ -82,19 +83,13 @@ class Predictor:
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         out = np.empty((len(ids), len(self.labels)), dtype=np.float32)
         for batch in self.batches(lengths):
-            width = int(lengths[batch[0]])
-            input_ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
-            mask = np.zeros((len(batch), width), dtype=np.int64)
-            for row, i in enumerate(batch):
-                input_ids[row, :lengths[i]] = ids[i]
-                mask[row, :lengths[i]] = 1
-            logits = self.model(input_ids=torch.from_numpy(input_ids).to(self.device),
-                                attention_mask=torch.from_numpy(mask).to(self.device)).logits
+            padded = self.collate([{"input_ids": ids[i]} for i in batch])
+            logits = self.model(**{k: v.to(self.device) for k, v in padded.items()}).logits
             out[batch] = logits.float().cpu().numpy()
         return out
 
     def probabilities(self, texts):
-        """Calibrated class probabilities of raw texts; (None, error) for a text with nothing to score."""
+        """Calibrated class probabilities of raw texts, one row each; a row of NaN for a text with nothing to score."""
         cleaned = clean_texts(texts)
         valid = [i for i, t in enumerate(cleaned) if t]
         probs = np.full((len(texts), len(self.labels)), np.nan)

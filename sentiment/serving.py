@@ -180,14 +180,16 @@ async def read_texts(request, settings):
     """The texts of a /predict body, or `BadRequest` naming what is wrong with it."""
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
         raise BadRequest(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
+    too_large = BadRequest(413, "body_too_large", f"the body is over {settings.max_body_bytes} bytes "
+                                                  f"(SENTIMENT_MAX_BODY_BYTES)")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
-        raise BadRequest(413, "body_too_large", f"the body is over {settings.max_body_bytes} bytes")
+        raise too_large  # refused before reading; the stream check below catches bodies that lie
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > settings.max_body_bytes:
-            raise BadRequest(413, "body_too_large", f"the body is over {settings.max_body_bytes} bytes")
+            raise too_large
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError):

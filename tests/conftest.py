@@ -7,10 +7,13 @@ on the generated reviews, built by `train.py --model tiny`.
 import os
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 
 from sentiment.demo_data import demo_reviews
+from sentiment.predictor import Predictor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Quick, reproducible settings for the tiny model; tests add or override flags.
@@ -56,9 +59,6 @@ class FakePredictor:
         self.delay, self.gate, self.batches = delay, gate, []
 
     def probabilities(self, texts):
-        import time
-
-        import numpy as np
         if self.gate is not None:
             self.gate.wait(10)
         time.sleep(self.delay)
@@ -68,5 +68,4 @@ class FakePredictor:
         return np.array([[0.1, 0.9] if "good" in t else [0.8, 0.2] for t in texts])
 
     def answer(self, probs):
-        from sentiment.predictor import Predictor
         return Predictor.answer(self, probs)
