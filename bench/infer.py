@@ -2,7 +2,7 @@
 
 Scores 1,000 real IMDb reviews (the CSV's last rows, which the benchmark model never trained
 on) at max lengths 256 and 512 with pipeline(batch_size=1), pipeline(batch_size=32), the
-Predictor, and the Predictor with dynamic int8 quantisation; prints reviews/s, the ratio to
+Predictor (fp32), the Predictor with dynamic int8 quantisation, and with bf16 autocast; prints reviews/s, the ratio to
 pipeline(batch_size=32), accuracy, and the fraction of this machine's compute limit reached.
 
     python bench/infer.py --model outputs/bench-train/same   # a model fine-tuned by bench/train.py
@@ -36,8 +36,8 @@ def run_pipeline(model, texts, batch_size, max_length):
     return [a["label"] for a in answers], seconds
 
 
-def run_predictor(model, texts, max_length, quantize=None):
-    predictor = Predictor(model, max_length=max_length, quantize=quantize)
+def run_predictor(model, texts, max_length, quantize=None, precision="fp32"):
+    predictor = Predictor(model, max_length=max_length, quantize=quantize, precision=precision)
     predictor.probabilities(texts[:4])  # warm-up
     probs, seconds = timed(lambda: predictor.probabilities(texts))
     return [predictor.labels[i] for i in probs.argmax(1)], seconds
@@ -68,8 +68,9 @@ def main():
         if not args.skip_batch_1:
             runs["pipeline(batch_size=1)"] = run_pipeline(args.model, texts, 1, max_length)
         runs["pipeline(batch_size=32)"] = run_pipeline(args.model, texts, 32, max_length)
-        runs["Predictor"] = run_predictor(args.model, texts, max_length)
+        runs["Predictor fp32"] = run_predictor(args.model, texts, max_length)
         runs["Predictor int8"] = run_predictor(args.model, texts, max_length, quantize="int8")
+        runs["Predictor bf16"] = run_predictor(args.model, texts, max_length, precision="bf16")
         base_labels, base_seconds = runs["pipeline(batch_size=32)"]
         for name, (labels, seconds) in runs.items():
             speed = len(texts) / seconds

@@ -130,6 +130,8 @@ class InferArgs:
     device: str = arg("auto", "cpu, cuda, cuda:1, …; auto picks a GPU when there is one.")
     threads: int = arg(None, "CPU threads for the model; default: PyTorch's choice (one per core).")
     quantize: str = arg(None, "int8: dynamic int8 quantisation of the linear layers (CPU only).", choices=("int8",))
+    precision: str = arg("auto", "auto: bf16 where the hardware has it (a GPU; a CPU with AVX512-BF16 or AMX), "
+                                 "else fp32.", choices=("auto", "fp32", "bf16"))
     chunk_rows: int = arg(10000, "Rows read, scored and written at a time; bounds memory on large files.")
 
     def __post_init__(self):

@@ -111,7 +111,8 @@ def scored_columns(frame, labels, answers):
 
 def make_predictor(args, device):
     return Predictor(args.model, device=device, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
-                     max_length=args.max_length, threads=args.threads, quantize=args.quantize)
+                     max_length=args.max_length, threads=args.threads, quantize=args.quantize,
+                     precision=args.precision)
 
 
 def print_answers(texts, answers):

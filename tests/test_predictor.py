@@ -26,14 +26,26 @@ def test_predictions_keep_input_order_and_label_names(trained_model):
 
 def test_sorted_batches_match_one_by_one_scoring(trained_model):
     texts = demo_reviews(50, seed=20)["review"].to_list()
-    batched = Predictor(str(trained_model), batch_size=8, max_batch_tokens=200).probabilities(texts)
-    single = np.concatenate([Predictor(str(trained_model), batch_size=1).probabilities([t]) for t in texts[:10]])
+    batched = Predictor(str(trained_model), batch_size=8, max_batch_tokens=200, precision="fp32").probabilities(texts)
+    single = np.concatenate([Predictor(str(trained_model), batch_size=1, precision="fp32").probabilities([t])
+                             for t in texts[:10]])
     np.testing.assert_allclose(batched[:10], single, atol=1e-5)
     assert (batched.argmax(1) == Predictor(str(trained_model), batch_size=50).probabilities(texts).argmax(1)).all()
 
 
+def test_batches_keep_to_the_count_the_token_budget_and_the_padding_limit(trained_model):
+    lengths = np.array([90, 256, 40, 250, 100, 200, 255, 254])
+
+    def batches(**limits):
+        return [[int(lengths[i]) for i in b] for b in Predictor(str(trained_model), **limits).batches(lengths)]
+
+    # (3 + 1) x 256 > 1000 tokens; 100 would be padded to 250, 40 to 100: by more than a quarter
+    assert batches(batch_size=16, max_batch_tokens=1000) == [[256, 255, 254], [250, 200], [100, 90], [40]]
+    assert batches(batch_size=2, max_batch_tokens=4096) == [[256, 255], [254, 250], [200], [100, 90], [40]]
+
+
 def test_calibration_temperature_is_applied(trained_model):
-    predictor = Predictor(str(trained_model))
+    predictor = Predictor(str(trained_model), precision="fp32")
     logits = predictor.logits(predictor.encode(["The plot was dreadful. Avoid it."]))
     z = logits[0] / predictor.settings.temperature
     expected = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
@@ -140,6 +152,20 @@ def test_int8_quantisation_scores_like_the_full_model(trained_model):
     int8 = Predictor(str(trained_model), quantize="int8").probabilities(texts)
     assert (full.argmax(1) == int8.argmax(1)).mean() >= 0.95
     assert np.abs(full - int8).max() < 0.2
+
+
+def test_bf16_scores_like_fp32_and_bad_precisions_are_refused(trained_model):
+    texts = demo_reviews(60, seed=25)["review"].to_list()
+    fp32, bf16 = Predictor(str(trained_model), precision="fp32"), Predictor(str(trained_model), precision="bf16")
+    ids = fp32.encode(texts)
+    assert not np.array_equal(fp32.logits(ids), bf16.logits(ids))  # autocast really ran in bf16
+    full, half = fp32.probabilities(texts), bf16.probabilities(texts)
+    assert (full.argmax(1) == half.argmax(1)).mean() >= 0.95
+    assert np.abs(full - half).max() < 0.05
+    with pytest.raises(SentimentError, match="precision"):
+        Predictor(str(trained_model), precision="fp16")
+    with pytest.raises(SentimentError, match="pick one"):
+        Predictor(str(trained_model), precision="bf16", quantize="int8")
 
 
 def test_any_classification_folder_works_with_default_settings(tmp_path, trained_model):
