@@ -4,6 +4,10 @@ Settings come from SENTIMENT_* environment variables (see `sentiment.serving.Ser
 SENTIMENT_MODEL names the model folder (default: outputs/model, where train.py writes).
 """
 
-from sentiment.serving import create_app
+from sentiment.serving import ServeSettings, create_app
 
-app = create_app()
+try:
+    settings = ServeSettings.from_env()
+except ValueError as err:  # a bad SENTIMENT_* value: one line, not a traceback
+    raise SystemExit(f"error: {err}") from None
+app = create_app(settings)

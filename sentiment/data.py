@@ -6,6 +6,7 @@ cleaning used everywhere, training and inference alike, so scores match what val
 """
 
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,9 +29,12 @@ IMDB_LABELS = {0: "negative", 1: "positive"}
 SHOWN_ROWS = 5  # how many bad row numbers an error message lists
 
 
+MARKUP = r"<[^>]*>"  # HTML tags such as `<br />`, which IMDb reviews are full of
+
+
 def clean_expr(expr):
-    """Strip HTML tags such as `<br />` and fold runs of whitespace into one space."""
-    return (expr.str.replace_all(r"<[^>]*>", " ")
+    """Strip HTML tags and fold runs of whitespace into one space."""
+    return (expr.str.replace_all(MARKUP, " ")
                 .str.replace_all(r"\s+", " ")
                 .str.strip_chars())
 
@@ -38,6 +42,11 @@ def clean_expr(expr):
 def clean_texts(texts):
     """`clean_expr` applied to a list of strings (None stays None)."""
     return pl.Series(texts, dtype=pl.String).to_frame("t").select(clean_expr(pl.col("t"))).to_series().to_list()
+
+
+def only_markup(text):
+    """Whether `text` cleans to nothing: one string, in plain Python (no polars call), for a request handler."""
+    return not re.sub(MARKUP, "", text).strip()
 
 
 def read_table(path):

@@ -3,15 +3,17 @@
 Each text of each request becomes one `asyncio.Future` in a bounded queue. One batching task
 takes what is queued, up to a batch size and a token budget (waiting up to `max_wait_ms` for more
 only while traffic is heavy, so a lone request is never held back), drops texts whose client has
-gone, and runs the `Predictor` in a worker thread so the event loop keeps accepting requests.
+gone, and runs the `Predictor` in its own thread so the event loop keeps accepting requests.
 The model is loaded once in the lifespan; `/health` answers 503 until it is loaded and warm.
 """
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 from starlette.applications import Starlette
@@ -19,6 +21,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
+
+from .data import only_markup
 
 CHARS_PER_TOKEN = 4  # a cheap token estimate for the batch budget; the Predictor counts exactly
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -28,8 +32,10 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 @dataclass
 class ServeSettings:
     model: str = "outputs/model"  # SENTIMENT_MODEL: the model folder
-    max_batch_size: int = 32  # SENTIMENT_MAX_BATCH_SIZE: most texts per model call
-    max_batch_tokens: int = 8192  # SENTIMENT_MAX_BATCH_TOKENS: most (estimated) tokens per model call
+    # One model call is one forward pass: 0 takes the Predictor's own limits (16 texts and 4,096
+    # tokens on a CPU, where larger batches are no faster per text; 64 and 32,768 on a GPU).
+    max_batch_size: int = 0  # SENTIMENT_MAX_BATCH_SIZE: most texts per model call
+    max_batch_tokens: int = 0  # SENTIMENT_MAX_BATCH_TOKENS: most (estimated) tokens per model call
     max_wait_ms: float = 5.0  # SENTIMENT_MAX_WAIT_MS: longest wait for a batch to fill, under load
     queue_size: int = 256  # SENTIMENT_QUEUE_SIZE: texts waiting at most; beyond it, 503 at once
     max_body_bytes: int = 1 << 20  # SENTIMENT_MAX_BODY_BYTES: larger bodies get 413
@@ -38,6 +44,7 @@ class ServeSettings:
     request_timeout_s: float = 30.0  # SENTIMENT_REQUEST_TIMEOUT_S: then 504
     device: str = "auto"  # SENTIMENT_DEVICE
     threads: int = 0  # SENTIMENT_THREADS: CPU threads for the model; 0 = PyTorch's choice
+    precision: str = "auto"  # SENTIMENT_PRECISION: auto, fp32 or bf16 (bf16 on a CPU: AVX512-BF16 or AMX)
 
     @classmethod
     def from_env(cls, environ=os.environ):
@@ -51,9 +58,25 @@ class ServeSettings:
                     raise ValueError(f"SENTIMENT_{f.name.upper()}={raw!r} is not a {type(f.default).__name__}")
         return cls(**values)
 
+    def __post_init__(self):
+        for name in ("queue_size", "max_body_bytes", "max_texts", "max_chars", "request_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"SENTIMENT_{name.upper()} must be above 0, got {getattr(self, name)}")
+        for name in ("max_batch_size", "max_batch_tokens", "max_wait_ms", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"SENTIMENT_{name.upper()} must not be negative, got {getattr(self, name)}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"SENTIMENT_PRECISION must be auto, fp32 or bf16, got {self.precision!r}")
+
 
 class QueueFull(Exception):
     pass
+
+
+def model_thread():
+    """The one thread every model call runs on (load, warm-up, batches): PyTorch's thread count is
+    set on it and its pool of worker threads is started once, not once per pool thread."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
 
 class Metrics:
@@ -61,18 +84,20 @@ class Metrics:
 
     def __init__(self):
         self.requests = {}
-        self.latency = Histogram(LATENCY_BUCKETS)
+        self.latency = {}  # by status: a 503's latency says nothing of a 200's
         self.batch_sizes = Histogram(BATCH_BUCKETS)
         self.texts_scored = 0
 
     def count_request(self, status, seconds):
         self.requests[status] = self.requests.get(status, 0) + 1
-        self.latency.observe(seconds)
+        self.latency.setdefault(status, Histogram(LATENCY_BUCKETS)).observe(seconds)
 
     def render(self, queue_depth):
         lines = ["# TYPE sentiment_requests_total counter"]
         lines += [f'sentiment_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.requests.items())]
-        lines += self.latency.render("sentiment_request_seconds")
+        lines += ["# TYPE sentiment_request_seconds histogram"]
+        for status, histogram in sorted(self.latency.items()):
+            lines += histogram.render("sentiment_request_seconds", f'status="{status}",')[1:]
         lines += self.batch_sizes.render("sentiment_batch_size")
         lines += ["# TYPE sentiment_queue_depth gauge", f"sentiment_queue_depth {queue_depth}",
                   "# TYPE sentiment_texts_scored_total counter", f"sentiment_texts_scored_total {self.texts_scored}"]
@@ -90,27 +115,36 @@ class Histogram:
             if value <= bound:
                 self.counts[i] += 1
 
-    def render(self, name):
+    def render(self, name, labels=""):
+        """Text-format lines; `labels` such as 'status="200",' go before `le` in every sample."""
         lines = [f"# TYPE {name} histogram"]
-        lines += [f'{name}_bucket{{le="{b}"}} {n}' for b, n in zip(self.buckets, self.counts)]
-        return lines + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum}",
-                        f"{name}_count {self.count}"]
+        lines += [f'{name}_bucket{{{labels}le="{b}"}} {n}' for b, n in zip(self.buckets, self.counts)]
+        tail = f"{{{labels.rstrip(',')}}}" if labels else ""
+        return lines + [f'{name}_bucket{{{labels}le="+Inf"}} {self.count}', f"{name}_sum{tail} {self.sum}",
+                        f"{name}_count{tail} {self.count}"]
 
 
 class MicroBatcher:
     """Gathers texts from concurrent requests into model batches; one task runs them in order."""
 
-    def __init__(self, predictor, settings, metrics):
+    def __init__(self, predictor, settings, metrics, executor=None):
         self.predictor = predictor
+        self.executor = executor
         self.settings = settings
         self.metrics = metrics
         self.queue = asyncio.Queue(maxsize=settings.queue_size)
+        self.max_batch_size = settings.max_batch_size or predictor.batch_size
+        self.max_batch_tokens = settings.max_batch_tokens or predictor.max_batch_tokens
         self.heavy = False  # the last batch had company: worth waiting a moment for more
+        self.reading = 0  # admitted requests whose bodies are still being read: each holds a queue slot
         self.task = asyncio.create_task(self.run())
+
+    def room(self):
+        return self.queue.maxsize - self.queue.qsize() - self.reading
 
     async def submit(self, texts):
         """Queue the texts and wait for their answers; `QueueFull` at once if there is no room."""
-        if self.queue.maxsize - self.queue.qsize() < len(texts):
+        if self.room() < len(texts):
             raise QueueFull
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in texts]
@@ -122,11 +156,14 @@ class MicroBatcher:
             for future in futures:  # the client left or timed out: the batcher will skip these
                 future.cancel()
 
+    def tokens(self, text):
+        return min(len(text) // CHARS_PER_TOKEN, self.predictor.max_length)
+
     async def next_batch(self):
         batch = [await self.queue.get()]
-        tokens = len(batch[0][0]) // CHARS_PER_TOKEN
+        tokens = self.tokens(batch[0][0])
         deadline = time.monotonic() + self.settings.max_wait_ms / 1000
-        while len(batch) < self.settings.max_batch_size and tokens < self.settings.max_batch_tokens:
+        while len(batch) < self.max_batch_size and tokens < self.max_batch_tokens:
             if self.queue.empty():
                 wait = deadline - time.monotonic()
                 if not self.heavy or wait <= 0:
@@ -138,7 +175,7 @@ class MicroBatcher:
             else:
                 item = self.queue.get_nowait()
             batch.append(item)
-            tokens += len(item[0]) // CHARS_PER_TOKEN
+            tokens += self.tokens(item[0])
         return [(text, future) for text, future in batch if not future.done()]
 
     async def run(self):
@@ -149,7 +186,8 @@ class MicroBatcher:
                 continue
             self.metrics.batch_sizes.observe(len(batch))
             try:
-                probs = await asyncio.to_thread(self.predictor.probabilities, [text for text, _ in batch])
+                probs = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self.predictor.probabilities, [text for text, _ in batch])
             except Exception as err:  # a model failure fails this batch, not the service
                 for _, future in batch:
                     if not future.done():
@@ -169,6 +207,10 @@ class MicroBatcher:
 
 def error(status, kind, message, headers=None):
     return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+
+
+def overloaded():
+    return error(503, "overloaded", "the queue is full; retry shortly", headers={"Retry-After": "1"})
 
 
 class BadRequest(Exception):
@@ -212,6 +254,8 @@ async def read_texts(request, settings):
         if len(text) > settings.max_chars:
             raise BadRequest(413, "text_too_long", f"{where} has {len(text)} characters; the limit is "
                                                    f"{settings.max_chars} (SENTIMENT_MAX_CHARS)")
+        if only_markup(text):
+            raise BadRequest(422, "empty_text", f"{where} is only markup such as <br />: nothing to score")
     return texts, single
 
 
@@ -227,8 +271,9 @@ def create_app(settings=None, predictor_factory=None):
 
     def load_predictor(settings):
         from .predictor import Predictor
-        # The queue's batch is what one call receives; the Predictor cuts it into compute batches.
-        return Predictor(settings.model, device=settings.device, threads=settings.threads or None)
+        return Predictor(settings.model, device=settings.device, threads=settings.threads or None,
+                         precision=settings.precision, batch_size=settings.max_batch_size or None,
+                         max_batch_tokens=settings.max_batch_tokens or None)
 
     predictor_factory = predictor_factory or load_predictor
     metrics = Metrics()
@@ -239,11 +284,19 @@ def create_app(settings=None, predictor_factory=None):
         app.state.batcher = None
         app.state.load_error = None
 
+        executor = model_thread()
+
         async def load():
+            loop = asyncio.get_running_loop()
             try:
-                predictor = await asyncio.to_thread(predictor_factory, settings)
-                await asyncio.to_thread(predictor.probabilities, ["warm-up text"] * 2)
-                app.state.batcher = MicroBatcher(predictor, settings, metrics)
+                predictor = await loop.run_in_executor(executor, predictor_factory, settings)
+                await loop.run_in_executor(executor, predictor.probabilities, ["warm-up text"] * 2)
+                # The libraries and the model are some 400k Python objects: a full garbage
+                # collection over them stalls the event loop for about 0.2 s (measured), in the
+                # middle of a burst. Frozen, they are never scanned again.
+                gc.collect()
+                gc.freeze()
+                app.state.batcher = MicroBatcher(predictor, settings, metrics, executor)
                 print(f"model loaded from {settings.model}: labels {predictor.labels}", flush=True)
             except Exception as err:
                 app.state.load_error = f"{type(err).__name__}: {err}"
@@ -254,6 +307,7 @@ def create_app(settings=None, predictor_factory=None):
         loader.cancel()
         if app.state.batcher:
             await app.state.batcher.drain()
+        executor.shutdown(wait=False)
 
     async def predict(request):
         start = time.perf_counter()
@@ -266,12 +320,19 @@ def create_app(settings=None, predictor_factory=None):
         if batcher is None:
             return error(503, "not_ready", request.app.state.load_error or "the model is still loading",
                          headers={"Retry-After": "5"})
+        # Refused before its body is read, and counting the bodies being read, so that a burst
+        # costs a parse only for what fits in the queue: the overflow is answered at once.
+        if batcher.room() < 1:
+            return overloaded()
+        batcher.reading += 1
         try:
             texts, single = await read_texts(request, settings)
         except BadRequest as bad:
             return bad.response
         except ClientDisconnect:
             return error(400, "client_disconnected", "the client went away")
+        finally:
+            batcher.reading -= 1
         scoring = asyncio.ensure_future(asyncio.wait_for(batcher.submit(texts), settings.request_timeout_s))
         gone = asyncio.ensure_future(client_gone(request))
         await asyncio.wait({scoring, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -282,7 +343,7 @@ def create_app(settings=None, predictor_factory=None):
         try:
             answers = scoring.result()
         except QueueFull:
-            return error(503, "overloaded", "the queue is full; retry shortly", headers={"Retry-After": "1"})
+            return overloaded()
         except TimeoutError:
             return error(504, "timeout", f"no answer within {settings.request_timeout_s} s "
                                          f"(SENTIMENT_REQUEST_TIMEOUT_S)")

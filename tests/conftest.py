@@ -54,6 +54,7 @@ class FakePredictor:
     """Stands in for `Predictor` in service tests that need a slow, failing or observable model."""
 
     labels = ["negative", "positive"]
+    batch_size, max_batch_tokens, max_length = 16, 4096, 512
 
     def __init__(self, delay=0.0, gate=None):
         self.delay, self.gate, self.batches = delay, gate, []

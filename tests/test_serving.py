@@ -69,6 +69,7 @@ def test_health_is_503_until_the_model_is_loaded():
     ({"json": {"review": "good"}}, 422, "invalid_request"),
     ({"json": {"texts": "good"}}, 422, "invalid_request"),
     ({"json": {"text": "   "}}, 422, "empty_text"),
+    ({"json": {"texts": ["good", "<br /><br />"]}}, 422, "empty_text"),
     ({"json": {"texts": ["good"] * 9}}, 413, "too_many_texts"),
     ({"json": {"text": "x" * 101}}, 413, "text_too_long"),
     ({"json": {"text": "good " * 300}}, 413, "body_too_large"),
@@ -134,6 +135,7 @@ def test_concurrent_requests_share_batches():
         total = int(metrics.split("sentiment_batch_size_count ")[1].split()[0])
         assert total > ones  # some batches held more than one text
         assert 'sentiment_requests_total{status="200"} 10' in metrics
+        assert 'sentiment_request_seconds_count{status="200"} 10' in metrics
         assert "sentiment_texts_scored_total 10" in metrics
 
 
@@ -235,3 +237,28 @@ def test_sigterm_answers_every_request_in_flight(server):
     assert process.wait(timeout=60) in (0, -signal.SIGTERM)
     output = process.stdout.read()
     assert "Finished server process" in output and "Traceback" not in output
+
+
+def test_every_model_call_runs_on_one_thread():
+    class Recording(FakePredictor):
+        def probabilities(self, texts):
+            threads.add(threading.get_native_id())
+            return super().probabilities(texts)
+
+    threads, recording = set(), Recording()
+    with client_for(recording) as client:
+        wait_ready(client)
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(lambda _: client.post("/predict", json={"text": "good"}), range(16)))
+    assert all(r.status_code == 200 for r in responses)
+    assert len(recording.batches) >= 3 and len(threads) == 1  # warm-up and every batch
+    assert threading.get_native_id() not in threads
+
+
+def test_settings_come_from_the_environment_and_bad_ones_are_named():
+    settings = ServeSettings.from_env({"SENTIMENT_QUEUE_SIZE": "8", "SENTIMENT_PRECISION": "fp32"})
+    assert (settings.queue_size, settings.precision, settings.max_texts) == (8, "fp32", 64)
+    with pytest.raises(ValueError, match="SENTIMENT_QUEUE_SIZE must be above 0"):
+        ServeSettings.from_env({"SENTIMENT_QUEUE_SIZE": "0"})
+    with pytest.raises(ValueError, match="SENTIMENT_MAX_WAIT_MS='soon' is not a float"):
+        ServeSettings.from_env({"SENTIMENT_MAX_WAIT_MS": "soon"})
