@@ -1,15 +1,18 @@
 """Serving speed: the project's batching service against a per-request pipeline server, same load.
 
-Starts both servers on loopback with the same model (max length 256), drives each with 1, 8, 32
-and 128 concurrent clients sending real IMDb reviews (a bounded number of requests per level),
-and prints requests/s, p50 and p99 latency and errors; then the offline rate of the Predictor
-(the core of infer.py) on the same rows, and an overload run: 128 clients against a queue of 32.
+Starts the project's server (at each precision asked for) and the per-request server on loopback
+with the same model (max length 256), drives each in turn with 1, 8, 32 and 128 concurrent
+clients sending real IMDb reviews (a bounded number of requests per level), and prints
+requests/s, p50 and p99 latency and errors; then the offline rate of the Predictor (the core of
+infer.py) on the same rows at each precision, and an overload run: 128 clients against a queue
+of 32.
 
     python bench/serve.py --model outputs/bench-train/same
 """
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -50,37 +53,84 @@ def start_server(app, model, **env):
     raise SystemExit(f"{app} did not start")
 
 
+class Connection:
+    """A keep-alive HTTP/1.1 connection that POSTs JSON: a few lines of asyncio streams, so the load
+    generator spends far less CPU per request than a full client library and leaves the cores
+    to the servers it measures (it shares the machine with them)."""
+
+    def __init__(self, url):
+        self.host, self.port = url.removeprefix("http://").split(":")
+        self.streams = None
+
+    async def connect(self):
+        if self.streams is None:
+            self.streams = await asyncio.open_connection(self.host, int(self.port))
+
+    async def post(self, path, body):
+        await self.connect()
+        reader, writer = self.streams
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower().split("\r\n")
+        headers = dict(line.split(": ", 1) for line in head[1:] if ": " in line)
+        await reader.readexactly(int(headers.get("content-length", 0)))
+        if headers.get("connection") == "close":
+            writer.close()
+            self.streams = None
+        return int(head[0].split()[1])
+
+    def close(self):
+        if self.streams:
+            self.streams[1].close()
+
+
 async def load(url, texts, clients, requests):
     """`clients` concurrent loops sending `requests` in all: latencies of 200s and of 503s, status counts."""
     latencies, rejected, statuses, next_index = [], [], {}, iter(range(requests))
+    bodies = [json.dumps({"text": t}).encode() for t in texts]
 
-    async def client(http):
+    async def client():
+        connection = Connection(url)
+        await connection.connect()  # every client connected before the clock starts
+        await go.wait()
         for i in next_index:
             start = time.perf_counter()
             try:
-                response = await http.post(url + "/predict", json={"text": texts[i % len(texts)]})
-                status = response.status_code
-            except httpx.HTTPError:
-                status = "connection"
+                status = await connection.post("/predict", bodies[i % len(bodies)])
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                status, connection = "connection", Connection(url)
             elapsed = time.perf_counter() - start
             statuses[status] = statuses.get(status, 0) + 1
             if status in (200, 503):
                 (latencies if status == 200 else rejected).append(elapsed)
+        connection.close()
 
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as http:
-        start = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(clients)))
-        seconds = time.perf_counter() - start
-    return np.array(latencies), np.array(rejected), statuses, seconds
+    go = asyncio.Event()
+    clients = [asyncio.create_task(client()) for _ in range(clients)]
+    await asyncio.sleep(0.5)
+    go.set()
+    start = time.perf_counter()
+    await asyncio.gather(*clients)
+    return np.array(latencies), np.array(rejected), statuses, time.perf_counter() - start
 
 
 def report(name, clients, latencies, rejected, statuses, seconds):
     ok = len(latencies)
     errors = sum(n for s, n in statuses.items() if s != 200)
     p50, p99 = (np.percentile(latencies, 50) * 1000, np.percentile(latencies, 99) * 1000) if ok else (0, 0)
-    print(f"{name:<12} {clients:>7} {ok / seconds:>10.1f} {p50:>9.0f} {p99:>9.0f} {errors:>7}", flush=True)
+    print(f"{name:<16} {clients:>7} {ok / seconds:>10.1f} {p50:>9.0f} {p99:>9.0f} {errors:>7}", flush=True)
     return ok / seconds, p50
+
+
+def offline_rate(model, texts, precision):
+    from sentiment.data import clean_texts
+    from sentiment.predictor import Predictor
+    predictor = Predictor(model, precision=precision)
+    rows = clean_texts(texts)
+    predictor.probabilities(rows[:8])
+    start = time.perf_counter()
+    predictor.probabilities(rows)
+    return len(rows) / (time.perf_counter() - start)
 
 
 def main():
@@ -89,36 +139,42 @@ def main():
     parser.add_argument("--data", default=DATA, help="The IMDb CSV (Kaggle layout).")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 128], help="Concurrency levels.")
     parser.add_argument("--requests", type=int, default=256, help="Requests per level (at least 2 per client).")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"),
+                        help="Run both servers at each (bf16: autocast, which pays on CPUs with AVX512-BF16 or "
+                             "AMX); ratios are to the per-request server in fp32 and in the same precision.")
     args = parser.parse_args()
     texts = imdb_rows(args.data, last=1000)["review"].to_list()
 
+    # All servers stay up and take turns at each level, so a drift in this machine's speed
+    # during the run falls on all of them alike.
+    servers = {f"batching {p}": start_server("app:app", args.model, SENTIMENT_QUEUE_SIZE="1024",
+                                             SENTIMENT_PRECISION=p) for p in args.precisions}
+    servers.update({f"per-request {p}": start_server("bench.pipeline_server:app", args.model, SENTIMENT_PRECISION=p)
+                    for p in dict.fromkeys(["fp32", *args.precisions])})
     results = {}
-    print(f"{'server':<12} {'clients':>7} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}")
-    for name, app in (("batching", "app:app"), ("per-request", "bench.pipeline_server:app")):
-        process, url = start_server(app, args.model, SENTIMENT_QUEUE_SIZE="1024")
-        try:
+    try:
+        for _, url in servers.values():
             asyncio.run(load(url, texts, 4, 16))  # warm-up
-            for clients in args.clients:
-                requests = max(args.requests, 2 * clients)
+        print(f"{'server':<16} {'clients':>7} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}")
+        for clients in args.clients:
+            requests = max(args.requests, 2 * clients)
+            for name, (_, url) in servers.items():
                 results[name, clients] = report(name, clients, *asyncio.run(load(url, texts, clients, requests)))
-        finally:
+    finally:
+        for process, _ in servers.values():
             process.terminate()
             process.wait()
 
-    from sentiment.data import clean_texts
-    from sentiment.predictor import Predictor
-    predictor = Predictor(args.model)
-    rows = clean_texts(texts[:args.requests])
-    predictor.probabilities(rows[:8])
-    start = time.perf_counter()
-    predictor.probabilities(rows)
-    offline = len(rows) / (time.perf_counter() - start)
-    print(f"offline Predictor (infer.py's core) on the same {len(rows)} reviews: {offline:.1f} reviews/s")
-    for clients in args.clients:
-        if ("batching", clients) in results and ("per-request", clients) in results:
-            ours, theirs = results["batching", clients], results["per-request", clients]
-            print(f"{clients:>4} clients: batching {ours[0] / theirs[0]:.2f}x per-request req/s, "
-                  f"{ours[0] / offline:.2f}x offline rate, p50 {ours[1] - theirs[1]:+.0f} ms vs per-request")
+    for precision in args.precisions:
+        offline = offline_rate(args.model, texts[:args.requests], precision)
+        print(f"offline Predictor ({precision}, infer.py's core) on the same {args.requests} reviews: "
+              f"{offline:.1f} reviews/s")
+        for clients in args.clients:
+            ours, same, peer = (results[f"{kind} {p}", clients] for kind, p in
+                                (("batching", precision), ("per-request", precision), ("per-request", "fp32")))
+            print(f"{clients:>4} clients: batching {precision} {ours[0] / peer[0]:.2f}x per-request fp32 req/s "
+                  f"({ours[0] / same[0]:.2f}x per-request {precision}), {ours[0] / offline:.2f}x offline rate, "
+                  f"p50 {ours[1] - peer[1]:+.0f} ms vs per-request fp32")
 
     process, url = start_server("app:app", args.model, SENTIMENT_QUEUE_SIZE="32")
     try:
