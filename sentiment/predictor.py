@@ -69,6 +69,12 @@ class Predictor:
             with warnings.catch_warnings():  # torch.ao's eager quantisation is deprecated but still the
                 warnings.simplefilter("ignore")  # one dependency-free int8 path; its successor is torchao
                 model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        if self.cpu_autocast:
+            # Autocast would cast every linear weight to bf16 again on each forward pass (its cache
+            # lives only as long as one `autocast` block); cast once here, to the same values.
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.to(torch.bfloat16)
         self.model = model.to(self.device)
         self.labels = list(self.settings.labels)
         longest = getattr(self.model.config, "max_position_embeddings", None) or self.settings.max_length
