@@ -43,7 +43,7 @@ class Predictor:
     limit (up to the model's position limit). quantize='int8': dynamic int8 linear layers on
     the CPU (bench/infer.py measures what it costs in accuracy). precision: 'fp32', 'bf16', or
     'auto': bf16 where the hardware has it (a GPU, or a CPU with AVX512-BF16 or AMX), else fp32.
-    On a CPU bf16 means autocast: bench/infer.py measured it 1.6x faster than fp32 with the same
+    On a CPU bf16 means autocast: bench/infer.py measured it 1.6-1.8x faster than fp32 with the same
     label on every review.
     """
 
