@@ -169,7 +169,7 @@ def main():
                     runs.setdefault(name, []).append(asyncio.run(load(url, texts, clients, requests)))
                 for precision, rate in offline.items():
                     runs.setdefault(f"offline {precision}", []).append(rate())
-            for name, (_, url) in servers.items():  # each server's best round: noise only ever slows a run
+            for name in servers:  # each server's best round: noise only ever slows a run
                 best = max(runs[name], key=lambda run: len(run[0]) / run[3])
                 results[name, clients] = report(name, clients, *best)
             for precision in offline:

@@ -15,6 +15,7 @@ from .errors import SentimentError
 
 TRUNCATIONS = ("head", "tail", "head+tail")
 PRECISIONS = ("no", "fp16", "bf16")
+INFER_PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 where the hardware has it
 
 
 def arg(default, help, **kwargs):
@@ -131,7 +132,7 @@ class InferArgs:
     threads: int = arg(None, "CPU threads for the model; default: PyTorch's choice (one per core).")
     quantize: str = arg(None, "int8: dynamic int8 quantisation of the linear layers (CPU only).", choices=("int8",))
     precision: str = arg("auto", "auto: bf16 where the hardware has it (a GPU; a CPU with AVX512-BF16 or AMX), "
-                                 "else fp32.", choices=("auto", "fp32", "bf16"))
+                                 "else fp32.", choices=INFER_PRECISIONS)
     chunk_rows: int = arg(10000, "Rows read, scored and written at a time; bounds memory on large files.")
 
     def __post_init__(self):

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .batching import Collator, by_length, encode
+from .config import INFER_PRECISIONS
 from .data import clean_texts
 from .errors import SentimentError
 from .metrics import softmax
@@ -52,8 +53,8 @@ class Predictor:
         if threads:
             torch.set_num_threads(threads)
         self.device = pick_device(device)
-        if precision not in ("auto", "fp32", "bf16"):
-            raise SentimentError(f"precision {precision!r}: use auto, fp32 or bf16")
+        if precision not in INFER_PRECISIONS:
+            raise SentimentError(f"precision {precision!r}: use {', '.join(INFER_PRECISIONS)}")
         on_gpu = self.device.type != "cpu"
         if precision == "bf16" and quantize:
             raise SentimentError("--quantize int8 and --precision bf16 do not combine; pick one")
@@ -64,7 +65,7 @@ class Predictor:
         model, self.tokenizer, self.settings = load_model_folder(folder, dtype=torch.bfloat16 if bf16 and on_gpu
                                                                  else None)
         if quantize == "int8":
-            if self.device.type != "cpu":
+            if on_gpu:
                 raise SentimentError("--quantize int8 runs on the CPU only; drop it or use --device cpu")
             with warnings.catch_warnings():  # torch.ao's eager quantisation is deprecated but still the
                 warnings.simplefilter("ignore")  # one dependency-free int8 path; its successor is torchao

@@ -22,6 +22,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
+from .config import INFER_PRECISIONS
 from .data import only_markup
 
 CHARS_PER_TOKEN = 4  # a cheap token estimate for the batch budget; the Predictor counts exactly
@@ -65,8 +66,9 @@ class ServeSettings:
         for name in ("max_batch_size", "max_batch_tokens", "max_wait_ms", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SENTIMENT_{name.upper()} must not be negative, got {getattr(self, name)}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"SENTIMENT_PRECISION must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.precision not in INFER_PRECISIONS:
+            raise ValueError(f"SENTIMENT_PRECISION must be one of {', '.join(INFER_PRECISIONS)}, "
+                             f"got {self.precision!r}")
 
 
 class QueueFull(Exception):
