@@ -1,10 +1,11 @@
 """The sentiment HTTP service: `uvicorn app:app --host 0.0.0.0 --port 8000`.
 
-Settings come from SENTIMENT_* environment variables (see `sentiment.serving.ServeSettings`);
+Settings come from SENTIMENT_* environment variables (see `sentiment.config.ServeSettings`);
 SENTIMENT_MODEL names the model folder (default: outputs/model, where train.py writes).
 """
 
-from sentiment.serving import ServeSettings, create_app
+from sentiment.config import ServeSettings
+from sentiment.serving import create_app
 
 try:
     settings = ServeSettings.from_env()

@@ -7,8 +7,8 @@ work as the pretrained weights. Both trainers get the same folder, rows, batch a
 Prints tokens/s, samples/s, model FLOPs utilisation against the card's measured bf16 matmul
 rate, and the time of one 25,000-review epoch, with the card's name.
 
-    python bench/gpu_train.py                # on a machine with a CUDA GPU
-    python bench/gpu_train.py --rows 256 --steps 4 --small    # a quick check of the script on a CPU
+    python -m bench.gpu_train                # on a machine with a CUDA GPU
+    python -m bench.gpu_train --rows 256 --steps 4 --small    # a quick check of the script on a CPU
 """
 
 import argparse
@@ -23,8 +23,7 @@ import numpy as np
 import polars as pl
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench.common import forward_flops  # noqa: E402
+from bench.common import forward_flops
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 

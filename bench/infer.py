@@ -5,21 +5,19 @@ on) at max lengths 256 and 512 with pipeline(batch_size=1), pipeline(batch_size=
 Predictor (fp32), the Predictor with dynamic int8 quantisation, and with bf16 autocast; prints reviews/s, the ratio to
 pipeline(batch_size=32), accuracy, and the fraction of this machine's compute limit reached.
 
-    python bench/infer.py --model outputs/bench-train/same   # a model fine-tuned by bench/train.py
+    python -m bench.infer --model outputs/bench-train/same   # a model fine-tuned by bench/train.py
 """
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench.common import DATA, forward_flops, imdb_rows, matmul_rate  # noqa: E402
-from sentiment.data import clean_texts  # noqa: E402
-from sentiment.predictor import Predictor  # noqa: E402
+from bench.common import DATA, forward_flops, imdb_rows, matmul_rate
+from sentiment.data import clean_texts
+from sentiment.predictor import Predictor
 
 
 def timed(fn):

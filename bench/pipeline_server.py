@@ -1,6 +1,8 @@
 """The per-request peer for bench/serve.py: one `transformers.pipeline` call per request, no batching.
 
-    SENTIMENT_MODEL=outputs/bench-train/same uvicorn bench.pipeline_server:app
+    SENTIMENT_MODEL=outputs/bench-train/same SENTIMENT_MAX_LENGTH=256 uvicorn bench.pipeline_server:app
+
+SENTIMENT_MAX_LENGTH is required: the peer must truncate where the server it is compared with does.
 """
 
 import contextlib
@@ -13,7 +15,7 @@ from starlette.routing import Route
 from transformers import pipeline
 
 classify = pipeline("text-classification", model=os.environ["SENTIMENT_MODEL"], device=-1, top_k=None)
-MAX_LENGTH = int(os.environ.get("SENTIMENT_MAX_LENGTH", "256"))
+MAX_LENGTH = int(os.environ["SENTIMENT_MAX_LENGTH"])
 # SENTIMENT_PRECISION=bf16: the same bf16 autocast the Predictor uses on a CPU, for a like-for-like row.
 BF16 = os.environ.get("SENTIMENT_PRECISION") == "bf16"
 

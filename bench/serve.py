@@ -7,7 +7,7 @@ concurrent clients sending real IMDb reviews, a bounded number of requests per l
 rate of the Predictor (infer.py's core) on the same rows timed in the same rounds, the ratios,
 and an overload run: 128 clients against a queue of 32.
 
-    python bench/serve.py --model outputs/bench-train/same
+    python -m bench.serve --model outputs/bench-train/same
 """
 
 import argparse
@@ -22,8 +22,8 @@ import time
 import httpx
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench.common import DATA, imdb_rows  # noqa: E402
+from bench.common import DATA, imdb_rows
+from sentiment.modeling import SETTINGS_FILE
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -154,7 +154,11 @@ def main():
     offline = {p: offline_scorer(args.model, texts[:args.requests], p) for p in args.precisions}
     servers = {f"batching {p}": start_server("app:app", args.model, SENTIMENT_QUEUE_SIZE="1024",
                                              SENTIMENT_PRECISION=p) for p in args.precisions}
-    servers.update({f"per-request {p}": start_server("bench.pipeline_server:app", args.model, SENTIMENT_PRECISION=p)
+    # The peer truncates where ours does: at the max length the model folder records.
+    with open(os.path.join(args.model, SETTINGS_FILE)) as f:
+        max_length = str(json.load(f)["max_length"])
+    servers.update({f"per-request {p}": start_server("bench.pipeline_server:app", args.model, SENTIMENT_PRECISION=p,
+                                                     SENTIMENT_MAX_LENGTH=max_length)
                     for p in dict.fromkeys(["fp32", *args.precisions])})
     results = {}
     try:

@@ -6,7 +6,7 @@ warmup, seed 0, fp32. The peer is `Trainer` with `DataCollatorWithPadding`, once
 and once with its length-grouped sampler. Then the project's best recipe in the default
 `Trainer`'s wall time, and a profile of one training step of ours.
 
-    python bench/train.py [--data ../shared/data/imdb_train_25k.csv] [--skip-trainer]
+    python -m bench.train [--data ../shared/data/imdb_train_25k.csv] [--skip-trainer]
 """
 
 import argparse
@@ -20,9 +20,8 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench.common import DATA, forward_flops, imdb_rows, matmul_rate, minilm_folder  # noqa: E402
-from sentiment.data import clean_texts  # noqa: E402
+from bench.common import DATA, forward_flops, imdb_rows, matmul_rate, minilm_folder
+from sentiment.data import clean_texts
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 SAME = dict(max_length=256, batch_size=16, epochs=1, lr=5e-5, weight_decay=0.01, warmup_ratio=0.1, seed=0)

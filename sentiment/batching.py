@@ -10,6 +10,9 @@ Training and inference both use these; nothing here knows about models or optimi
 import numpy as np
 import torch
 
+from .errors import SettingError
+
+TRUNCATIONS = ("head", "tail", "head+tail")  # which tokens of a long text to keep
 HEAD_SHARE = 0.25  # head+tail keeps this share of the budget from the start (128 of 510, as Sun et al.)
 
 
@@ -25,6 +28,8 @@ def special_tokens(tokenizer):
 
 def truncate(ids, budget, truncation):
     """Keep at most `budget` of `ids`: the first, the last, or the first quarter plus the last rest."""
+    if truncation not in TRUNCATIONS:
+        raise SettingError("truncation", f"{truncation!r} is not one of {', '.join(TRUNCATIONS)}")
     if len(ids) <= budget:
         return ids
     if truncation == "head":

@@ -1,25 +1,45 @@
 """Full training state on disk: save atomically, find the newest, keep the last few, check on resume.
 
 A checkpoint is `OUT/checkpoints/step-00000120/`: Accelerate's `save_state` (model, optimizer,
-scheduler, every process's RNG) plus `trainer_state.json` (where the loop stands) and
-`train_config.json` and the tokenizer. It is written under a `.tmp-` name and renamed when complete, so a crash
-while saving never leaves a folder that looks complete. The loop itself lives in `training`.
+scheduler, every process's RNG) plus `trainer_state.json` (`TrainState`: where the loop stands)
+and `train_config.json` and the tokenizer. It is written under a `.tmp-` name and renamed when
+complete, so a crash while saving never leaves a folder that looks complete. The loop itself
+lives in `training`.
 """
 
+import dataclasses
 import glob
 import json
+import math
 import os
 import shutil
+from dataclasses import dataclass
 
+from .config import TrainArgs, invariants
 from .errors import SentimentError
+from .modeling import CONFIG_FILE
 
 STATE_FILE = "trainer_state.json"
-CONFIG_FILE = "train_config.json"
-# Settings a resumed run must share with the run that saved the checkpoint: they fix the data
-# split, the batch order, the learning-rate schedule or the model's shape.
-INVARIANTS = ("data", "val_data", "test_data", "val_size", "test_size", "text_column", "label_column",
-              "skip_bad_rows", "model", "max_length", "truncation", "epochs", "batch_size", "grad_accum", "lr",
-              "weight_decay", "warmup_ratio", "max_grad_norm", "seed", "max_steps")
+INVARIANTS = tuple(invariants(TrainArgs))  # settings a resumed run must share with the saved one
+
+
+@dataclass
+class TrainState:
+    """Where the training loop stands; saved in every checkpoint as `trainer_state.json`."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the epoch under way
+    batches_done: int = 0  # batches of this epoch already trained on (mid-epoch resume skips them)
+    train_samples: int = 0  # examples trained on, all processes together
+    train_seconds: float = 0.0  # time spent training, evaluation and checkpoints left out
+    best_val_accuracy: float = -1.0  # the best model so far, by validation accuracy …
+    best_val_loss: float = math.inf  # … then lower loss on a tie
+    best_step: int = None
+    best_epoch: int = None
+
+    def is_better(self, accuracy, loss):
+        # Best by accuracy; on a tie, the lower loss (the later, more confident model, usually).
+        return (accuracy, -loss) > (self.best_val_accuracy, -self.best_val_loss)
 
 
 def checkpoint_root(output_dir):
@@ -33,10 +53,10 @@ def complete_checkpoints(output_dir):
 
 
 def save_checkpoint(accelerator, output_dir, state, config, tokenizer, keep):
-    """Save the full training state at `state['step']`; every process must call this."""
+    """Save the full training state at `state.step`; every process must call this."""
     root = checkpoint_root(output_dir)
-    final = os.path.join(root, f"step-{state['step']:08d}")
-    tmp = os.path.join(root, f".tmp-step-{state['step']:08d}")
+    final = os.path.join(root, f"step-{state.step:08d}")
+    tmp = os.path.join(root, f".tmp-step-{state.step:08d}")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
     accelerator.wait_for_everyone()
@@ -44,7 +64,7 @@ def save_checkpoint(accelerator, output_dir, state, config, tokenizer, keep):
     accelerator.wait_for_everyone()  # every process's RNG state is in before the rename
     if accelerator.is_main_process:
         tokenizer.save_pretrained(tmp)  # a tiny model's vocabulary exists nowhere else
-        for name, content in ((STATE_FILE, state), (CONFIG_FILE, config)):
+        for name, content in ((STATE_FILE, dataclasses.asdict(state)), (CONFIG_FILE, config)):
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(content, f, indent=2)
                 f.flush()
@@ -81,4 +101,4 @@ def load_trainer_state(folder, config):
         raise SentimentError(f"cannot resume from {folder}: " + "; ".join(changed)
                              + ". Resume with the settings it was saved with")
     with open(os.path.join(folder, STATE_FILE)) as f:
-        return json.load(f)
+        return TrainState(**json.load(f))

@@ -1,21 +1,26 @@
-"""Typed settings for each job, and their command lines.
+"""Typed settings for each job: training and scoring flags, and the service's environment.
 
 `TrainArgs` holds every hyperparameter of a training run, with a one-line help per field and
 checks in `__post_init__`. `parse_args` builds an argparse parser whose flags map one-to-one
 onto a dataclass's fields (`max_length` is `--max-length`), so the flags, their help and the
-saved `train_config.json` cannot drift apart. Nothing here reads data or touches a model.
+saved `train_config.json` cannot drift apart. `ServeSettings` reads `SENTIMENT_*` variables the
+same way. An unset optional setting is `None` everywhere. The lists of choices and the default
+batch limits belong to the modules that use them and are imported from there. Nothing here
+reads data or touches a model.
 """
 
 import argparse
 import dataclasses
+import math
+import os
 import typing
 from dataclasses import dataclass, field
 
+from .batching import TRUNCATIONS
 from .errors import SentimentError
+from .predictor import CPU_BATCH_SIZE, CPU_BATCH_TOKENS, GPU_BATCH_SIZE, GPU_BATCH_TOKENS, PRECISIONS
 
-TRUNCATIONS = ("head", "tail", "head+tail")
-PRECISIONS = ("no", "fp16", "bf16")
-INFER_PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 where the hardware has it
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
 
 
 def arg(default, help, **kwargs):
@@ -23,39 +28,52 @@ def arg(default, help, **kwargs):
     return field(default=default, metadata={"help": help, **kwargs})
 
 
+def fixed(default, help, **kwargs):
+    """An `arg` that a resumed run must keep as its checkpoint saved it: it fixes the data split,
+    the batch order, the learning-rate schedule or the model's shape."""
+    return arg(default, help, invariant=True, **kwargs)
+
+
+def invariants(cls):
+    """Names of the fields of `cls` made with `fixed`."""
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get("invariant")]
+
+
 @dataclass
 class TrainArgs:
+    # Fields made with `fixed()` are the run's invariants: `--resume` refuses a change to them.
     # data
-    data: str = arg(None, "Training table (CSV, TSV, Parquet, JSON lines), 'imdb' to download the IMDb "
-                          "reviews from the Hugging Face Hub, or 'demo' for built-in generated reviews.")
-    val_data: str = arg(None, "Validation table; default: carve --val-size rows out of --data.")
-    test_data: str = arg(None, "Test table; default: carve --test-size rows out of --data.")
-    val_size: float = arg(0.1, "Validation rows taken from --data: a fraction (<1) or a count. 0 = none.")
-    test_size: float = arg(0.1, "Test rows taken from --data: a fraction (<1) or a count. 0 = none.")
-    text_column: str = arg("review", "Column holding the text.")
-    label_column: str = arg("sentiment", "Column holding the label (any strings; two or more classes).")
-    skip_bad_rows: bool = arg(False, "Drop rows with a missing or empty text or label instead of stopping.")
+    data: str = fixed(None, "Training table (CSV, TSV, Parquet, JSON lines), 'imdb' to download the IMDb "
+                            "reviews from the Hugging Face Hub, or 'demo' for built-in generated reviews.")
+    val_data: str = fixed(None, "Validation table; default: carve --val-size rows out of --data.")
+    test_data: str = fixed(None, "Test table; default: carve --test-size rows out of --data.")
+    val_size: float = fixed(0.1, "Validation rows taken from --data: a fraction (<1) or a count. 0 = none.")
+    test_size: float = fixed(0.1, "Test rows taken from --data: a fraction (<1) or a count. 0 = none.")
+    text_column: str = fixed("review", "Column holding the text.")
+    label_column: str = fixed("sentiment", "Column holding the label (any strings; two or more classes).")
+    skip_bad_rows: bool = fixed(False, "Drop rows with a missing or empty text or label instead of stopping.")
     # model
-    model: str = arg("distilbert-base-uncased", "Hub id or local folder of a pretrained model, or 'tiny' for a "
-                                                "small random model with a tokenizer trained on the data.")
+    model: str = fixed("distilbert-base-uncased", "Hub id or local folder of a pretrained model, or 'tiny' for a "
+                                                  "small random model with a tokenizer trained on the data.")
     output_dir: str = arg("outputs/model", "Where the model folder, metrics and checkpoints go.")
     overwrite: bool = arg(False, "Allow writing into a non-empty --output-dir (its contents are replaced).")
-    max_length: int = arg(512, "Longest input in tokens, special tokens included.")
-    truncation: str = arg("head+tail", "Which tokens of a long text to keep: the first, the last, or the first "
-                                       "quarter and the last three quarters (Sun et al., 2019).",
-                          choices=TRUNCATIONS)
+    max_length: int = fixed(512, "Longest input in tokens, special tokens included (at most the model's "
+                                 "position limit, 512 for BERT and DistilBERT).")
+    truncation: str = fixed("head+tail", "Which tokens of a long text to keep: the first, the last, or the first "
+                                         "quarter and the last three quarters (Sun et al., 2019).",
+                            choices=TRUNCATIONS)
     # optimisation
-    epochs: int = arg(2, "Passes over the training rows.")
-    batch_size: int = arg(16, "Examples per batch on each device.")
-    grad_accum: int = arg(1, "Batches whose gradients are summed before each optimizer step.")
-    lr: float = arg(2e-5, "Peak learning rate of AdamW.")
-    weight_decay: float = arg(0.01, "AdamW weight decay (never applied to biases and LayerNorm weights).")
-    warmup_ratio: float = arg(0.1, "Fraction of the optimizer steps spent warming the learning rate up from 0.")
-    max_grad_norm: float = arg(1.0, "Clip the gradient norm to this; 0 turns clipping off.")
+    epochs: int = fixed(2, "Passes over the training rows.")
+    batch_size: int = fixed(16, "Examples per batch on each device.")
+    grad_accum: int = fixed(1, "Batches whose gradients are summed before each optimizer step.")
+    lr: float = fixed(2e-5, "Peak learning rate of AdamW.")
+    weight_decay: float = fixed(0.01, "AdamW weight decay (never applied to biases and LayerNorm weights).")
+    warmup_ratio: float = fixed(0.1, "Fraction of the optimizer steps spent warming the learning rate up from 0.")
+    max_grad_norm: float = fixed(1.0, "Clip the gradient norm to this; 0 turns clipping off.")
     mixed_precision: str = arg(None, "no, fp16 or bf16; default: what `accelerate launch` was configured with.",
-                               choices=PRECISIONS)
-    seed: int = arg(42, "Seed for the data split, the shuffling, the new head's weights and dropout.")
-    max_steps: int = arg(None, "Stop after this many optimizer steps (for quick runs); default: all epochs.")
+                               choices=MIXED_PRECISIONS)
+    seed: int = fixed(42, "Seed for the data split, the shuffling, the new head's weights and dropout.")
+    max_steps: int = fixed(None, "Stop after this many optimizer steps (for quick runs); default: all epochs.")
     # bookkeeping
     eval_every: int = arg(None, "Also evaluate every N optimizer steps; evaluation always runs each epoch.")
     checkpoint_every: int = arg(500, "Save the full training state every N optimizer steps; 0 = never.")
@@ -124,15 +142,16 @@ class InferArgs:
     label_column: str = arg(None, "Column of --input holding true labels, to report accuracy; "
                                   "default: 'sentiment' when the input has it.")
     metrics_out: str = arg(None, "Also write accuracy, macro F1 and the confusion matrix to this JSON file.")
-    batch_size: int = arg(None, "Most texts in one forward pass; default: 16 on a CPU, 64 on a GPU.")
-    max_batch_tokens: int = arg(None, "Most tokens (texts × padded length) in one forward pass; "
-                                      "default: 4096 on a CPU, 32768 on a GPU.")
+    batch_size: int = arg(None, f"Most texts in one forward pass; default: {CPU_BATCH_SIZE} on a CPU, "
+                                f"{GPU_BATCH_SIZE} on a GPU.")
+    max_batch_tokens: int = arg(None, f"Most tokens (texts × padded length) in one forward pass; "
+                                      f"default: {CPU_BATCH_TOKENS} on a CPU, {GPU_BATCH_TOKENS} on a GPU.")
     max_length: int = arg(None, "Truncate texts to this many tokens; default: what training used.")
     device: str = arg("auto", "cpu, cuda, cuda:1, …; auto picks a GPU when there is one.")
     threads: int = arg(None, "CPU threads for the model; default: PyTorch's choice (one per core).")
     quantize: str = arg(None, "int8: dynamic int8 quantisation of the linear layers (CPU only).", choices=("int8",))
     precision: str = arg("auto", "auto: bf16 where the hardware has it (a GPU; a CPU with AVX512-BF16 or AMX), "
-                                 "else fp32.", choices=INFER_PRECISIONS)
+                                 "else fp32.", choices=PRECISIONS)
     chunk_rows: int = arg(10000, "Rows read, scored and written at a time; bounds memory on large files.")
 
     def __post_init__(self):
@@ -141,3 +160,51 @@ class InferArgs:
         for name in ("batch_size", "max_batch_tokens", "chunk_rows"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SentimentError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass
+class ServeSettings:
+    """The service's settings, each read from `SENTIMENT_<NAME>` (`max_wait_ms` from SENTIMENT_MAX_WAIT_MS)."""
+
+    model: str = "outputs/model"  # the model folder
+    # One model call is one forward pass; unset takes the Predictor's own limits (CPU_BATCH_SIZE and
+    # CPU_BATCH_TOKENS on a CPU, where larger batches are no faster per text; the GPU_ ones on a GPU).
+    max_batch_size: typing.Optional[int] = None  # most texts per model call
+    max_batch_tokens: typing.Optional[int] = None  # most tokens per model call
+    max_wait_ms: float = 5.0  # longest wait for a batch to fill, under load
+    queue_size: int = 256  # texts waiting at most; beyond it, 503 at once
+    max_body_bytes: int = 1 << 20  # larger bodies get 413
+    max_texts: int = 64  # most texts in one request
+    max_chars: int = 20000  # longest text accepted
+    request_timeout_s: float = 30.0  # then 504
+    device: str = "auto"  # cpu, cuda, cuda:1, …
+    threads: typing.Optional[int] = None  # CPU threads for the model; unset: PyTorch's choice
+    precision: str = "auto"  # auto, fp32 or bf16 (bf16 on a CPU: AVX512-BF16 or AMX)
+
+    @classmethod
+    def from_env(cls, environ=os.environ):
+        values, hints = {}, typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f"SENTIMENT_{f.name.upper()}")
+            if raw is None:
+                continue
+            kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+            try:
+                values[f.name] = kind(raw)
+            except ValueError:
+                raise ValueError(f"SENTIMENT_{f.name.upper()}={raw!r} is not a {kind.__name__}") from None
+        return cls(**values)
+
+    def __post_init__(self):
+        for name in ("queue_size", "max_body_bytes", "max_texts", "max_chars", "request_timeout_s",
+                     "max_batch_size", "max_batch_tokens", "threads"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:  # `not >` also refuses NaN
+                raise ValueError(f"SENTIMENT_{name.upper()} must be above 0, got {value}")
+        if not self.max_wait_ms >= 0:
+            raise ValueError(f"SENTIMENT_MAX_WAIT_MS must not be negative, got {self.max_wait_ms}")
+        for name in ("max_wait_ms", "request_timeout_s"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"SENTIMENT_{name.upper()} must be a finite number, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"SENTIMENT_PRECISION must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")

@@ -5,7 +5,6 @@ Everything here is polars and numpy; nothing knows about tokens or models. The o
 cleaning used everywhere, training and inference alike, so scores match what validation saw.
 """
 
-import os
 import re
 from dataclasses import dataclass
 
@@ -13,15 +12,8 @@ import numpy as np
 import polars as pl
 
 from .errors import SentimentError
+from .tables import read_table
 
-READERS = {
-    ".csv": lambda path: pl.read_csv(path, infer_schema=False),
-    ".tsv": lambda path: pl.read_csv(path, separator="\t", infer_schema=False, quote_char=None),
-    ".parquet": pl.read_parquet,
-    ".jsonl": pl.read_ndjson,
-    ".ndjson": pl.read_ndjson,
-    ".json": pl.read_ndjson,
-}
 IMDB_REPO = "stanfordnlp/imdb"
 IMDB_FILES = {"train": "plain_text/train-00000-of-00001.parquet",
               "test": "plain_text/test-00000-of-00001.parquet"}
@@ -47,20 +39,6 @@ def clean_texts(texts):
 def only_markup(text):
     """Whether `text` cleans to nothing: one string, in plain Python (no polars call), for a request handler."""
     return not re.sub(MARKUP, "", text).strip()
-
-
-def read_table(path):
-    """Read a table file by its extension; every failure is a one-line `SentimentError`."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in READERS:
-        raise SentimentError(f"{path}: unknown file type {ext or '(none)'}; use one of {', '.join(READERS)}")
-    if not os.path.isfile(path):
-        raise SentimentError(f"{path}: no such file")
-    try:
-        return READERS[ext](path)
-    except (pl.exceptions.PolarsError, OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SentimentError(f"{path}: could not read it as {ext[1:].upper()}: {first_line}") from None
 
 
 def check_columns(frame, path, *columns):
@@ -89,7 +67,7 @@ def load_labelled(path, text_column, label_column, skip_bad_rows=False, frame=No
         more = " …" if len(bad) > SHOWN_ROWS else ""
         raise SentimentError(f"{path}: {len(bad)} rows with a missing or empty text or label (data rows {rows}{more}, "
                              f"counting from 1 after the header); fix them or pass --skip-bad-rows to drop them")
-    frame = frame.join(bad.select("row"), on="row", how="anti")
+    frame = frame.join(bad.select("row"), on="row", how="anti", maintain_order="left")
     deduped = frame.unique(subset="text", keep="first", maintain_order=True)
     report = {"rows": len(frame) + len(bad), "bad_rows": len(bad), "duplicates": len(frame) - len(deduped)}
     return deduped.drop("row"), report
@@ -176,7 +154,7 @@ def load_splits(args):
             held_out[split], reports[split] = load(split, path)
             # A review in both a held-out file and the training data would inflate its score.
             before = len(data)
-            data = data.join(held_out[split].select("text"), on="text", how="anti")
+            data = data.join(held_out[split].select("text"), on="text", how="anti", maintain_order="left")
             reports[split]["removed_from_train"] = before - len(data)
 
     order = stratified_order(data["label"].to_numpy(), args.seed)

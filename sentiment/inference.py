@@ -9,7 +9,6 @@ When the input carries labels, it reports accuracy, macro F1 and the confusion m
 
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -19,16 +18,11 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from .data import READERS, check_columns
+from .data import check_columns
 from .errors import SentimentError
 from .metrics import classification_report
 from .predictor import Predictor
-
-SCANNERS = {".csv": lambda p: pl.scan_csv(p, infer_schema=False),
-            ".tsv": lambda p: pl.scan_csv(p, separator="\t", infer_schema=False, quote_char=None),
-            ".parquet": pl.scan_parquet, ".jsonl": pl.scan_ndjson, ".ndjson": pl.scan_ndjson,
-            ".json": pl.scan_ndjson}
-OUTPUTS = (".csv", ".tsv", ".parquet", ".jsonl", ".ndjson", ".json")
+from .tables import SCANNERS, TableWriter, extension, scan_chunks
 
 
 def text_lines(stream, column, chunk_rows):
@@ -43,60 +37,19 @@ def text_lines(stream, column, chunk_rows):
 
 
 def read_chunks(path, column, chunk_rows):
-    """Frames of at most about `chunk_rows` rows from a table, a text file or stdin ('-')."""
+    """Frames of at most `chunk_rows` rows from a table, a text file or stdin ('-')."""
     if path == "-":
         yield from text_lines(sys.stdin, column, chunk_rows)
-        return
-    ext = os.path.splitext(path)[1].lower()
-    if not os.path.isfile(path):
-        raise SentimentError(f"{path}: no such file")
-    if ext == ".txt":
+    elif extension(path) == ".txt":
+        if not os.path.isfile(path):
+            raise SentimentError(f"{path}: no such file")
         with open(path, encoding="utf-8", errors="replace") as f:
             yield from text_lines(f, column, chunk_rows)
-        return
-    if ext not in SCANNERS:
-        raise SentimentError(f"{path}: unknown file type {ext or '(none)'}; use .txt or one of {', '.join(READERS)}")
-    rows = 0
-    try:
-        for frame in SCANNERS[ext](path).collect_batches(chunk_size=chunk_rows):
-            rows += len(frame)
-            yield frame
-    except (pl.exceptions.PolarsError, OSError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SentimentError(f"{path}: could not read past row {rows}: {message}") from None
-
-
-class TableWriter:
-    """Appends scored chunks to one output file; Parquet goes through parts joined at the end."""
-
-    def __init__(self, path):
-        self.path = path
-        self.ext = os.path.splitext(path)[1].lower()
-        if self.ext not in OUTPUTS:
-            raise SentimentError(f"--output {path}: unknown file type; use one of {', '.join(OUTPUTS)}")
-        self.parts = path + ".parts"
-        self.count = 0
-        if self.ext == ".parquet":
-            shutil.rmtree(self.parts, ignore_errors=True)
-            os.makedirs(self.parts)
-        else:
-            open(path, "w").close()
-
-    def write(self, frame):
-        if self.ext == ".parquet":
-            frame.write_parquet(os.path.join(self.parts, f"part-{self.count:06d}.parquet"))
-        else:
-            with open(self.path, "a", encoding="utf-8") as f:
-                if self.ext in (".csv", ".tsv"):
-                    frame.write_csv(f, include_header=self.count == 0, separator="\t" if self.ext == ".tsv" else ",")
-                else:
-                    frame.write_ndjson(f)
-        self.count += 1
-
-    def close(self):
-        if self.ext == ".parquet":
-            pl.scan_parquet(os.path.join(self.parts, "*.parquet")).sink_parquet(self.path)
-            shutil.rmtree(self.parts)
+    elif extension(path) not in SCANNERS:
+        raise SentimentError(f"{path}: unknown file type {extension(path) or '(none)'}; use .txt or one of "
+                             f"{', '.join(SCANNERS)}")
+    else:
+        yield from scan_chunks(path, chunk_rows)
 
 
 def scored_columns(frame, labels, answers):

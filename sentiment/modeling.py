@@ -10,11 +10,17 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
+import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DistilBertConfig
 
-from .errors import SentimentError
+from .errors import SentimentError, SettingError
 
-SETTINGS_FILE = "sentiment.json"
+# The files of the model folder, named once: training writes them, inference and reports read them.
+SETTINGS_FILE = "sentiment.json"  # ModelSettings
+WEIGHTS_FILE = "model.safetensors"  # written by save_pretrained
+CONFIG_FILE = "train_config.json"  # every setting of the run (also in each checkpoint)
+METRICS_FILE = "metrics.json"  # the run's final figures
+LOG_FILE = "log.jsonl"  # one line per logged step and per evaluation
 TINY_VOCAB = 1000
 
 
@@ -38,8 +44,8 @@ def train_tiny_tokenizer(texts, vocab_size=TINY_VOCAB):
     """A lowercasing WordPiece tokenizer with BERT's special tokens, built from `texts`.
 
     The vocabulary is every character seen (alone and as a `##` continuation), then the most
-    frequent words, ties broken alphabetically: unlike the `tokenizers` trainer, which breaks ties
-    in hash order, this gives the same vocabulary in every process and every run.
+    frequent words. Ties are broken alphabetically, so every process and every run builds the
+    same vocabulary from the same texts (the `tokenizers` trainer breaks ties in hash order).
     """
     from collections import Counter
 
@@ -72,11 +78,8 @@ def tiny_config(vocab_size, labels):
 
 
 def load_tokenizer(name, train_texts):
-    """The fast tokenizer of a local folder or Hub id, or for 'tiny' a new one trained on `train_texts`.
-
-    Training a WordPiece vocabulary is not deterministic across processes (ties are broken in hash
-    order), so the training loop builds it once, saves it, and every other process loads that copy.
-    """
+    """The fast tokenizer of a local folder or Hub id, or for 'tiny' a new one trained on `train_texts`
+    (the same in every process: see `train_tiny_tokenizer`)."""
     if name == "tiny":
         return train_tiny_tokenizer(train_texts)
     try:
@@ -91,14 +94,16 @@ def load_tokenizer(name, train_texts):
 def load_model(name, labels, vocab_size):
     """A model with a fresh classification head for `labels`: 'tiny', a local folder or a Hub id.
 
-    Call it after seeding, so the seed also fixes the new head's initial weights.
+    Call it after seeding, so the seed also fixes the new head's initial weights. The weights are
+    fp32 whatever the folder was saved in: mixed precision wants fp32 master weights.
     """
     if name == "tiny":
         return AutoModelForSequenceClassification.from_config(tiny_config(vocab_size, labels))
     id2label, label2id = label_maps(labels)
     try:
         return AutoModelForSequenceClassification.from_pretrained(
-            name, num_labels=len(labels), id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True)
+            name, num_labels=len(labels), id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True,
+            dtype=torch.float32)
     except OSError as err:
         raise model_error(name, err) from None
 
@@ -107,6 +112,20 @@ def model_error(name, err):
     where = "folder" if os.path.isdir(name) else "Hub id"
     return SentimentError(f"--model {name}: could not load this {where} ({str(err).strip().splitlines()[0]}); "
                           f"pass a local model folder, or --model tiny to train a small model offline")
+
+
+def position_limit(config):
+    """The longest input, in tokens, that the model's position table covers (None if it has none)."""
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_max_length(max_length, config):
+    """Refuse a max length the model cannot take, before it fails deep inside the embedding layer."""
+    limit = position_limit(config)
+    if limit and max_length > limit:
+        raise SettingError("max_length", f"{max_length} tokens is over this model's limit of {limit} positions; "
+                                         f"use {limit} or less")
+    return max_length
 
 
 def save_model_folder(folder, model, tokenizer, settings):
@@ -123,14 +142,15 @@ def read_settings(folder, config, tokenizer):
     if os.path.isfile(path):
         with open(path) as f:
             return ModelSettings(**json.load(f))
-    limits = [512, getattr(config, "max_position_embeddings", 512)]
+    limits = [512, position_limit(config) or 512]
     if 0 < tokenizer.model_max_length < 10**6:  # unset limits are stored as a huge number
         limits.append(tokenizer.model_max_length)
     return ModelSettings(labels=[config.id2label[i] for i in range(config.num_labels)], max_length=min(limits))
 
 
-def load_model_folder(folder, dtype=None):
-    """Model (in eval mode), tokenizer and settings from a model folder; clear errors if it is not one."""
+def load_model_folder(folder, dtype=torch.float32):
+    """Model (in eval mode, weights in `dtype` whatever the folder was saved in), tokenizer and settings
+    from a model folder; clear errors if it is not one."""
     if not os.path.isdir(folder):
         raise SentimentError(f"{folder}: no such model folder; train one with train.py or pass a Hugging Face "
                              f"sequence-classification folder")

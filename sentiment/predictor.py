@@ -14,13 +14,17 @@ import numpy as np
 import torch
 
 from .batching import Collator, by_length, encode
-from .config import INFER_PRECISIONS
 from .data import clean_texts
-from .errors import SentimentError
+from .errors import SettingError
 from .metrics import softmax
-from .modeling import load_model_folder
+from .modeling import check_max_length, load_model_folder
 
-
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 where the hardware has it
+# Default batch limits, texts and tokens (texts × padded length) per forward pass. Measured with
+# bench/infer.py: on a CPU, batches of 16 (4k tokens) stay in cache and beat larger ones by a
+# quarter; a GPU wants large batches.
+CPU_BATCH_SIZE, CPU_BATCH_TOKENS = 16, 4096
+GPU_BATCH_SIZE, GPU_BATCH_TOKENS = 64, 32768
 MAX_PADDING = 0.25  # most padding a batch may add to a text, as a share of the batch's width
 
 
@@ -30,10 +34,28 @@ def cpu_has_bf16():
                                                                         "_is_amx_tile_supported"))
 
 
+def gpu_has_bf16(device):
+    """Whether this GPU multiplies bf16 in hardware (compute capability 8.0 or later: A100, H100, RTX 30xx…);
+    `torch.cuda.is_bf16_supported()` also says yes where bf16 is only emulated (V100, T4)."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def pick_device(device):
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def use_bf16(precision, quantize, device):
+    if precision not in PRECISIONS:
+        raise SettingError("precision", f"{precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and quantize:
+        raise SettingError("quantize", "int8 quantisation and bf16 precision do not combine; pick one")
+    if quantize and device.type != "cpu":
+        raise SettingError("quantize", "int8 quantisation runs on the CPU only")
+    if precision != "auto":
+        return precision == "bf16"
+    return not quantize and (cpu_has_bf16() if device.type == "cpu" else gpu_has_bf16(device))
 
 
 class Predictor:
@@ -53,20 +75,13 @@ class Predictor:
         if threads:
             torch.set_num_threads(threads)
         self.device = pick_device(device)
-        if precision not in INFER_PRECISIONS:
-            raise SentimentError(f"precision {precision!r}: use {', '.join(INFER_PRECISIONS)}")
         on_gpu = self.device.type != "cpu"
-        if precision == "bf16" and quantize:
-            raise SentimentError("--quantize int8 and --precision bf16 do not combine; pick one")
-        bf16 = precision == "bf16" or (precision == "auto" and not quantize
-                                       and (torch.cuda.is_bf16_supported() if on_gpu else cpu_has_bf16()))
+        bf16 = use_bf16(precision, quantize, self.device)
         # On a GPU the weights themselves are bf16; on a CPU autocast keeps layer norms and softmax in fp32.
         self.cpu_autocast = bf16 and not on_gpu
-        model, self.tokenizer, self.settings = load_model_folder(folder, dtype=torch.bfloat16 if bf16 and on_gpu
-                                                                 else None)
+        model, self.tokenizer, self.settings = load_model_folder(
+            folder, dtype=torch.bfloat16 if bf16 and on_gpu else torch.float32)
         if quantize == "int8":
-            if on_gpu:
-                raise SentimentError("--quantize int8 runs on the CPU only; drop it or use --device cpu")
             with warnings.catch_warnings():  # torch.ao's eager quantisation is deprecated but still the
                 warnings.simplefilter("ignore")  # one dependency-free int8 path; its successor is torchao
                 model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
@@ -78,12 +93,10 @@ class Predictor:
                     module.to(torch.bfloat16)
         self.model = model.to(self.device)
         self.labels = list(self.settings.labels)
-        longest = getattr(self.model.config, "max_position_embeddings", None) or self.settings.max_length
-        self.max_length = min(max_length or self.settings.max_length, longest)
-        # Measured with bench/infer.py: on a CPU, batches of 16 (4k tokens) stay in cache and beat
-        # larger ones by a quarter; a GPU wants large batches.
-        self.batch_size = batch_size or (64 if on_gpu else 16)
-        self.max_batch_tokens = max(max_batch_tokens or (32768 if on_gpu else 4096), self.max_length)
+        self.max_length = check_max_length(max_length or self.settings.max_length, self.model.config)
+        self.batch_size = batch_size or (GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE)
+        self.max_batch_tokens = max(max_batch_tokens or (GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS),
+                                    self.max_length)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.collate = Collator(pad_id)
 

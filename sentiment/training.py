@@ -1,10 +1,12 @@
 """The fine-tuning loop, written out by hand on Hugging Face Accelerate.
 
-`train(args)` reads the data, builds the model, runs AdamW with a linear warmup and decay,
-evaluates every epoch (and every `--eval-every` steps), keeps the best model by validation
-accuracy in the output folder, checkpoints the full state for exact mid-epoch resume, and ends
-by calibrating and testing the best model. The same code runs on one CPU or many GPUs under
-`accelerate launch`. Data, batching, models and checkpoint files live in their own modules.
+`train(args)` runs a `FineTuneRecipe` in named phases, as torchtune's recipes do: `setup` reads
+the data, builds the model, optimizer and schedule and, on `--resume`, restores the checkpoint;
+`train` runs AdamW with a linear warmup and decay, evaluates every epoch (and every
+`--eval-every` steps), keeps the best model by validation accuracy in the output folder and
+calls `save_checkpoint` for exact mid-epoch resume; `cleanup` calibrates and tests the best
+model and writes the metrics. The same code runs on one CPU or many GPUs under `accelerate
+launch`. Data, batching, models and checkpoint files live in their own modules.
 """
 
 import contextlib
@@ -23,11 +25,12 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from .batching import Collator, LengthGroupedBatches, TokenizedDataset, by_length, encode
-from .checkpointing import CONFIG_FILE, find_checkpoint, load_trainer_state, save_checkpoint
+from .checkpointing import TrainState, find_checkpoint, load_trainer_state, save_checkpoint
 from .data import load_splits
 from .errors import SentimentError
 from .metrics import classification_report, expected_calibration_error, fit_temperature, softmax
-from .modeling import ModelSettings, load_model, load_tokenizer, save_model_folder
+from .modeling import (CONFIG_FILE, LOG_FILE, METRICS_FILE, WEIGHTS_FILE, ModelSettings, check_max_length,
+                       load_model, load_tokenizer, save_model_folder)
 
 LOG_EVERY = 10  # optimizer steps between log lines
 
@@ -40,7 +43,7 @@ def prepare_output_dir(args, accelerator):
                              f"--resume latest to continue it, or choose another folder")
     if accelerator.is_main_process:
         if busy and args.overwrite and not args.resume:
-            for name in ("checkpoints", "log.jsonl", "metrics.json"):
+            for name in ("checkpoints", LOG_FILE, METRICS_FILE):
                 path = os.path.join(args.output_dir, name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
         os.makedirs(args.output_dir, exist_ok=True)
@@ -117,184 +120,243 @@ def truncate_log(path, step):
             f.writelines(kept)
 
 
-def train(args):
-    wall_start = time.perf_counter()
+def every(n, step):
+    """Whether something done every `n` steps (None or 0: never) is due at `step`."""
+    return bool(n) and step % n == 0
+
+
+def make_accelerator(args):
     # Several processes without a GPU (`accelerate launch --multi_gpu` on a CPU machine) train
     # over gloo only when Accelerate is told it runs on the CPU. The scheduler is stepped by hand
     # once per optimizer step, so its length is in optimizer steps whatever the process count.
     multi_cpu = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(cpu=multi_cpu, mixed_precision=args.mixed_precision,
-                              gradient_accumulation_steps=args.grad_accum,
-                              step_scheduler_with_optimizer=False, log_with=args.report_to,
-                              project_dir=args.output_dir)
-    config = {**dataclasses.asdict(args), "num_processes": accelerator.num_processes}
-    accelerator.print(json.dumps(config, indent=2))
-    prepare_output_dir(args, accelerator)
-    set_seed(args.seed)
+    return Accelerator(cpu=multi_cpu, mixed_precision=args.mixed_precision,
+                       gradient_accumulation_steps=args.grad_accum, step_scheduler_with_optimizer=False,
+                       log_with=args.report_to, project_dir=args.output_dir)
 
-    resume_from = find_checkpoint(args.resume, args.output_dir) if args.resume else None
-    # The main process downloads, reads and builds the tokenizer first and saves it; the others
-    # then find a warm cache and load the very same tokenizer.
-    with accelerator.main_process_first():
-        splits = load_splits(args)
-        if resume_from:
-            tokenizer = AutoTokenizer.from_pretrained(resume_from)
-        elif accelerator.is_main_process:
-            tokenizer = load_tokenizer(args.model, splits.train["text"].to_list())
-            tokenizer.save_pretrained(args.output_dir)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(args.output_dir)
-    accelerator.print(f"data: {json.dumps(splits.report)}; labels: {splits.labels}")
-    model = load_model(args.model, splits.labels, len(tokenizer))
-    settings = ModelSettings(labels=splits.labels, max_length=args.max_length, truncation=args.truncation)
 
-    def dataset(frame):
-        ids = encode(tokenizer, frame["text"].to_list(), args.max_length, args.truncation)
-        return TokenizedDataset(ids, splits.label_ids(frame))
+class FineTuneRecipe:
+    """One training run: `setup()`, then `train()`, then `cleanup()`; `train` calls `save_checkpoint()`."""
 
-    train_set, val_set, test_set = dataset(splits.train), dataset(splits.val), dataset(splits.test)
-    collate = Collator(tokenizer.pad_token_id, multiple_of=8 if accelerator.device.type == "cuda" else 1)
-    batches = LengthGroupedBatches(train_set.lengths, args.batch_size, args.seed)
-    train_dl = make_loader(train_set, collate, batch_sampler=batches)
+    def __init__(self, args):
+        self.args = args
+        self.wall_start = time.perf_counter()
+        self.accelerator = make_accelerator(args)
+        self.config = {**dataclasses.asdict(args), "num_processes": self.accelerator.num_processes}
+        self.log_path = os.path.join(args.output_dir, LOG_FILE)
 
-    def eval_loader(data):  # longest first, so padding is small and a too-long batch fails at once
+    # setup ----------------------------------------------------------------------------------
+
+    def setup(self):
+        args, accelerator = self.args, self.accelerator
+        accelerator.print(json.dumps(self.config, indent=2))
+        prepare_output_dir(args, accelerator)
+        set_seed(args.seed)
+        self.resume_from = find_checkpoint(args.resume, args.output_dir) if args.resume else None
+        self.setup_data()
+        self.setup_optimization()
+        self.setup_state()
+
+    def setup_data(self):
+        """Splits, tokenizer, model and settings; the tokenised splits and their loaders."""
+        args, accelerator = self.args, self.accelerator
+        with accelerator.main_process_first():  # the main process fills the Hub cache; the others then read it
+            self.splits = load_splits(args)
+            self.tokenizer = (AutoTokenizer.from_pretrained(self.resume_from) if self.resume_from
+                              else load_tokenizer(args.model, self.splits.train["text"].to_list()))
+        accelerator.print(f"data: {json.dumps(self.splits.report)}; labels: {self.splits.labels}")
+        self.model = load_model(args.model, self.splits.labels, len(self.tokenizer))
+        self.settings = ModelSettings(labels=self.splits.labels, truncation=args.truncation,
+                                      max_length=check_max_length(args.max_length, self.model.config))
+        self.train_set, self.val_set, self.test_set = map(self.dataset, (self.splits.train, self.splits.val,
+                                                                         self.splits.test))
+        self.collate = Collator(self.tokenizer.pad_token_id, multiple_of=8 if accelerator.device.type == "cuda" else 1)
+        self.batches = LengthGroupedBatches(self.train_set.lengths, args.batch_size, args.seed)
+        self.train_dl = make_loader(self.train_set, self.collate, batch_sampler=self.batches)
+        self.val_dl, self.test_dl = self.eval_loader(self.val_set), self.eval_loader(self.test_set)
+
+    def dataset(self, frame):
+        """A split tokenised once, with the settings the model folder will record."""
+        ids = encode(self.tokenizer, frame["text"].to_list(), self.settings.max_length, self.settings.truncation)
+        return TokenizedDataset(ids, self.splits.label_ids(frame))
+
+    def eval_loader(self, data):
+        """Longest first, so padding is small and a too-long batch fails at once."""
         sorted_set = torch.utils.data.Subset(data, by_length(data.lengths).tolist())
-        return accelerator.prepare(make_loader(sorted_set, collate, batch_size=2 * args.batch_size))
+        return self.accelerator.prepare(make_loader(sorted_set, self.collate, batch_size=2 * self.args.batch_size))
 
-    val_dl, test_dl = eval_loader(val_set), eval_loader(test_set)
-    # The fused kernel updates every parameter in one pass; PyTorch has it for CPUs and GPUs.
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
-                                  fused=accelerator.device.type in ("cpu", "cuda"))
-    model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
-    steps_per_epoch = math.ceil(len(train_dl) / args.grad_accum)
-    total_steps = min(args.max_steps or math.inf, steps_per_epoch * args.epochs)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
-    scheduler = accelerator.prepare(scheduler)
-    if args.report_to:
-        accelerator.init_trackers("sentiment", config={k: v for k, v in config.items() if v is not None})
+    def setup_optimization(self):
+        args, accelerator = self.args, self.accelerator
+        # The fused kernel updates every parameter in one pass; PyTorch has it for CPUs and GPUs.
+        optimizer = torch.optim.AdamW(param_groups(self.model, args.weight_decay), lr=args.lr,
+                                      fused=accelerator.device.type in ("cpu", "cuda"))
+        self.model, self.optimizer, self.train_dl = accelerator.prepare(self.model, optimizer, self.train_dl)
+        steps_per_epoch = math.ceil(len(self.train_dl) / args.grad_accum)
+        self.total_steps = min(args.max_steps or math.inf, steps_per_epoch * args.epochs)
+        self.scheduler = accelerator.prepare(get_linear_schedule_with_warmup(
+            self.optimizer, int(args.warmup_ratio * self.total_steps), self.total_steps))
 
-    log_path = os.path.join(args.output_dir, "log.jsonl")
-    state = {"step": 0, "epoch": 0, "batches_done": 0, "train_seconds": 0.0, "train_samples": 0,
-             "best_val_accuracy": -1.0, "best_val_loss": math.inf, "best_step": None, "best_epoch": None}
-    if resume_from:
-        state = load_trainer_state(resume_from, config)
-        accelerator.load_state(resume_from)
-        if accelerator.is_main_process:
-            truncate_log(log_path, state["step"])
-        accelerator.print(f"resumed from {resume_from} at step {state['step']}")
-    if accelerator.is_main_process:
-        with open(os.path.join(args.output_dir, CONFIG_FILE), "w") as f:
-            json.dump(config, f, indent=2)
-
-    clock = Stopwatch(state["train_seconds"])
-
-    def checkpoint():
-        state["train_seconds"] = clock.seconds
-        save_checkpoint(accelerator, args.output_dir, state, config, tokenizer, args.keep_checkpoints)
-
-    def validate():
-        """Evaluate on validation; save the model folder when it is the best so far."""
-        if len(val_set) == 0:
-            return
-        logits, labels = evaluate(model, val_dl, accelerator)
-        report = classification_report(labels, logits.argmax(1), splits.labels)
-        loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)))
-        accelerator.print(f"step {state['step']}: val accuracy {report['accuracy']:.4f} "
-                          f"macro F1 {report['macro_f1']:.4f} loss {loss:.4f}")
-        if accelerator.is_main_process:
-            log_line(log_path, {"step": state["step"], "epoch": state["epoch"], "split": "val", "loss": loss,
-                                "accuracy": report["accuracy"], "macro_f1": report["macro_f1"]})
-        accelerator.log({"val/accuracy": report["accuracy"], "val/loss": loss}, step=state["step"])
-        # Best by accuracy; on a tie, the lower loss (the later, more confident model, usually).
-        if (report["accuracy"], -loss) > (state["best_val_accuracy"], -state["best_val_loss"]):
-            state.update(best_val_accuracy=report["accuracy"], best_val_loss=loss, best_step=state["step"],
-                         best_epoch=state["epoch"])
+    def setup_state(self):
+        """A fresh `TrainState`, or the checkpoint's (after checking the invariants) with its weights and RNG."""
+        accelerator = self.accelerator
+        if self.args.report_to:
+            accelerator.init_trackers("sentiment", config={k: v for k, v in self.config.items() if v is not None})
+        self.state = TrainState()
+        if self.resume_from:
+            self.state = load_trainer_state(self.resume_from, self.config)
+            accelerator.load_state(self.resume_from)
             if accelerator.is_main_process:
-                save_model_folder(args.output_dir, accelerator.unwrap_model(model), tokenizer, settings)
-        accelerator.wait_for_everyone()
+                truncate_log(self.log_path, self.state.step)
+            accelerator.print(f"resumed from {self.resume_from} at step {self.state.step}")
+        if accelerator.is_main_process:
+            with open(os.path.join(self.args.output_dir, CONFIG_FILE), "w") as f:
+                json.dump(self.config, f, indent=2)
+        self.clock = Stopwatch(self.state.train_seconds)
 
-    bar = tqdm(total=total_steps, initial=state["step"], desc="train", disable=not accelerator.is_main_process)
-    running_loss, loss_batches = torch.zeros((), device=accelerator.device), 0
-    model.train()
-    while state["step"] < total_steps:
-        batches.epoch = state["epoch"]
-        loader = accelerator.skip_first_batches(train_dl, state["batches_done"]) if state["batches_done"] else train_dl
-        clock.start()
-        for batch in loader:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            running_loss += loss.detach()
-            state["batches_done"] += 1
-            state["train_samples"] += len(batch["input_ids"]) * accelerator.num_processes
-            loss_batches += 1
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            state["step"] += 1
-            bar.update(1)
-            if state["step"] % LOG_EVERY == 0 or state["step"] == total_steps:
-                record = {"step": state["step"], "epoch": state["epoch"], "loss": running_loss.item() / loss_batches,
-                          "lr": scheduler.get_last_lr()[0], "samples_per_second": state["train_samples"] / clock.now()}
-                running_loss.zero_()
-                loss_batches = 0
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                samples_s=f"{record['samples_per_second']:.1f}")
-                accelerator.log({"train/loss": record["loss"], "train/lr": record["lr"]}, step=state["step"])
-                if accelerator.is_main_process:
-                    log_line(log_path, record)
-            end_of_epoch = accelerator.gradient_state.end_of_dataloader or state["step"] == total_steps
-            if end_of_epoch or (args.eval_every and state["step"] % args.eval_every == 0):
-                with clock.paused():
-                    validate()
-            if end_of_epoch:
-                state.update(epoch=state["epoch"] + 1, batches_done=0)
-            if args.checkpoint_every and (state["step"] % args.checkpoint_every == 0 or state["step"] == total_steps):
-                with clock.paused():
-                    checkpoint()
-            if end_of_epoch or state["step"] >= total_steps:
+    # train ----------------------------------------------------------------------------------
+
+    def train(self):
+        args, accelerator, model, state = self.args, self.accelerator, self.model, self.state
+        bar = tqdm(total=self.total_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process)
+        running_loss, loss_batches = torch.zeros((), device=accelerator.device), 0
+        model.train()
+        for epoch in range(state.epoch, args.epochs):
+            if state.step >= self.total_steps:  # --max-steps ended the run early
                 break
-        clock.stop()
-    bar.close()
-    state["train_seconds"] = clock.seconds
-    finish(args, accelerator, model, tokenizer, settings, splits, state, val_dl, test_dl, wall_start)
-    accelerator.end_training()
+            state.epoch = self.batches.epoch = epoch
+            loader = self.train_dl
+            if state.batches_done:  # resumed mid-epoch: skip what the checkpoint had done
+                loader = accelerator.skip_first_batches(self.train_dl, state.batches_done)
+            self.clock.start()
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    # forward/backward (Accelerate scales the loss for accumulation)
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)
+                    # clip, on the steps that update the weights
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    # step (a no-op between accumulation boundaries)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                running_loss += loss.detach()
+                loss_batches += 1
+                state.batches_done += 1
+                state.train_samples += len(batch["input_ids"]) * accelerator.num_processes
+                if not accelerator.sync_gradients:
+                    continue
+                self.scheduler.step()
+                state.step += 1
+                bar.update(1)
+                last = accelerator.gradient_state.end_of_dataloader or state.step == self.total_steps
+                # log
+                if state.step % LOG_EVERY == 0 or state.step == self.total_steps:
+                    self.log_train(running_loss.item() / loss_batches, bar)
+                    running_loss.zero_()
+                    loss_batches = 0
+                # evaluate, and keep the model if it is the best so far
+                if last or every(args.eval_every, state.step):
+                    with self.clock.paused():
+                        self.keep_if_best(self.validate())
+                if last:
+                    state.epoch, state.batches_done = epoch + 1, 0
+                # checkpoint
+                final = state.step == self.total_steps
+                if every(args.checkpoint_every, state.step) or (args.checkpoint_every and final):
+                    with self.clock.paused():
+                        self.save_checkpoint()
+                if last:
+                    break
+            self.clock.stop()
+        bar.close()
+        state.train_seconds = self.clock.seconds
+
+    def log_train(self, loss, bar):
+        state = self.state
+        record = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                  "samples_per_second": state.train_samples / self.clock.now()}
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", samples_s=f"{record['samples_per_second']:.1f}")
+        self.accelerator.log({"train/loss": loss, "train/lr": record["lr"]}, step=state.step)
+        if self.accelerator.is_main_process:
+            log_line(self.log_path, record)
+
+    def validate(self):
+        """The validation figures (accuracy, macro F1, loss), logged; None when there is no validation split."""
+        if len(self.val_set) == 0:
+            return None
+        logits, labels = evaluate(self.model, self.val_dl, self.accelerator)
+        report = classification_report(labels, logits.argmax(1), self.splits.labels)
+        figures = {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
+                   "loss": float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)))}
+        self.accelerator.print(f"step {self.state.step}: val accuracy {figures['accuracy']:.4f} "
+                               f"macro F1 {figures['macro_f1']:.4f} loss {figures['loss']:.4f}")
+        if self.accelerator.is_main_process:
+            log_line(self.log_path, {"step": self.state.step, "epoch": self.state.epoch, "split": "val", **figures})
+        self.accelerator.log({"val/accuracy": figures["accuracy"], "val/loss": figures["loss"]}, step=self.state.step)
+        return figures
+
+    def keep_if_best(self, figures):
+        """Save the model folder when `figures` beat the best so far."""
+        state = self.state
+        if figures and state.is_better(figures["accuracy"], figures["loss"]):
+            state.best_val_accuracy, state.best_val_loss = figures["accuracy"], figures["loss"]
+            state.best_step, state.best_epoch = state.step, state.epoch
+            if self.accelerator.is_main_process:
+                save_model_folder(self.args.output_dir, self.accelerator.unwrap_model(self.model), self.tokenizer,
+                                  self.settings)
+        self.accelerator.wait_for_everyone()
+
+    def save_checkpoint(self):
+        self.state.train_seconds = self.clock.seconds
+        save_checkpoint(self.accelerator, self.args.output_dir, self.state, self.config, self.tokenizer,
+                        self.args.keep_checkpoints)
+
+    # cleanup --------------------------------------------------------------------------------
+
+    def cleanup(self):
+        """Reload the best weights, fit the temperature on validation, test, and write the model folder and metrics."""
+        args, accelerator, state = self.args, self.accelerator, self.state
+        unwrapped = accelerator.unwrap_model(self.model)
+        weights = os.path.join(args.output_dir, WEIGHTS_FILE)
+        if state.best_step is not None and os.path.exists(weights):
+            unwrapped.load_state_dict(load_file(weights), strict=True)  # copied onto the model's device
+        metrics = {"labels": self.splits.labels, "best_step": state.best_step, "best_epoch": state.best_epoch,
+                   "steps": state.step, "data": self.splits.report,
+                   "train_samples_per_second": state.train_samples / max(state.train_seconds, 1e-9),
+                   "train_seconds": state.train_seconds, **self.final_figures()}
+        metrics["wall_seconds"] = time.perf_counter() - self.wall_start
+        if accelerator.is_main_process:
+            save_model_folder(args.output_dir, unwrapped, self.tokenizer, self.settings)
+            with open(os.path.join(args.output_dir, METRICS_FILE), "w") as f:
+                json.dump(metrics, f, indent=2)
+        summary = {k: metrics.get(k) for k in ("val_accuracy", "test_accuracy", "test_macro_f1",
+                                               "train_samples_per_second", "wall_seconds", "best_epoch")}
+        accelerator.print(f"done: {json.dumps(summary)}; model folder: {args.output_dir}")
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return metrics
+
+    def final_figures(self):
+        """Validation figures and the fitted temperature; test figures with calibration error before and after."""
+        figures, labels, settings = {}, self.splits.labels, self.settings
+        if len(self.splits.val):
+            val_logits, val_labels = evaluate(self.model, self.val_dl, self.accelerator)
+            val = classification_report(val_labels, val_logits.argmax(1), labels)
+            settings.temperature = fit_temperature(val_logits, val_labels)
+            figures.update(val_accuracy=val["accuracy"], val_macro_f1=val["macro_f1"], val=val,
+                           temperature=settings.temperature)
+        if len(self.splits.test):
+            test_logits, test_labels = evaluate(self.model, self.test_dl, self.accelerator)
+            test = classification_report(test_labels, test_logits.argmax(1), labels)
+            figures.update(test_accuracy=test["accuracy"], test_macro_f1=test["macro_f1"], test=test,
+                           test_ece_before_calibration=expected_calibration_error(softmax(test_logits), test_labels),
+                           test_ece_after_calibration=expected_calibration_error(
+                               softmax(test_logits, settings.temperature), test_labels))
+        return figures
 
 
-def finish(args, accelerator, model, tokenizer, settings, splits, state, val_dl, test_dl, wall_start):
-    """Reload the best weights, fit the temperature on validation, test, and write metrics.json."""
-    unwrapped = accelerator.unwrap_model(model)
-    weights = os.path.join(args.output_dir, "model.safetensors")
-    if state["best_step"] is not None and os.path.exists(weights):
-        unwrapped.load_state_dict(load_file(weights), strict=True)  # copied onto the model's device
-    metrics = {"labels": splits.labels, "best_step": state["best_step"], "best_epoch": state["best_epoch"],
-               "steps": state["step"], "data": splits.report,
-               "train_samples_per_second": state["train_samples"] / max(state["train_seconds"], 1e-9),
-               "train_seconds": state["train_seconds"]}
-    if len(splits.val):
-        val_logits, val_labels = evaluate(model, val_dl, accelerator)
-        val = classification_report(val_labels, val_logits.argmax(1), splits.labels)
-        settings.temperature = fit_temperature(val_logits, val_labels)
-        metrics.update(val_accuracy=val["accuracy"], val_macro_f1=val["macro_f1"], val=val,
-                       temperature=settings.temperature)
-    if len(splits.test):
-        test_logits, test_labels = evaluate(model, test_dl, accelerator)
-        test = classification_report(test_labels, test_logits.argmax(1), splits.labels)
-        metrics.update(test_accuracy=test["accuracy"], test_macro_f1=test["macro_f1"], test=test,
-                       test_ece_before_calibration=expected_calibration_error(softmax(test_logits), test_labels),
-                       test_ece_after_calibration=expected_calibration_error(
-                           softmax(test_logits, settings.temperature), test_labels))
-    metrics["wall_seconds"] = time.perf_counter() - wall_start
-    if accelerator.is_main_process:
-        save_model_folder(args.output_dir, unwrapped, tokenizer, settings)
-        with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
-    summary = {k: metrics.get(k) for k in ("val_accuracy", "test_accuracy", "test_macro_f1",
-                                           "train_samples_per_second", "wall_seconds", "best_epoch")}
-    accelerator.print(f"done: {json.dumps(summary)}; model folder: {args.output_dir}")
-    accelerator.wait_for_everyone()
-    return metrics
+def train(args):
+    recipe = FineTuneRecipe(args)
+    recipe.setup()
+    recipe.train()
+    return recipe.cleanup()

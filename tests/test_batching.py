@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from sentiment.batching import Collator, LengthGroupedBatches, encode, special_tokens, truncate
+from sentiment.errors import SettingError
 from sentiment.modeling import train_tiny_tokenizer
 
 
@@ -54,3 +55,8 @@ def test_collator_pads_to_the_longest_and_masks_padding():
     assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
     assert batch["labels"].tolist() == [1, 0]
+
+
+def test_an_unknown_truncation_is_refused():
+    with pytest.raises(SettingError, match="truncation: 'middle' is not one of head, tail, head\\+tail"):
+        truncate(list(range(10)), 4, "middle")

@@ -2,7 +2,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -10,15 +9,24 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from helpers import ROOT, FakePredictor, free_port
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
-from conftest import ROOT, FakePredictor
-from sentiment.serving import Metrics, MicroBatcher, ServeSettings, create_app
+from sentiment.batcher import MicroBatcher
+from sentiment.config import ServeSettings
+from sentiment.serving import ServiceMetrics, create_app
 
 
 def client_for(predictor, **settings):
     app = create_app(ServeSettings(**settings), predictor_factory=lambda s: predictor)
     return TestClient(app)
+
+
+def samples(metrics_text):
+    """{(name, labels as a sorted tuple): value} of every sample on a /metrics page."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(metrics_text) for s in family.samples}
 
 
 def wait_ready(client, seconds=30):
@@ -103,8 +111,8 @@ def test_a_request_that_waits_too_long_gets_504():
 
 def test_a_full_queue_answers_503_at_once_while_admitted_requests_finish():
     gate = threading.Event()
-    predictor = FakePredictor(gate=gate)
-    with client_for(predictor, queue_size=4, max_batch_size=1) as client:
+    predictor = FakePredictor(gate=gate, batch_size=1)
+    with client_for(predictor, queue_size=4) as client:
         gate.set()
         wait_ready(client)  # the warm-up call has passed the gate
         gate.clear()
@@ -121,29 +129,29 @@ def test_a_full_queue_answers_503_at_once_while_admitted_requests_finish():
 
 
 def test_concurrent_requests_share_batches():
-    predictor = FakePredictor(delay=0.2)
-    with client_for(predictor, max_batch_size=16) as client:
+    predictor = FakePredictor(delay=0.2, batch_size=16)
+    with client_for(predictor) as client:
         wait_ready(client)
         warm_up = len(predictor.batches)
         with ThreadPoolExecutor(10) as pool:
             answers = list(pool.map(lambda i: client.post("/predict", json={"text": f"good {i}"}), range(10)))
         assert all(a.status_code == 200 for a in answers)
-        metrics = client.get("/metrics").text
+        metrics = samples(client.get("/metrics").text)
         assert max(len(b) for b in predictor.batches[warm_up:]) > 1
-        assert 'sentiment_batch_size_bucket{le="1"}' in metrics
-        ones = int(metrics.split('sentiment_batch_size_bucket{le="1"} ')[1].split()[0])
-        total = int(metrics.split("sentiment_batch_size_count ")[1].split()[0])
+        assert ("sentiment_batch_size_bucket", (("le", "1.0"),)) in metrics
+        ones = metrics["sentiment_batch_size_bucket", (("le", "1.0"),)]
+        total = metrics["sentiment_batch_size_count", ()]
         assert total > ones  # some batches held more than one text
-        assert 'sentiment_requests_total{status="200"} 10' in metrics
-        assert 'sentiment_request_seconds_count{status="200"} 10' in metrics
-        assert "sentiment_texts_scored_total 10" in metrics
+        assert metrics["sentiment_requests_total", (("status", "200"),)] == 10
+        assert metrics["sentiment_request_seconds_count", (("status", "200"),)] == 10
+        assert metrics["sentiment_texts_scored_total", ()] == 10
 
 
 def test_texts_of_a_departed_client_are_dropped_and_the_batch_goes_on():
     async def scenario():
         gate = threading.Event()
         predictor = FakePredictor(gate=gate)
-        batcher = MicroBatcher(predictor, ServeSettings(max_batch_size=8), Metrics())
+        batcher = MicroBatcher(predictor, ServeSettings(), ServiceMetrics())
         first = asyncio.create_task(batcher.submit(["good first"]))  # occupies the model
         await asyncio.sleep(0.05)
         left = asyncio.create_task(batcher.submit(["good left"]))
@@ -158,12 +166,6 @@ def test_texts_of_a_departed_client_are_dropped_and_the_batch_goes_on():
     batches, answers = asyncio.run(scenario())
     assert batches == [["good first"], ["bad stayed"]]
     assert [a[0]["label"] for a in answers] == ["positive", "negative"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -262,3 +264,9 @@ def test_settings_come_from_the_environment_and_bad_ones_are_named():
         ServeSettings.from_env({"SENTIMENT_QUEUE_SIZE": "0"})
     with pytest.raises(ValueError, match="SENTIMENT_MAX_WAIT_MS='soon' is not a float"):
         ServeSettings.from_env({"SENTIMENT_MAX_WAIT_MS": "soon"})
+    # Unset means "the Predictor's own"; a set value must be a real one.
+    assert ServeSettings.from_env({}).max_batch_size is None
+    assert ServeSettings.from_env({"SENTIMENT_MAX_BATCH_SIZE": "4"}).max_batch_size == 4
+    for name, raw in (("REQUEST_TIMEOUT_S", "nan"), ("MAX_WAIT_MS", "inf"), ("MAX_BATCH_SIZE", "0")):
+        with pytest.raises(ValueError, match=f"SENTIMENT_{name} must"):
+            ServeSettings.from_env({f"SENTIMENT_{name}": raw})

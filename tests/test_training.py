@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from conftest import TINY, run_script
+from helpers import TINY, run_script
 from sentiment import checkpointing, training
 from sentiment.config import TrainArgs, parse_args
 from sentiment.demo_data import demo_reviews
@@ -76,7 +76,7 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(tmp_path, monkeypatc
 
     def save_then_crash(accelerator, output_dir, state, config, tokenizer, keep):
         real_save(accelerator, output_dir, state, config, tokenizer, keep)
-        if state["step"] == 28:  # mid-way through the second epoch (20 steps each)
+        if state.step == 28:  # mid-way through the second epoch (20 steps each)
             raise KeyboardInterrupt
 
     monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
@@ -143,6 +143,8 @@ def test_two_processes_evaluate_the_same_samples_as_one(tmp_path):
     ("missing file", ["--data", "nowhere.csv"], "nowhere.csv: no such file"),
     ("unknown column", ["--text-column", "body"], "no column 'body'; it has 'review', 'sentiment'"),
     ("bad value", ["--batch-size", "0"], "--batch-size must be at least 1"),
+    ("over the position limit", ["--max-length", "1024"], "--max-length: 1024 tokens is over this model's limit of "
+                                                          "512 positions"),
     ("busy output", [], "is not empty; pass --overwrite"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, reviews_csv, problem, flags, message):
@@ -161,3 +163,17 @@ def test_every_flag_has_help():
     result = run_script("train.py", "--help")
     for flag in ("--data", "--val-data", "--truncation", "--resume", "--report-to", "--checkpoint-every"):
         assert flag in result.stdout
+
+
+def test_invariants_are_the_fields_marked_fixed():
+    assert "lr" in checkpointing.INVARIANTS and "seed" in checkpointing.INVARIANTS
+    assert "output_dir" not in checkpointing.INVARIANTS and "resume" not in checkpointing.INVARIANTS
+
+
+def test_pretrained_weights_saved_in_bf16_train_in_fp32(tmp_path):
+    from sentiment.modeling import load_model
+    folder = tmp_path / "bf16"
+    model = AutoModelForSequenceClassification.from_config(tiny_config(100, ["a", "b"]))
+    model.to(torch.bfloat16).save_pretrained(folder)
+    model = load_model(str(folder), ["a", "b"], 100)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -1,0 +1,108 @@
+"""The micro-batcher: texts of concurrent requests gathered into model batches, run on one model thread.
+
+Each text of each request becomes one `asyncio.Future` in a bounded queue. One batching task
+takes what is queued, up to the Predictor's batch size and token budget (waiting up to
+`max_wait_ms` for more only while traffic is heavy, so a lone request is never held back), drops
+texts whose client has gone, and runs the `Predictor` on the model thread so the event loop keeps
+accepting requests. `room()` tells the app whether a request fits before its body is read. It
+knows nothing of HTTP: routes and error statuses live in `serving`.
+"""
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+CHARS_PER_TOKEN = 4  # a cheap token estimate for the batch budget; the Predictor counts exactly
+
+
+class QueueFull(Exception):
+    pass
+
+
+def model_thread():
+    """The one thread every model call runs on (load, warm-up, batches): PyTorch's thread count is
+    set on it and its pool of worker threads is started once, not once per pool thread."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+
+class MicroBatcher:
+    """Gathers texts from concurrent requests into model batches; one task runs them in order.
+
+    Batch limits are the Predictor's own (`batch_size`, `max_batch_tokens`); `settings` gives the
+    queue size and the wait; `metrics` records batch sizes and texts scored.
+    """
+
+    def __init__(self, predictor, settings, metrics, executor=None):
+        self.predictor = predictor
+        self.executor = executor
+        self.max_wait_s = settings.max_wait_ms / 1000
+        self.metrics = metrics
+        self.queue = asyncio.Queue(maxsize=settings.queue_size)
+        self.heavy = False  # the last batch had company: worth waiting a moment for more
+        self.reading = 0  # admitted requests whose bodies are still being read: each holds a queue slot
+        self.task = asyncio.create_task(self.run())
+
+    def room(self):
+        return self.queue.maxsize - self.queue.qsize() - self.reading
+
+    async def submit(self, texts):
+        """Queue the texts and wait for their answers; `QueueFull` at once if there is no room."""
+        if self.room() < len(texts):
+            raise QueueFull
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in texts]
+        for text, future in zip(texts, futures):
+            self.queue.put_nowait((text, future))
+        try:
+            return await asyncio.gather(*futures)
+        finally:
+            for future in futures:  # the client left or timed out: the batcher will skip these
+                future.cancel()
+
+    def tokens(self, text):
+        return min(len(text) // CHARS_PER_TOKEN, self.predictor.max_length)
+
+    async def next_batch(self):
+        batch = [await self.queue.get()]
+        tokens = self.tokens(batch[0][0])
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.predictor.batch_size and tokens < self.predictor.max_batch_tokens:
+            if self.queue.empty():
+                wait = deadline - time.monotonic()
+                if not self.heavy or wait <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), wait)
+                except TimeoutError:
+                    break
+            else:
+                item = self.queue.get_nowait()
+            batch.append(item)
+            tokens += self.tokens(item[0])
+        return [(text, future) for text, future in batch if not future.done()]
+
+    async def run(self):
+        while True:
+            batch = await self.next_batch()
+            self.heavy = len(batch) > 1 or not self.queue.empty()
+            if not batch:
+                continue
+            self.metrics.batch_sizes.observe(len(batch))
+            try:
+                probs = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self.predictor.probabilities, [text for text, _ in batch])
+            except Exception as err:  # a model failure fails this batch, not the service
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(RuntimeError(f"model error: {type(err).__name__}"))
+                continue
+            self.metrics.texts_scored.inc(len(batch))
+            for (_, future), p in zip(batch, probs):
+                if not future.done():
+                    future.set_result(self.predictor.answer(p))
+
+    async def drain(self):
+        """Finish what is queued, then stop the batching task."""
+        while not self.queue.empty():
+            await asyncio.sleep(0.01)
+        self.task.cancel()
