@@ -4,16 +4,30 @@
 # SENTIMENT_URL says where the service is (default http://localhost:8000).
 set -euo pipefail
 url="${SENTIMENT_URL:-http://localhost:8000}"
-if [ "$#" -gt 0 ]; then text="$*"; else text="$(cat)"; fi
-if [ -z "${text//[[:space:]]/}" ]; then
+body="$(mktemp)"
+err="$(mktemp)"
+trap 'rm -f "$body" "$err"' EXIT
+# The review goes to python3 as bytes (arguments or stdin) and the JSON body to curl as a file, so
+# no review is too long for an argument list. python3 escapes quotes, backslashes, newlines and
+# non-ASCII text, and refuses bytes that are not UTF-8 here rather than sending them on.
+if [ "$#" -gt 0 ]; then printf '%s' "$*"; else cat; fi | python3 -c '
+import json, sys
+raw = sys.stdin.buffer.read()
+try:
+    text = raw.decode("utf-8")
+except UnicodeDecodeError:
+    sys.exit("error: the review is not valid UTF-8 text; convert it first (e.g. iconv -f latin1 -t utf-8)")
+if not text.strip():
+    sys.exit(2)
+json.dump({"text": text}, sys.stdout)
+' > "$body" || status=$?
+if [ "${status:-0}" -eq 2 ]; then
   echo "usage: $0 \"review text\"   (or the review on stdin)" >&2
   exit 2
+elif [ "${status:-0}" -ne 0 ]; then
+  exit 2
 fi
-# python3's json module escapes quotes, backslashes, newlines and non-ASCII text correctly.
-body="$(printf '%s' "$text" | python3 -c 'import json, sys; print(json.dumps({"text": sys.stdin.read()}))')"
-err="$(mktemp)"
-trap 'rm -f "$err"' EXIT
-if ! answer="$(curl -sS --max-time 60 -H 'Content-Type: application/json' --data-binary "$body" \
+if ! answer="$(curl -sS --max-time 60 -H 'Content-Type: application/json' --data-binary "@$body" \
                     -w '\n%{http_code}' "$url/predict" 2>"$err")"; then
   echo "error: no answer from $url: $(head -n 1 "$err" | sed 's/^curl: //')" >&2
   exit 1

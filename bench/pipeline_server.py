@@ -33,4 +33,4 @@ async def predict(request):
 async def health(request):
     return JSONResponse({"status": "ok"})
 
-app = Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/health", health)])
+app = Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/ready", health)])

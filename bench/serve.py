@@ -44,7 +44,7 @@ def start_server(app, model, **env):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            if httpx.get(url + "/health").status_code == 200:
+            if httpx.get(url + "/ready").status_code == 200:
                 return process, url
         except httpx.TransportError:
             pass

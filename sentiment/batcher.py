@@ -4,19 +4,38 @@ Each text of each request becomes one `asyncio.Future` in a bounded queue. One b
 takes what is queued, up to the Predictor's batch size and token budget (waiting up to
 `max_wait_ms` for more only while traffic is heavy, so a lone request is never held back), drops
 texts whose client has gone, and runs the `Predictor` on the model thread so the event loop keeps
-accepting requests. `room()` tells the app whether a request fits before its body is read. It
-knows nothing of HTTP: routes and error statuses live in `serving`.
+accepting requests. If a batch fails, its texts are scored one by one, so only a text that
+fails alone fails its request. `room()` tells the app whether a request can fit before its body
+is read; the slots are taken when the texts are queued. It knows nothing of HTTP: routes and
+error statuses live in `serving`.
 """
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 CHARS_PER_TOKEN = 4  # a cheap token estimate for the batch budget; the Predictor counts exactly
+log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
     pass
+
+
+class ModelError(Exception):
+    """The model failed on a text (the detail is logged, not sent to the client)."""
+
+
+def score_one_by_one(predictor, texts):
+    """Each text's probabilities, or the exception scoring it alone raised."""
+    results = []
+    for text in texts:
+        try:
+            results.append(predictor.probabilities([text])[0])
+        except Exception as err:
+            results.append(err)
+    return results
 
 
 def model_thread():
@@ -39,20 +58,21 @@ class MicroBatcher:
         self.metrics = metrics
         self.queue = asyncio.Queue(maxsize=settings.queue_size)
         self.heavy = False  # the last batch had company: worth waiting a moment for more
-        self.reading = 0  # admitted requests whose bodies are still being read: each holds a queue slot
         self.task = asyncio.create_task(self.run())
 
     def room(self):
-        return self.queue.maxsize - self.queue.qsize() - self.reading
+        return self.queue.maxsize - self.queue.qsize()
 
     async def submit(self, texts):
-        """Queue the texts and wait for their answers; `QueueFull` at once if there is no room."""
+        """Queue the texts and wait for their answers: (answer, seconds queued, seconds in the model)
+        per text. `QueueFull` at once if there is no room; `ModelError` if the model fails on one."""
         if self.room() < len(texts):
             raise QueueFull
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in texts]
+        queued = time.perf_counter()
         for text, future in zip(texts, futures):
-            self.queue.put_nowait((text, future))
+            self.queue.put_nowait((text, future, queued))
         try:
             return await asyncio.gather(*futures)
         finally:
@@ -63,7 +83,7 @@ class MicroBatcher:
         return min(len(text) // CHARS_PER_TOKEN, self.predictor.max_length)
 
     async def next_batch(self):
-        batch = [await self.queue.get()]
+        batch = [await self.queue.get()]  # (text, future, time queued)
         tokens = self.tokens(batch[0][0])
         deadline = time.monotonic() + self.max_wait_s
         while len(batch) < self.predictor.batch_size and tokens < self.predictor.max_batch_tokens:
@@ -79,27 +99,32 @@ class MicroBatcher:
                 item = self.queue.get_nowait()
             batch.append(item)
             tokens += self.tokens(item[0])
-        return [(text, future) for text, future in batch if not future.done()]
+        return [item for item in batch if not item[1].done()]
 
     async def run(self):
+        loop = asyncio.get_running_loop()
         while True:
             batch = await self.next_batch()
             self.heavy = len(batch) > 1 or not self.queue.empty()
             if not batch:
                 continue
             self.metrics.batch_sizes.observe(len(batch))
+            texts, start = [text for text, _, _ in batch], time.perf_counter()
             try:
-                probs = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, self.predictor.probabilities, [text for text, _ in batch])
-            except Exception as err:  # a model failure fails this batch, not the service
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(RuntimeError(f"model error: {type(err).__name__}"))
-                continue
-            self.metrics.texts_scored.inc(len(batch))
-            for (_, future), p in zip(batch, probs):
-                if not future.done():
-                    future.set_result(self.predictor.answer(p))
+                results = await loop.run_in_executor(self.executor, self.predictor.probabilities, texts)
+            except Exception as err:  # one bad text must not fail the others: score them alone
+                log.error("model error on a batch of %d texts; scoring them one by one", len(texts), exc_info=err)
+                results = await loop.run_in_executor(self.executor, score_one_by_one, self.predictor, texts)
+            seconds = time.perf_counter() - start
+            for (_, future, queued), result in zip(batch, results):
+                if future.done():
+                    continue
+                if isinstance(result, Exception):
+                    log.error("model error on one text", exc_info=result)
+                    future.set_exception(ModelError(type(result).__name__))
+                else:
+                    self.metrics.texts_scored.inc()
+                    future.set_result((self.predictor.answer(result), start - queued, seconds))
 
     async def drain(self):
         """Finish what is queued, then stop the batching task."""

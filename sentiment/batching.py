@@ -97,8 +97,9 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
     Shuffle all indices, cut them into chunks of `group` batches, sort each chunk by length and
     cut it into batches, then shuffle the full batches (the short one, if any, comes last).
     Padding stays small; the order stays random across batches and changes with `epoch`, so
-    resuming can replay it exactly. The training loop sets `epoch` itself: Accelerate's own
-    per-loader epoch counter restarts at 0 in a resumed run.
+    resuming can replay it exactly. The batch holding the longest text comes first, so a batch too
+    large for the device fails in the first step, not an hour in. The training loop sets `epoch`
+    itself: Accelerate's own per-loader epoch counter restarts at 0 in a resumed run.
     """
 
     def __init__(self, lengths, batch_size, seed, group=50):
@@ -123,7 +124,11 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
         # The one short batch goes last: Accelerate's sharding across processes expects it there.
         full = [b for b in batches if len(b) == self.batch_size]
         short = [b for b in batches if len(b) < self.batch_size]
-        for i in rng.permutation(len(full)):
+        order = rng.permutation(len(full))
+        if len(order):  # the longest batch first: one too large for the device fails in the first step
+            longest = int(np.argmax([self.lengths[b].max() for b in full]))
+            order = [longest] + [i for i in order if i != longest]
+        for i in order:
             yield full[i].tolist()
         for batch in short:
             yield batch.tolist()

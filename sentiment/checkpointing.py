@@ -2,9 +2,11 @@
 
 A checkpoint is `OUT/checkpoints/step-00000120/`: Accelerate's `save_state` (model, optimizer,
 scheduler, every process's RNG) plus `trainer_state.json` (`TrainState`: where the loop stands)
-and `train_config.json` and the tokenizer. It is written under a `.tmp-` name and renamed when
-complete, so a crash while saving never leaves a folder that looks complete. The loop itself
-lives in `training`.
+and `train_config.json`, the tokenizer and the best model's weights so far (so that resuming
+from it never picks up a best model from the abandoned future). It is written under a `.tmp-`
+name, flushed to disk and renamed when complete, so neither a crash nor a power cut leaves a
+folder that looks complete but is not; old ones are renamed before they are deleted. The loop
+itself lives in `training`.
 """
 
 import dataclasses
@@ -13,13 +15,18 @@ import json
 import math
 import os
 import shutil
+import sys
 from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
 
 from .config import TrainArgs, invariants
 from .errors import SentimentError
 from .modeling import CONFIG_FILE
 
 STATE_FILE = "trainer_state.json"
+BEST_WEIGHTS = "best.safetensors"
 INVARIANTS = tuple(invariants(TrainArgs))  # settings a resumed run must share with the saved one
 
 
@@ -46,10 +53,52 @@ def checkpoint_root(output_dir):
     return os.path.join(output_dir, "checkpoints")
 
 
+def best_weights(output_dir):
+    """The best model's weights so far: beside the checkpoints, and copied into each of them."""
+    return os.path.join(checkpoint_root(output_dir), BEST_WEIGHTS)
+
+
+def step_of(folder):
+    return int(os.path.basename(folder).removeprefix("step-"))
+
+
 def complete_checkpoints(output_dir):
     """Finished checkpoints, oldest first (unfinished ones still carry their `.tmp-` name)."""
     found = glob.glob(os.path.join(checkpoint_root(output_dir), "step-*", STATE_FILE))
     return sorted(os.path.dirname(path) for path in found)
+
+
+def fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder):
+    """Flush every file of `folder` and the folders themselves: a power cut must not leave empty files."""
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            fsync_path(os.path.join(parent, name))
+        fsync_path(parent)
+
+
+def remove_tree(folder):
+    """Rename, then delete: a kill midway leaves a `.del-` folder, never a half-deleted complete-looking one."""
+    doomed = os.path.join(os.path.dirname(folder), ".del-" + os.path.basename(folder))
+    if os.path.exists(doomed):  # left by a kill during an earlier deletion
+        shutil.rmtree(doomed)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed)
+
+
+def link_or_copy(source, target):
+    """A hard link where the file system allows it (the best weights are replaced, never changed in place)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def save_checkpoint(accelerator, output_dir, state, config, tokenizer, keep):
@@ -67,36 +116,94 @@ def save_checkpoint(accelerator, output_dir, state, config, tokenizer, keep):
         for name, content in ((STATE_FILE, dataclasses.asdict(state)), (CONFIG_FILE, config)):
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(content, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-        shutil.rmtree(final, ignore_errors=True)
+        if state.best_step is not None:  # the best model belongs to this checkpoint's past
+            link_or_copy(best_weights(output_dir), os.path.join(tmp, BEST_WEIGHTS))
+        fsync_tree(tmp)
+        if os.path.exists(final):
+            remove_tree(final)
         os.replace(tmp, final)
+        fsync_path(root)
         for old in complete_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old)
+            remove_tree(old)
     accelerator.wait_for_everyone()
     return final
 
 
+def damage(folder):
+    """What is wrong with a complete-looking checkpoint (None if nothing): empty files after a power
+    cut, unreadable JSON, weights whose header does not parse."""
+    try:
+        for name in os.listdir(folder):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path) and os.path.getsize(path) == 0:
+                return f"{name} is empty"
+        for name in (STATE_FILE, CONFIG_FILE):
+            with open(os.path.join(folder, name)) as f:
+                json.load(f)
+        for path in glob.glob(os.path.join(folder, "*.safetensors")):
+            with safe_open(path, "pt"):
+                pass
+    except Exception as err:  # any failure to read it means the same: do not resume from it
+        return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    return None
+
+
 def find_checkpoint(resume, output_dir):
-    """The checkpoint folder that `--resume` names: 'latest' in `output_dir`, or a path."""
+    """The checkpoint folder that `--resume` names: 'latest' in `output_dir` (the newest that is not
+    damaged, saying which were passed over), or a path."""
     if resume == "latest":
         found = complete_checkpoints(output_dir)
         if not found:
             raise SentimentError(f"--resume latest: no complete checkpoint in {checkpoint_root(output_dir)}")
-        return found[-1]
+        for folder in reversed(found):
+            problem = damage(folder)
+            if problem is None:
+                return folder
+            print(f"warning: checkpoint {folder} is damaged ({problem}); trying the one before", file=sys.stderr)
+        raise SentimentError(f"--resume latest: every checkpoint in {checkpoint_root(output_dir)} is damaged")
     if not os.path.isfile(os.path.join(resume, STATE_FILE)):
         raise SentimentError(f"--resume {resume}: not a complete checkpoint folder (no {STATE_FILE})")
+    problem = damage(resume)
+    if problem:
+        raise SentimentError(f"--resume {resume}: the checkpoint is damaged ({problem}); resume from an older one")
     return resume
+
+
+def forget_after(output_dir, folder):
+    """Resuming from `folder` abandons the checkpoints saved after it; remove them, so a later
+    `--resume latest` cannot pick one, and restore the best weights this checkpoint knew."""
+    for newer in complete_checkpoints(output_dir):
+        if step_of(newer) > step_of(folder):
+            remove_tree(newer)
+    saved, best = os.path.join(folder, BEST_WEIGHTS), best_weights(output_dir)
+    if os.path.exists(best):
+        os.remove(best)
+    if os.path.exists(saved):
+        link_or_copy(saved, best)
+
+
+def check_random_states(folder, num_processes):
+    """Say so when a process's random state will not load: the resumed run still goes on, but it
+    no longer replays the same dropout as the run it continues (Accelerate only logs this)."""
+    for rank in range(num_processes):
+        path = os.path.join(folder, f"random_states_{rank}.pkl")
+        try:
+            torch.load(path, weights_only=False)
+        except Exception as err:
+            print(f"warning: {path} does not load ({type(err).__name__}); the resumed run will not repeat the "
+                  f"interrupted one exactly", file=sys.stderr)
 
 
 def load_trainer_state(folder, config):
     """The loop's position from a checkpoint, after checking the run's invariants match."""
     with open(os.path.join(folder, CONFIG_FILE)) as f:
         saved = json.load(f)
-    changed = [f"--{key.replace('_', '-')} was {saved.get(key)!r}, now {config.get(key)!r}"
-               for key in INVARIANTS if saved.get(key) != config.get(key)]
-    if saved.get("num_processes") != config.get("num_processes"):
-        changed.append(f"processes were {saved.get('num_processes')}, now {config.get('num_processes')}")
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainArgs)}  # for settings newer than the checkpoint
+    changed = [f"--{key.replace('_', '-')} was {saved.get(key, defaults[key])!r}, now {config.get(key)!r}"
+               for key in INVARIANTS if saved.get(key, defaults[key]) != config.get(key)]
+    for key, what in (("num_processes", "processes"), ("mixed_precision", "mixed precision in effect")):
+        if saved.get(key) != config.get(key):
+            changed.append(f"{what} was {saved.get(key)}, now {config.get(key)}")
     if changed:
         raise SentimentError(f"cannot resume from {folder}: " + "; ".join(changed)
                              + ". Resume with the settings it was saved with")

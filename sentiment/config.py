@@ -52,6 +52,8 @@ class TrainArgs:
     text_column: str = fixed("review", "Column holding the text.")
     label_column: str = fixed("sentiment", "Column holding the label (any strings; two or more classes).")
     skip_bad_rows: bool = fixed(False, "Drop rows with a missing or empty text or label instead of stopping.")
+    normalize_labels: bool = fixed(False, "Merge labels that differ only in case ('Positive', 'positive') into one "
+                                          "class, lower-cased; without it they stay apart, with a warning.")
     # model
     model: str = fixed("distilbert-base-uncased", "Hub id or local folder of a pretrained model, or 'tiny' for a "
                                                   "small random model with a tokenizer trained on the data.")
@@ -157,6 +159,11 @@ class InferArgs:
     def __post_init__(self):
         if bool(self.texts) == bool(self.input):
             raise SentimentError("give texts to score as arguments, or --input FILE, but not both")
+        for number, text in enumerate(self.texts or [], 1):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # bytes that are not UTF-8 reach Python as lone surrogates
+                raise SentimentError(f"text {number} on the command line is not valid UTF-8") from None
         for name in ("batch_size", "max_batch_tokens", "chunk_rows"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SentimentError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -177,6 +184,7 @@ class ServeSettings:
     max_texts: int = 64  # most texts in one request
     max_chars: int = 20000  # longest text accepted
     request_timeout_s: float = 30.0  # then 504
+    body_timeout_s: float = 10.0  # the whole body must arrive within this; then 408
     device: str = "auto"  # cpu, cuda, cuda:1, …
     threads: typing.Optional[int] = None  # CPU threads for the model; unset: PyTorch's choice
     precision: str = "auto"  # auto, fp32 or bf16 (bf16 on a CPU: AVX512-BF16 or AMX)
@@ -196,14 +204,14 @@ class ServeSettings:
         return cls(**values)
 
     def __post_init__(self):
-        for name in ("queue_size", "max_body_bytes", "max_texts", "max_chars", "request_timeout_s",
+        for name in ("queue_size", "max_body_bytes", "max_texts", "max_chars", "request_timeout_s", "body_timeout_s",
                      "max_batch_size", "max_batch_tokens", "threads"):
             value = getattr(self, name)
             if value is not None and not value > 0:  # `not >` also refuses NaN
                 raise ValueError(f"SENTIMENT_{name.upper()} must be above 0, got {value}")
         if not self.max_wait_ms >= 0:
             raise ValueError(f"SENTIMENT_MAX_WAIT_MS must not be negative, got {self.max_wait_ms}")
-        for name in ("max_wait_ms", "request_timeout_s"):
+        for name in ("max_wait_ms", "request_timeout_s", "body_timeout_s"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"SENTIMENT_{name.upper()} must be a finite number, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:

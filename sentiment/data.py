@@ -5,8 +5,9 @@ Everything here is polars and numpy; nothing knows about tokens or models. The o
 cleaning used everywhere, training and inference alike, so scores match what validation saw.
 """
 
-import re
 from dataclasses import dataclass
+
+import sys
 
 import numpy as np
 import polars as pl
@@ -37,8 +38,18 @@ def clean_texts(texts):
 
 
 def only_markup(text):
-    """Whether `text` cleans to nothing: one string, in plain Python (no polars call), for a request handler."""
-    return not re.sub(MARKUP, "", text).strip()
+    """Whether `text` cleans to nothing, as `clean_expr` would find: one string, in plain Python, for a
+    request handler. It scans for `<` and `>` once: a backtracking regex took seconds on a text of
+    thousands of unclosed `<`, and polars' linear-time engine costs a call per string."""
+    i = 0
+    while True:
+        start = text.find("<", i)
+        if text[i:start if start >= 0 else None].strip():
+            return False
+        end = text.find(">", start + 1) if start >= 0 else -1
+        if end < 0:  # no tag left: what remains is text (an unclosed `<` is text too)
+            return start < 0
+        i = end + 1
 
 
 def check_columns(frame, path, *columns):
@@ -56,6 +67,9 @@ def load_labelled(path, text_column, label_column, skip_bad_rows=False, frame=No
     """
     frame = read_table(path) if frame is None else frame
     check_columns(frame, path, text_column, label_column)
+    if frame.schema[text_column] not in (pl.String, pl.Null):
+        raise SentimentError(f"{path}: column {text_column!r} holds {frame.schema[text_column]} values, not text; "
+                             f"name the text column with --text-column")
     frame = frame.select(
         text=clean_expr(pl.col(text_column).cast(pl.String)),
         label=pl.col(label_column).cast(pl.String).str.strip_chars(),
@@ -128,8 +142,26 @@ def load_imdb_frame(path):
     return frame.with_columns(pl.col("label").replace_strict(IMDB_LABELS, return_dtype=pl.String))
 
 
-def load_splits(args):
-    """Read, clean, dedupe and split the data named by a `TrainArgs`."""
+def merge_label_variants(frames, normalize):
+    """Labels that differ only in case ('Positive', 'positive') are one class with `normalize` (lower-cased),
+    and two classes, with a warning, without it."""
+    if normalize:
+        return {split: frame.with_columns(pl.col("label").str.to_lowercase()) for split, frame in frames.items()}
+    names = sorted({name for frame in frames.values() for name in frame["label"].unique().to_list()})
+    variants = {}
+    for name in names:
+        variants.setdefault(name.lower(), []).append(name)
+    clashes = [group for group in variants.values() if len(group) > 1]
+    if clashes:
+        shown = "; ".join(", ".join(map(repr, group)) for group in clashes[:3])
+        print(f"warning: labels that differ only in case count as different classes ({shown}); pass "
+              f"--normalize-labels to merge them", file=sys.stderr)
+    return frames
+
+
+def read_frames(args):
+    """The training rows and any held-out validation or test files of a `TrainArgs`, read, cleaned and
+    with labels checked; held-out reviews are removed from the training rows. Returns (data, held_out, reports)."""
     text_col, label_col = args.text_column, args.label_column
     given = {"val": args.val_data, "test": args.test_data}
     if args.data == "imdb":
@@ -156,7 +188,13 @@ def load_splits(args):
             before = len(data)
             data = data.join(held_out[split].select("text"), on="text", how="anti", maintain_order="left")
             reports[split]["removed_from_train"] = before - len(data)
+    frames = merge_label_variants({"train": data, **held_out}, args.normalize_labels)
+    return frames.pop("train"), frames, reports
 
+
+def load_splits(args):
+    """Read, clean, dedupe and split the data named by a `TrainArgs`."""
+    data, held_out, reports = read_frames(args)
     order = stratified_order(data["label"].to_numpy(), args.seed)
     counts = {split: 0 if split in held_out else split_count(getattr(args, f"{split}_size"), len(data))
               for split in ("test", "val")}

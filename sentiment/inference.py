@@ -1,10 +1,12 @@
 """Batch scoring of texts and files: the work behind `infer.py`.
 
 Reads the input in chunks (memory stays bounded on a file of millions of rows), scores each
-chunk with the `Predictor`, and appends it to the output in input order, with the input's
-other columns kept, so rows already scored are on disk if a later chunk fails. Under
-`accelerate launch`, every process scores its share of each chunk and the main process writes.
-When the input carries labels, it reports accuracy, macro F1 and the confusion matrix.
+chunk with the `Predictor`, and writes it in input order, with the input's other columns kept,
+to a temporary file beside `--output` that replaces it only once every row is scored: a failed
+run leaves an existing output, and the input, as they were. Under `accelerate launch`, every
+process scores its share of each chunk and the main process writes; texts from the command line
+or standard input are read by the main process and shared. When the input carries labels, it
+reports accuracy, macro F1 and the confusion matrix, and says which rows it left out and why.
 """
 
 import json
@@ -15,36 +17,45 @@ import numpy as np
 import polars as pl
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
 from .data import check_columns
 from .errors import SentimentError
 from .metrics import classification_report
 from .predictor import Predictor
-from .tables import SCANNERS, TableWriter, extension, scan_chunks
+from .tables import SCANNERS, TableWriter, extension, scan_chunks, scanner, writable
 
 
-def text_lines(stream, column, chunk_rows):
+def text_lines(stream, name, column, chunk_rows):
+    """Frames of the lines of a binary stream, each decoded as UTF-8 (a bad one is named, not replaced)."""
     chunk = []
-    for line in stream:
-        chunk.append(line.rstrip("\r\n"))
+    for number, raw in enumerate(stream, 1):
+        try:
+            chunk.append(raw.decode("utf-8").rstrip("\r\n"))
+        except UnicodeDecodeError:
+            raise SentimentError(f"{name}: line {number} is not valid UTF-8; convert the text to UTF-8 "
+                                 f"(e.g. iconv -f latin1 -t utf-8)") from None
         if len(chunk) == chunk_rows:
-            yield pl.DataFrame({column: chunk})
+            yield pl.DataFrame({column: chunk}, schema={column: pl.String})
             chunk = []
     if chunk:
-        yield pl.DataFrame({column: chunk})
+        yield pl.DataFrame({column: chunk}, schema={column: pl.String})
 
 
 def read_chunks(path, column, chunk_rows):
     """Frames of at most `chunk_rows` rows from a table, a text file or stdin ('-')."""
     if path == "-":
-        yield from text_lines(sys.stdin, column, chunk_rows)
+        # Bytes, decoded line by line: under a C locale Python would turn bad bytes into lone surrogates.
+        yield from text_lines(sys.stdin.buffer, "standard input", column, chunk_rows)
     elif extension(path) == ".txt":
         if not os.path.isfile(path):
-            raise SentimentError(f"{path}: no such file")
-        with open(path, encoding="utf-8", errors="replace") as f:
-            yield from text_lines(f, column, chunk_rows)
+            raise SentimentError(f"{path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}")
+        try:
+            with open(path, "rb") as f:
+                yield from text_lines(f, path, column, chunk_rows)
+        except OSError as err:
+            raise SentimentError(f"{path}: could not read it ({err.strerror})") from None
     elif extension(path) not in SCANNERS:
         raise SentimentError(f"{path}: unknown file type {extension(path) or '(none)'}; use .txt or one of "
                              f"{', '.join(SCANNERS)}")
@@ -74,58 +85,124 @@ def print_answers(texts, answers):
         print(json.dumps({"text": text, **answer}, ensure_ascii=False))
 
 
+def empty_input(path, column):
+    """A frame with no rows and the input's columns: a header-only file still gives a header."""
+    schema = {column: pl.String} if path == "-" or extension(path) == ".txt" else scanner(path).collect_schema()
+    return pl.DataFrame(schema=schema)
+
+
+def shared_chunks(state, chunks):
+    """`chunks` read by the main process alone and handed to every process, one broadcast per chunk:
+    standard input can be read only once, and every process must make the same calls."""
+    chunks = iter(chunks) if state.is_main_process else None
+    while True:
+        message = [next(chunks, None) if state.is_main_process else None]
+        broadcast_object_list(message)
+        if message[0] is None:
+            return
+        yield message[0]
+
+
+class LabelTally:
+    """Accuracy bookkeeping: which rows had a label the model knows, and why the others did not count."""
+
+    def __init__(self, column, labels):
+        self.column, self.index = column, {name: i for i, name in enumerate(labels)}
+        self.y_true, self.y_pred, self.missing, self.unknown = [], [], 0, {}
+
+    def add(self, out):
+        truth = out[self.column].cast(pl.String)
+        self.missing += int((truth.is_null() | (truth.str.strip_chars() == "")).sum())
+        for value, predicted, err in zip(truth.to_list(), out["label"].to_list(), out["error"].to_list()):
+            if value is None or not value.strip() or err is not None:
+                continue
+            if value in self.index:
+                self.y_true.append(self.index[value])
+                self.y_pred.append(self.index[predicted])
+            else:
+                self.unknown[value] = self.unknown.get(value, 0) + 1
+
+    def report(self, labels):
+        if self.missing:
+            print(f"{self.missing} rows have no label in {self.column!r}; left out of the accuracy", file=sys.stderr)
+        if self.unknown:
+            shown = ", ".join(f"{v!r} ({n})" for v, n in sorted(self.unknown.items())[:5])
+            print(f"{sum(self.unknown.values())} rows have labels the model does not know ({shown}); left out of "
+                  f"the accuracy. The model's labels: {', '.join(labels)}", file=sys.stderr)
+        if not self.y_true:
+            print("no row has a label the model knows: no accuracy to report", file=sys.stderr)
+            return None
+        return classification_report(self.y_true, self.y_pred, labels)
+
+
+def label_column_of(args, frame):
+    column = args.label_column
+    if column is None and "sentiment" in frame.columns and args.text_column != "sentiment":
+        column = "sentiment"
+    if column and column not in frame.columns:
+        raise SentimentError(f"{args.input}: no label column {column!r}; it has {', '.join(map(repr, frame.columns))}")
+    return column
+
+
 def score_file(args, state):
     """Score `args.input` chunk by chunk; returns the label metrics, if the input had labels."""
     predictor = make_predictor(args, state.device if state.num_processes > 1 else args.device)
-    index = {name: i for i, name in enumerate(predictor.labels)}
+    chunks = read_chunks(args.input, args.text_column, args.chunk_rows)
+    if state.num_processes > 1 and args.input == "-":
+        chunks = shared_chunks(state, chunks)
     writer = TableWriter(args.output) if args.output and state.is_main_process else None
-    y_true, y_pred, errors = [], [], 0
-    label_column = args.label_column
+    tally, errors = None, 0
     bar = tqdm(desc="scoring", unit=" rows", disable=not state.is_main_process or not args.output)
-    for number, frame in enumerate(read_chunks(args.input, args.text_column, args.chunk_rows)):
-        if number == 0:
-            check_columns(frame, args.input, args.text_column)
-            if label_column is None and "sentiment" in frame.columns and args.text_column != "sentiment":
-                label_column = "sentiment"
-            if label_column and label_column not in frame.columns:
-                raise SentimentError(f"{args.input}: no label column {label_column!r}; it has "
-                                     f"{', '.join(map(repr, frame.columns))}")
-        texts = frame[args.text_column].cast(pl.String).to_list()
-        with state.split_between_processes(list(range(len(texts)))) as mine:
-            probs = predictor.probabilities([texts[i] for i in mine])
-        if state.num_processes > 1:
-            probs = np.concatenate([p for p in gather_object([probs]) if len(p)] or [probs])
-        if not state.is_main_process:
-            continue
-        answers = [predictor.answer(p) for p in probs]
-        out = scored_columns(frame, predictor.labels, answers)
-        errors += out["error"].is_not_null().sum()
-        if label_column:
-            known = out.filter(pl.col("error").is_null() & pl.col(label_column).cast(pl.String).is_in(list(index)))
-            y_true += [index[v] for v in known[label_column].cast(pl.String).to_list()]
-            y_pred += [index[v] for v in known["label"].to_list()]
+    try:
+        for number, frame in enumerate(chunks):
+            if number == 0:
+                check_columns(frame, args.input, args.text_column)
+                column = label_column_of(args, frame)
+                tally = LabelTally(column, predictor.labels) if column else None
+            answers = score_chunk(predictor, state, frame[args.text_column].cast(pl.String).to_list())
+            if answers is None:  # not the main process
+                continue
+            out = scored_columns(frame, predictor.labels, answers)
+            errors += out["error"].is_not_null().sum()
+            if tally:
+                tally.add(out)
+            writer.write(out) if writer else print_answers(frame[args.text_column].to_list(), answers)
+            bar.update(len(frame))
+        if writer and writer.count == 0:
+            writer.write(scored_columns(empty_input(args.input, args.text_column), predictor.labels, []))
         if writer:
-            writer.write(out)
-        else:
-            print_answers(texts, answers)
-        bar.update(len(frame))
-    bar.close()
-    if writer:
-        writer.close()
+            writer.close()
+    finally:
+        bar.close()
+        if writer:
+            writer.abort()  # after close() there is nothing left to remove
     if state.is_main_process and errors:
         print(f"{errors} rows had no text to score; their 'error' column says so", file=sys.stderr)
-    if state.is_main_process and label_column:
-        return classification_report(y_true, y_pred, predictor.labels)
-    return None
+    return tally.report(predictor.labels) if tally and state.is_main_process else None
+
+
+def score_chunk(predictor, state, texts):
+    """The answers for `texts` (on the main process; None elsewhere), each process scoring its share."""
+    with state.split_between_processes(list(range(len(texts)))) as mine:
+        probs = predictor.probabilities([texts[i] for i in mine])
+    if state.num_processes > 1:
+        probs = np.concatenate([p for p in gather_object([probs]) if len(p)] or [probs])
+    return [predictor.answer(p) for p in probs] if state.is_main_process else None
+
+
+def score_texts(args, state):
+    """Texts given on the command line: scored once, printed once."""
+    if state.is_main_process:
+        print_answers(args.texts, make_predictor(args, args.device).predict(args.texts))
 
 
 def run(args):
     # Several CPU processes (`accelerate launch` without a GPU) talk over gloo.
     state = PartialState(cpu=int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available())
-    if args.texts:
-        print_answers(args.texts, make_predictor(args, args.device).predict(args.texts))
-        return
-    report = score_file(args, state)
+    for path, flag in ((args.output, "--output"), (args.metrics_out, "--metrics-out")):
+        if path:
+            writable(path, flag, source=args.input)
+    report = score_texts(args, state) if args.texts else score_file(args, state)
     if state.num_processes > 1:  # leave together, or gloo's threads abort the process that leaves first
         state.wait_for_everyone()
         state.destroy_process_group()
@@ -134,5 +211,16 @@ def run(args):
               f"confusion (rows true, columns predicted, {report['confusion_matrix']['labels']}): "
               f"{report['confusion_matrix']['rows_true_columns_predicted']}", file=sys.stderr)
         if args.metrics_out:
-            with open(args.metrics_out, "w") as f:
-                json.dump(report, f, indent=2)
+            write_json(args.metrics_out, report)
+
+
+def write_json(path, content):
+    """Write JSON through a temporary file beside `path`, renamed into place when complete."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(content, f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

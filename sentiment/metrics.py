@@ -13,7 +13,7 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
 
 def classification_report(y_true, y_pred, labels):
     """Accuracy, macro F1, the confusion matrix (rows: true, columns: predicted) and class counts."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
     k = len(labels)
     confusion = np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
     tp = np.diag(confusion).astype(float)

@@ -30,6 +30,7 @@ class ModelSettings:
     max_length: int = 512  # tokens, special tokens included
     truncation: str = "head"  # which tokens of a long text to keep (see batching.truncate)
     temperature: float = 1.0  # logits are divided by it before the softmax (fitted on validation)
+    clean: bool = True  # strip markup and fold spaces as training did (data.clean_texts); off for foreign folders
 
     def save(self, folder):
         with open(os.path.join(folder, SETTINGS_FILE), "w") as f:
@@ -137,7 +138,8 @@ def save_model_folder(folder, model, tokenizer, settings):
 
 
 def read_settings(folder, config, tokenizer):
-    """Our settings from `sentiment.json`, or defaults that fit any sequence-classification folder."""
+    """Our settings from `sentiment.json`, or, for a folder we did not train, the settings under which
+    it scores as `transformers.pipeline` does: head truncation at the tokenizer's limit, no cleaning."""
     path = os.path.join(folder, SETTINGS_FILE)
     if os.path.isfile(path):
         with open(path) as f:
@@ -145,7 +147,8 @@ def read_settings(folder, config, tokenizer):
     limits = [512, position_limit(config) or 512]
     if 0 < tokenizer.model_max_length < 10**6:  # unset limits are stored as a huge number
         limits.append(tokenizer.model_max_length)
-    return ModelSettings(labels=[config.id2label[i] for i in range(config.num_labels)], max_length=min(limits))
+    return ModelSettings(labels=[config.id2label[i] for i in range(config.num_labels)], max_length=min(limits),
+                         clean=False)
 
 
 def load_model_folder(folder, dtype=torch.float32):

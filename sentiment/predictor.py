@@ -77,6 +77,8 @@ class Predictor:
         self.device = pick_device(device)
         on_gpu = self.device.type != "cpu"
         bf16 = use_bf16(precision, quantize, self.device)
+        if on_gpu and not bf16:
+            torch.set_float32_matmul_precision("high")  # TF32 matmuls for fp32 scoring
         # On a GPU the weights themselves are bf16; on a CPU autocast keeps layer norms and softmax in fp32.
         self.cpu_autocast = bf16 and not on_gpu
         model, self.tokenizer, self.settings = load_model_folder(
@@ -129,16 +131,22 @@ class Predictor:
         """Raw logits (float32 numpy, one row per text, input order) of token id lists."""
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         out = np.empty((len(ids), len(self.labels)), dtype=np.float32)
+        on_gpu = self.device.type != "cpu"
+        done = []  # on a GPU the logits stay there until the end: no wait for the device after each batch
         for batch in self.batches(lengths):
             padded = self.collate([{"input_ids": ids[i]} for i in batch])
+            if on_gpu:  # pinned host memory lets the copy overlap the previous batch's work
+                padded = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in padded.items()}
             with torch.autocast("cpu", dtype=torch.bfloat16) if self.cpu_autocast else contextlib.nullcontext():
-                logits = self.model(**{k: v.to(self.device) for k, v in padded.items()}).logits
-            out[batch] = logits.float().cpu().numpy()
+                logits = self.model(**padded).logits.float()
+            done.append((batch, logits))
+        for batch, logits in done:
+            out[batch] = logits.cpu().numpy()
         return out
 
     def probabilities(self, texts):
         """Calibrated class probabilities of raw texts, one row each; a row of NaN for a text with nothing to score."""
-        cleaned = clean_texts(texts)
+        cleaned = clean_texts(texts) if self.settings.clean else [t if t and t.strip() else None for t in texts]
         valid = [i for i, t in enumerate(cleaned) if t]
         probs = np.full((len(texts), len(self.labels)), np.nan)
         if valid:

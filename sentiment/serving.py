@@ -3,32 +3,36 @@
 `create_app(settings)` builds the app; its lifespan loads the `Predictor` once on the model
 thread, warms it up and starts a `MicroBatcher` (the queue and the batching task live in
 `batcher`). The endpoints are plain functions that read what they need from `app.state`:
-`settings`, `metrics`, `batcher` (None until the model is warm) and `load_error`. `/metrics`
-is written by `prometheus-client`, one registry per app.
+`settings`, `metrics`, `batcher` (None until the model is warm) and `load_error`. What a body
+may hold is `protocol`'s concern. Every /predict request is counted once in `/metrics`, written
+by `prometheus-client` with one registry per app, and every answer says how long it took.
 """
 
 import asyncio
 import contextlib
 import gc
 import json
+import logging
 import time
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
+from starlette.datastructures import MutableHeaders
+from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .batcher import MicroBatcher, QueueFull, model_thread
+from .batcher import MicroBatcher, ModelError, QueueFull, model_thread
 from .config import ServeSettings
-from .data import only_markup
 from .predictor import Predictor
+from .protocol import BadRequest, read_request
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 prometheus_client.disable_created_metrics()  # no `_created` series: the names stay those documented
+log = logging.getLogger(__name__)
 
 
 class ServiceMetrics:
@@ -59,50 +63,15 @@ def overloaded():
     return error(503, "overloaded", "the queue is full; retry shortly", headers={"Retry-After": "1"})
 
 
-class BadRequest(Exception):
-    def __init__(self, status, kind, message):
-        self.response = error(status, kind, message)
+def not_ready(state):
+    # A load failure's detail (paths, unpickling errors) goes to the log, never to clients.
+    if state.load_error:
+        return error(503, "not_ready", "model not loaded; the service's log says why")
+    return error(503, "not_ready", "the model is still loading", headers={"Retry-After": "5"})
 
 
-async def read_texts(request, settings):
-    """The texts of a /predict body, or `BadRequest` naming what is wrong with it."""
-    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-        raise BadRequest(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
-    too_large = BadRequest(413, "body_too_large", f"the body is over {settings.max_body_bytes} bytes "
-                                                  f"(SENTIMENT_MAX_BODY_BYTES)")
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
-        raise too_large  # refused before reading; the stream check below catches bodies that lie
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > settings.max_body_bytes:
-            raise too_large
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest(400, "malformed_json", "the body is not valid JSON") from None
-    if not isinstance(payload, dict) or ("text" in payload) == ("texts" in payload):
-        raise BadRequest(422, "invalid_request", 'send {"text": "…"} or {"texts": ["…", …]}')
-    single = "text" in payload
-    texts = [payload["text"]] if single else payload["texts"]
-    if not isinstance(texts, list) or not texts:
-        raise BadRequest(422, "invalid_request", '"texts" must be a non-empty list of strings')
-    if len(texts) > settings.max_texts:
-        raise BadRequest(413, "too_many_texts", f"{len(texts)} texts in one request; the limit is "
-                                                f"{settings.max_texts} (SENTIMENT_MAX_TEXTS): split the request")
-    for i, text in enumerate(texts):
-        where = "text" if single else f"texts[{i}]"
-        if not isinstance(text, str):
-            raise BadRequest(422, "invalid_request", f"{where} must be a string, got {type(text).__name__}")
-        if not text.strip():
-            raise BadRequest(422, "empty_text", f"{where} is empty")
-        if len(text) > settings.max_chars:
-            raise BadRequest(413, "text_too_long", f"{where} has {len(text)} characters; the limit is "
-                                                   f"{settings.max_chars} (SENTIMENT_MAX_CHARS)")
-        if only_markup(text):
-            raise BadRequest(422, "empty_text", f"{where} is only markup such as <br />: nothing to score")
-    return texts, single
+def milliseconds(seconds):
+    return f"{seconds * 1000:.1f}"
 
 
 def load_predictor(settings):
@@ -125,7 +94,7 @@ async def load_model(app, executor):
         print(f"model loaded from {state.settings.model}: labels {predictor.labels}", flush=True)
     except Exception as err:
         state.load_error = f"{type(err).__name__}: {err}"
-        print(f"could not load the model: {state.load_error}", flush=True)
+        log.error("could not load the model from %s", state.settings.model, exc_info=err)
 
 
 @contextlib.asynccontextmanager
@@ -135,14 +104,19 @@ async def lifespan(app):
     loader = asyncio.create_task(load_model(app, executor))
     yield
     loader.cancel()
-    if app.state.batcher:
-        await app.state.batcher.drain()
+    if app.state.batcher:  # answer what is queued, for as long as those requests may wait
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(app.state.batcher.drain(), app.state.settings.request_timeout_s)
     executor.shutdown(wait=False)
 
 
 async def predict(request):
     start = time.perf_counter()
-    response = await answer(request)
+    try:
+        response = await answer(request)
+    except Exception:  # a bug: logged, answered and counted like any other answer
+        log.exception("error answering /predict")
+        response = error(500, "internal_error", "internal error; the service is still running")
     request.app.state.metrics.count_request(response.status_code, time.perf_counter() - start)
     return response
 
@@ -151,21 +125,16 @@ async def answer(request):
     state = request.app.state
     batcher, settings = state.batcher, state.settings
     if batcher is None:
-        return error(503, "not_ready", state.load_error or "the model is still loading", headers={"Retry-After": "5"})
-    # Refused before its body is read, and counting the bodies being read, so that a burst
-    # costs a parse only for what fits in the queue: the overflow is answered at once.
+        return not_ready(state)
+    # A full queue is answered before the body is read, so a burst costs a parse only for what
+    # fits; the slots themselves are taken once the body is in, so a slow body holds none.
     if batcher.room() < 1:
         return overloaded()
-    batcher.reading += 1
     try:
-        texts, single = await read_texts(request, settings)
+        parsed = await read_request(request, settings)
     except BadRequest as bad:
-        return bad.response
-    except ClientDisconnect:
-        return error(400, "client_disconnected", "the client went away")
-    finally:
-        batcher.reading -= 1
-    scoring = asyncio.ensure_future(asyncio.wait_for(batcher.submit(texts), settings.request_timeout_s))
+        return error(bad.status, bad.kind, bad.message)
+    scoring = asyncio.ensure_future(asyncio.wait_for(batcher.submit(parsed.texts), settings.request_timeout_s))
     gone = asyncio.ensure_future(client_gone(request))
     await asyncio.wait({scoring, gone}, return_when=asyncio.FIRST_COMPLETED)
     gone.cancel()
@@ -173,14 +142,16 @@ async def answer(request):
         scoring.cancel()
         return error(499, "client_disconnected", "the client went away")
     try:
-        answers = scoring.result()
+        results = scoring.result()
     except QueueFull:
         return overloaded()
     except TimeoutError:
         return error(504, "timeout", f"no answer within {settings.request_timeout_s} s (SENTIMENT_REQUEST_TIMEOUT_S)")
-    except RuntimeError as err:
-        return error(500, "model_error", str(err))
-    return JSONResponse(answers[0] if single else {"predictions": answers})
+    except ModelError:
+        return error(500, "model_error", "the model failed on this text; the service is still running")
+    answers, queued, scored = zip(*results)
+    return JSONResponse(parsed.answer(list(answers)), headers={"x-queue-time": milliseconds(max(queued)),
+                                                               "x-inference-time": milliseconds(max(scored))})
 
 
 async def client_gone(request):
@@ -190,9 +161,18 @@ async def client_gone(request):
 
 
 async def health(request):
+    """Liveness: 200 while the process can serve or is getting ready; 503 once the model failed to load."""
+    state = request.app.state
+    if state.load_error:
+        return not_ready(state)
+    return JSONResponse({"status": "ok" if state.batcher else "loading", "model": state.settings.model})
+
+
+async def ready(request):
+    """Readiness: 503 until the model is loaded and warm, then 200 with the model and its labels."""
     state = request.app.state
     if state.batcher is None:
-        return error(503, "not_ready", state.load_error or "the model is still loading")
+        return not_ready(state)
     return JSONResponse({"status": "ok", "model": state.settings.model, "labels": state.batcher.predictor.labels})
 
 
@@ -204,19 +184,39 @@ async def prometheus(request):
 
 
 async def http_error(request, exc):
-    return error(exc.status_code, "http_error", exc.detail)
+    return error(exc.status_code, "http_error", exc.detail, headers=exc.headers)  # 405 keeps its Allow
 
 
 async def server_error(request, exc):
     return error(500, "internal_error", "internal error; the service is still running")
 
 
-ROUTES = [Route("/predict", predict, methods=["POST"]), Route("/health", health), Route("/metrics", prometheus)]
+class TotalTime:
+    """Every answer, errors from routing included, says in `x-total-time` how many ms it took."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+
+        async def timed(message):
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).append("x-total-time", milliseconds(time.perf_counter() - start))
+            await send(message)
+
+        await self.app(scope, receive, timed)
+
+
+ROUTES = [Route("/predict", predict, methods=["POST"]), Route("/health", health), Route("/ready", ready),
+          Route("/metrics", prometheus)]
 
 
 def create_app(settings=None, predictor_factory=None):
     """The Starlette app. `predictor_factory(settings)` builds the Predictor (tests pass their own)."""
-    app = Starlette(routes=ROUTES, lifespan=lifespan,
+    app = Starlette(routes=ROUTES, lifespan=lifespan, middleware=[Middleware(TotalTime)],
                     exception_handlers={HTTPException: http_error, Exception: server_error})
     app.state.settings = settings or ServeSettings.from_env()
     app.state.predictor_factory = predictor_factory or load_predictor

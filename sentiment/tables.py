@@ -6,6 +6,7 @@ The formats (CSV, TSV, Parquet, JSON lines) and their polars options are written
 `SentimentError` naming the file. Nothing here knows what the columns mean.
 """
 
+import json
 import os
 import shutil
 
@@ -37,9 +38,24 @@ def scanner(path):
     ext = extension(path)
     if ext not in SCANNERS:
         raise SentimentError(f"{path}: unknown file type {ext or '(none)'}; use one of {', '.join(SCANNERS)}")
+    if os.path.isdir(path):
+        raise SentimentError(f"{path}: a folder, not a file; name the table file in it")
     if not os.path.isfile(path):
         raise SentimentError(f"{path}: no such file")
     return SCANNERS[ext](path)
+
+
+def where_broken(path, err):
+    """What went wrong reading `path`, with the line number where JSON lines break (polars gives none)."""
+    if extension(path) in (".jsonl", ".ndjson", ".json"):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        json.loads(line)
+                    except ValueError as bad:
+                        return f"line {number} is not valid JSON ({bad.msg})"
+    return first_line(err)
 
 
 def read_table(path):
@@ -47,7 +63,8 @@ def read_table(path):
     try:
         return scanner(path).collect()
     except (pl.exceptions.PolarsError, OSError, ValueError) as err:
-        raise SentimentError(f"{path}: could not read it as {extension(path)[1:].upper()}: {first_line(err)}") from None
+        raise SentimentError(f"{path}: could not read it as {extension(path)[1:].upper()}: {where_broken(path, err)}"
+                             ) from None
 
 
 def scan_chunks(path, chunk_rows):
@@ -58,30 +75,47 @@ def scan_chunks(path, chunk_rows):
             rows += len(frame)
             yield frame
     except (pl.exceptions.PolarsError, OSError) as err:
-        raise SentimentError(f"{path}: could not read past row {rows}: {first_line(err)}") from None
+        where = f"could not read past row {rows}" if rows else "could not read it"
+        raise SentimentError(f"{path}: {where}: {where_broken(path, err)}") from None
+
+
+def writable(path, flag, source=None):
+    """Refuse, in one line, an output path that cannot be written or that is the input itself."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise SentimentError(f"{flag} {path} is a folder; name a file in it")
+    if not os.path.isdir(folder):
+        raise SentimentError(f"{flag} {path}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise SentimentError(f"{flag} {path}: the folder {folder} is not writable")
+    if source and source != "-" and (os.path.abspath(source) == os.path.abspath(path) or (
+            os.path.exists(source) and os.path.exists(path) and os.path.samefile(source, path))):
+        raise SentimentError(f"{flag} {path} is the input file; write to another file, then rename it")
 
 
 class TableWriter:
-    """Appends frames to one output file; Parquet goes through parts joined at the end."""
+    """Appends frames to a temporary file beside `path` that `close()` renames into place, so a run
+    that fails leaves an existing file as it was; Parquet goes through parts joined at the end."""
 
     def __init__(self, path):
         self.path = path
         self.ext = extension(path)
         if self.ext not in SCANNERS:
             raise SentimentError(f"--output {path}: unknown file type; use one of {', '.join(SCANNERS)}")
-        self.parts = path + ".parts"
+        folder, name = os.path.split(os.path.abspath(path))
+        self.tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+        self.parts = self.tmp + ".parts"
         self.count = 0
         if self.ext == ".parquet":
-            shutil.rmtree(self.parts, ignore_errors=True)
             os.makedirs(self.parts)
         else:
-            open(path, "w").close()
+            open(self.tmp, "w").close()
 
     def write(self, frame):
         if self.ext == ".parquet":
             frame.write_parquet(os.path.join(self.parts, f"part-{self.count:06d}.parquet"))
         else:
-            with open(self.path, "a", encoding="utf-8") as f:
+            with open(self.tmp, "a", encoding="utf-8") as f:
                 if self.ext in (".csv", ".tsv"):
                     frame.write_csv(f, include_header=self.count == 0, separator="\t" if self.ext == ".tsv" else ",")
                 else:
@@ -89,6 +123,14 @@ class TableWriter:
         self.count += 1
 
     def close(self):
+        """Every row is written: put the file in place."""
         if self.ext == ".parquet":
-            pl.scan_parquet(os.path.join(self.parts, "*.parquet")).sink_parquet(self.path)
+            pl.scan_parquet(os.path.join(self.parts, "*.parquet")).sink_parquet(self.tmp)
             shutil.rmtree(self.parts)
+        os.replace(self.tmp, self.path)
+
+    def abort(self):
+        """Remove what an unfinished run wrote (nothing is left after `close`)."""
+        shutil.rmtree(self.parts, ignore_errors=True)
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)

@@ -14,40 +14,27 @@ import dataclasses
 import json
 import math
 import os
-import shutil
+import signal
+import sys
 import time
 
+import safetensors.torch
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
-from safetensors.torch import load_file
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from .batching import Collator, LengthGroupedBatches, TokenizedDataset, by_length, encode
-from .checkpointing import TrainState, find_checkpoint, load_trainer_state, save_checkpoint
+from .checkpointing import (TrainState, best_weights, check_random_states, find_checkpoint, forget_after,
+                            fsync_path, load_trainer_state, save_checkpoint)
 from .data import load_splits
 from .errors import SentimentError
 from .metrics import classification_report, expected_calibration_error, fit_temperature, softmax
-from .modeling import (CONFIG_FILE, LOG_FILE, METRICS_FILE, WEIGHTS_FILE, ModelSettings, check_max_length,
-                       load_model, load_tokenizer, save_model_folder)
+from .modeling import CONFIG_FILE, LOG_FILE, METRICS_FILE, ModelSettings, check_max_length, load_model, load_tokenizer
+from .outputs import claim, disk_full, log_line, publish_model, truncate_log
 
 LOG_EVERY = 10  # optimizer steps between log lines
-
-
-def prepare_output_dir(args, accelerator):
-    """Refuse to mix a new run into an old one, unless resuming or told to overwrite."""
-    busy = os.path.isdir(args.output_dir) and os.listdir(args.output_dir)
-    if busy and not args.resume and not args.overwrite:
-        raise SentimentError(f"--output-dir {args.output_dir} is not empty; pass --overwrite to replace it, "
-                             f"--resume latest to continue it, or choose another folder")
-    if accelerator.is_main_process:
-        if busy and args.overwrite and not args.resume:
-            for name in ("checkpoints", LOG_FILE, METRICS_FILE):
-                path = os.path.join(args.output_dir, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
-        os.makedirs(args.output_dir, exist_ok=True)
-    accelerator.wait_for_everyone()
 
 
 def param_groups(model, weight_decay):
@@ -61,9 +48,20 @@ def param_groups(model, weight_decay):
 
 def make_loader(dataset, collate, **kwargs):
     # The loader's own generator draws its per-iterator seed, so starting an iterator never
-    # touches the global RNG that dropout uses: a resumed run replays dropout exactly.
+    # touches the global RNG that dropout uses: a resumed run replays dropout exactly. On a GPU,
+    # a worker process collates and pins the next batches while the GPU runs this one.
+    gpu = torch.cuda.is_available()
     return torch.utils.data.DataLoader(dataset, collate_fn=collate, generator=torch.Generator().manual_seed(0),
-                                       pin_memory=torch.cuda.is_available(), **kwargs)
+                                       pin_memory=gpu, num_workers=2 if gpu else 0, persistent_workers=gpu,
+                                       **kwargs)
+
+
+def window_scale(batch_index, batches, accumulation):
+    """What the loss of batch `batch_index` (of `batches` in the epoch) is multiplied by so that the
+    last, short accumulation window weighs as much as a full one: Accelerate divides every loss by
+    the full window's size."""
+    start = batch_index - batch_index % accumulation
+    return accumulation / min(accumulation, batches - start)
 
 
 def evaluate(model, loader, accelerator):
@@ -106,20 +104,6 @@ class Stopwatch:
             self.start()
 
 
-def log_line(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def truncate_log(path, step):
-    """Drop log lines written after the checkpoint a run resumes from: they are about to be redone."""
-    if os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if json.loads(line).get("step", 0) <= step]
-        with open(path, "w") as f:
-            f.writelines(kept)
-
-
 def every(n, step):
     """Whether something done every `n` steps (None or 0: never) is due at `step`."""
     return bool(n) and step % n == 0
@@ -130,9 +114,13 @@ def make_accelerator(args):
     # over gloo only when Accelerate is told it runs on the CPU. The scheduler is stepped by hand
     # once per optimizer step, so its length is in optimizer steps whatever the process count.
     multi_cpu = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available()
-    return Accelerator(cpu=multi_cpu, mixed_precision=args.mixed_precision,
-                       gradient_accumulation_steps=args.grad_accum, step_scheduler_with_optimizer=False,
-                       log_with=args.report_to, project_dir=args.output_dir)
+    accelerator = Accelerator(cpu=multi_cpu, mixed_precision=args.mixed_precision,
+                              gradient_accumulation_steps=args.grad_accum, step_scheduler_with_optimizer=False,
+                              log_with=args.report_to, project_dir=args.output_dir,
+                              dataloader_config=DataLoaderConfiguration(non_blocking=True))  # with pinned batches
+    if accelerator.device.type == "cuda" and accelerator.mixed_precision == "no":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls: fp32 training at tensor-core speed
+    return accelerator
 
 
 class FineTuneRecipe:
@@ -142,15 +130,18 @@ class FineTuneRecipe:
         self.args = args
         self.wall_start = time.perf_counter()
         self.accelerator = make_accelerator(args)
-        self.config = {**dataclasses.asdict(args), "num_processes": self.accelerator.num_processes}
+        # The mixed precision in effect, from the flag or the launcher's config: a resume checks it.
+        self.config = {**dataclasses.asdict(args), "mixed_precision": self.accelerator.mixed_precision,
+                       "num_processes": self.accelerator.num_processes}
         self.log_path = os.path.join(args.output_dir, LOG_FILE)
+        self.signals = []  # Ctrl-C / SIGTERM received: stop at the next step, with a checkpoint
 
     # setup ----------------------------------------------------------------------------------
 
     def setup(self):
         args, accelerator = self.args, self.accelerator
         accelerator.print(json.dumps(self.config, indent=2))
-        prepare_output_dir(args, accelerator)
+        self.lock = claim(args, accelerator)
         set_seed(args.seed)
         self.resume_from = find_checkpoint(args.resume, args.output_dir) if args.resume else None
         self.setup_data()
@@ -204,9 +195,17 @@ class FineTuneRecipe:
         self.state = TrainState()
         if self.resume_from:
             self.state = load_trainer_state(self.resume_from, self.config)
-            accelerator.load_state(self.resume_from)
+            if accelerator.is_main_process:
+                check_random_states(self.resume_from, accelerator.num_processes)
+            try:
+                accelerator.load_state(self.resume_from)
+            except Exception as err:  # a file the checks could not see is damaged: one line, not a traceback
+                raise SentimentError(f"cannot resume from {self.resume_from}: {type(err).__name__}: "
+                                     f"{str(err).strip()[:200]}; resume from an older checkpoint") from None
             if accelerator.is_main_process:
                 truncate_log(self.log_path, self.state.step)
+                forget_after(self.args.output_dir, self.resume_from)
+            accelerator.wait_for_everyone()
             accelerator.print(f"resumed from {self.resume_from} at step {self.state.step}")
         if accelerator.is_main_process:
             with open(os.path.join(self.args.output_dir, CONFIG_FILE), "w") as f:
@@ -230,9 +229,9 @@ class FineTuneRecipe:
             self.clock.start()
             for batch in loader:
                 with accelerator.accumulate(model):
-                    # forward/backward (Accelerate scales the loss for accumulation)
+                    # forward/backward (Accelerate divides the loss by --grad-accum; a short last window is scaled back)
                     loss = model(**batch).loss
-                    accelerator.backward(loss)
+                    accelerator.backward(loss * window_scale(state.batches_done, len(self.train_dl), args.grad_accum))
                     # clip, on the steps that update the weights
                     if accelerator.sync_gradients and args.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -265,6 +264,9 @@ class FineTuneRecipe:
                 if every(args.checkpoint_every, state.step) or (args.checkpoint_every and final):
                     with self.clock.paused():
                         self.save_checkpoint()
+                # stop on Ctrl-C or SIGTERM, all processes together, with a checkpoint
+                if self.stop_requested():
+                    self.stop()
                 if last:
                     break
             self.clock.stop()
@@ -296,20 +298,39 @@ class FineTuneRecipe:
         return figures
 
     def keep_if_best(self, figures):
-        """Save the model folder when `figures` beat the best so far."""
+        """Keep the weights when `figures` beat the best so far (the next checkpoint takes a copy)."""
         state = self.state
         if figures and state.is_better(figures["accuracy"], figures["loss"]):
             state.best_val_accuracy, state.best_val_loss = figures["accuracy"], figures["loss"]
             state.best_step, state.best_epoch = state.step, state.epoch
             if self.accelerator.is_main_process:
-                save_model_folder(self.args.output_dir, self.accelerator.unwrap_model(self.model), self.tokenizer,
-                                  self.settings)
+                path = best_weights(self.args.output_dir)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                safetensors.torch.save_model(self.accelerator.unwrap_model(self.model), path + ".tmp")
+                fsync_path(path + ".tmp")
+                os.replace(path + ".tmp", path)  # never a half-written best model
         self.accelerator.wait_for_everyone()
 
     def save_checkpoint(self):
         self.state.train_seconds = self.clock.seconds
-        save_checkpoint(self.accelerator, self.args.output_dir, self.state, self.config, self.tokenizer,
-                        self.args.keep_checkpoints)
+        return save_checkpoint(self.accelerator, self.args.output_dir, self.state, self.config, self.tokenizer,
+                               self.args.keep_checkpoints)
+
+    def stop_requested(self):
+        if self.accelerator.num_processes == 1:
+            return bool(self.signals)
+        if self.signals:
+            self.accelerator.set_trigger()
+        return self.accelerator.check_trigger()
+
+    def stop(self):
+        """Save a checkpoint where the loop stands, say where, and exit as the signal asks (130, 143)."""
+        signum = self.signals[0] if self.signals else signal.SIGTERM
+        with self.clock.paused():
+            folder = self.save_checkpoint()
+        self.accelerator.print(f"stopped by {signal.Signals(signum).name} at step {self.state.step}: checkpoint "
+                               f"saved in {folder}; continue with --resume latest", file=sys.stderr)
+        raise SystemExit(128 + signum)
 
     # cleanup --------------------------------------------------------------------------------
 
@@ -317,16 +338,15 @@ class FineTuneRecipe:
         """Reload the best weights, fit the temperature on validation, test, and write the model folder and metrics."""
         args, accelerator, state = self.args, self.accelerator, self.state
         unwrapped = accelerator.unwrap_model(self.model)
-        weights = os.path.join(args.output_dir, WEIGHTS_FILE)
-        if state.best_step is not None and os.path.exists(weights):
-            unwrapped.load_state_dict(load_file(weights), strict=True)  # copied onto the model's device
+        if state.best_step is not None and os.path.exists(best_weights(args.output_dir)):
+            safetensors.torch.load_model(unwrapped, best_weights(args.output_dir))  # copied onto the model's device
         metrics = {"labels": self.splits.labels, "best_step": state.best_step, "best_epoch": state.best_epoch,
                    "steps": state.step, "data": self.splits.report,
                    "train_samples_per_second": state.train_samples / max(state.train_seconds, 1e-9),
                    "train_seconds": state.train_seconds, **self.final_figures()}
         metrics["wall_seconds"] = time.perf_counter() - self.wall_start
         if accelerator.is_main_process:
-            save_model_folder(args.output_dir, unwrapped, self.tokenizer, self.settings)
+            publish_model(args.output_dir, unwrapped, self.tokenizer, self.settings)
             with open(os.path.join(args.output_dir, METRICS_FILE), "w") as f:
                 json.dump(metrics, f, indent=2)
         summary = {k: metrics.get(k) for k in ("val_accuracy", "test_accuracy", "test_macro_f1",
@@ -355,8 +375,35 @@ class FineTuneRecipe:
         return figures
 
 
+@contextlib.contextmanager
+def stop_on_signals(received):
+    """Ctrl-C and SIGTERM append to `received` (the loop stops at the next step); a second one stops at once."""
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
 def train(args):
     recipe = FineTuneRecipe(args)
-    recipe.setup()
-    recipe.train()
-    return recipe.cleanup()
+    try:
+        with stop_on_signals(recipe.signals):
+            recipe.setup()
+            recipe.train()
+            return recipe.cleanup()
+    except (OSError, RuntimeError) as err:
+        if disk_full(err):
+            raise SentimentError(f"the disk of {args.output_dir} is full ({type(err).__name__}: "
+                                 f"{str(err).strip().splitlines()[0][:120]}); free some space, then continue "
+                                 f"with --resume latest") from None
+        raise
+    finally:
+        if getattr(recipe, "lock", None):
+            recipe.lock.close()  # the output folder is free for the next run, even after a crash

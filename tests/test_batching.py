@@ -60,3 +60,13 @@ def test_collator_pads_to_the_longest_and_masks_padding():
 def test_an_unknown_truncation_is_refused():
     with pytest.raises(SettingError, match="truncation: 'middle' is not one of head, tail, head\\+tail"):
         truncate(list(range(10)), 4, "middle")
+
+
+def test_the_batch_with_the_longest_text_comes_first_in_every_epoch():
+    lengths = np.random.default_rng(0).integers(5, 300, size=333)
+    batches = LengthGroupedBatches(lengths, batch_size=8, seed=3)
+    for epoch in range(3):
+        batches.epoch = epoch
+        order = list(batches)
+        assert lengths[order[0]].max() == lengths.max()
+        assert sorted(i for b in order for i in b) == list(range(333)) and len(order[-1]) == 333 % 8

@@ -136,3 +136,33 @@ def test_bad_data_errors_name_the_problem(tmp_path, problem, match):
         frame.write_csv(path)
     with pytest.raises(SentimentError, match=match):
         splits_of(path)
+
+
+def test_labels_that_differ_only_in_case_are_named_or_merged(tmp_path, capsys):
+    frame = demo_reviews(300, seed=28)
+    labels = [label.capitalize() if i % 3 == 0 else label for i, label in enumerate(frame["sentiment"].to_list())]
+    path = tmp_path / "d.csv"
+    frame.with_columns(pl.Series("sentiment", labels)).write_csv(path)
+    assert splits_of(path).labels == ["Negative", "Positive", "negative", "positive"]
+    warning = capsys.readouterr().err
+    assert "differ only in case" in warning and "--normalize-labels" in warning
+    merged = splits_of(path, normalize_labels=True)
+    assert merged.labels == ["negative", "positive"]
+
+
+def test_a_numeric_text_column_and_a_folder_are_refused(tmp_path):
+    numbers = pl.DataFrame({"review": list(range(50)), "sentiment": ["positive", "negative"] * 25})
+    numbers.write_parquet(tmp_path / "n.parquet")
+    with pytest.raises(SentimentError, match="column 'review' holds Int64 values, not text"):
+        splits_of(tmp_path / "n.parquet")
+    (tmp_path / "folder.csv").mkdir()
+    with pytest.raises(SentimentError, match="a folder, not a file"):
+        splits_of(tmp_path / "folder.csv")
+
+
+def test_a_broken_json_lines_file_names_its_line(tmp_path):
+    lines = [f'{{"review": "text {i}", "sentiment": "positive"}}' for i in range(30)]
+    lines[17] = '{"review": "text'
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SentimentError, match="line 18 is not valid JSON"):
+        splits_of(tmp_path / "d.jsonl")

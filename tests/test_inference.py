@@ -1,11 +1,14 @@
 """`infer.py`: texts and files in, scored rows and label metrics out."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import polars as pl
 import pytest
-from helpers import run_script
+from helpers import ROOT, run_script
 
 from sentiment.demo_data import demo_reviews
 
@@ -90,3 +93,109 @@ def test_two_processes_write_the_same_output_as_one(tmp_path, trained_model):
     assert one["review"].to_list() == two["review"].to_list()
     assert one["label"].to_list() == two["label"].to_list()
     np.testing.assert_allclose(one["score"].to_numpy(), two["score"].to_numpy(), atol=1e-6)
+
+
+def test_output_onto_the_input_is_refused_and_the_input_is_kept(tmp_path, trained_model, reviews_csv):
+    before = reviews_csv.read_bytes()
+    result = run_script("infer.py", "--model", str(trained_model), "--input", str(reviews_csv),
+                        "--output", str(reviews_csv), check=False)
+    assert result.returncode == 2 and "is the input file" in result.stderr
+    assert reviews_csv.read_bytes() == before
+
+
+def test_a_failed_run_leaves_an_existing_output_as_it_was(tmp_path, trained_model):
+    lines = [json.dumps({"review": f"The acting was superb. I loved it. {i}"}) for i in range(60)]
+    lines[45] = '{"review": "cut short'
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.csv"
+    source.write_text("\n".join(lines) + "\n")
+    target.write_text("earlier results\n")
+    result = run_script("infer.py", "--model", str(trained_model), "--input", str(source), "--output", str(target),
+                        "--chunk-rows", "10", check=False)
+    assert result.returncode == 2 and "line 46 is not valid JSON" in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("error:") == 1
+    assert target.read_text() == "earlier results\n"
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.csv"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("where, message", [
+    ("missing/out.csv", "does not exist; create it first"),
+    (".", "is a folder; name a file in it"),
+])
+@pytest.mark.parametrize("flag", ["--output", "--metrics-out"])
+def test_outputs_that_cannot_be_written_are_one_line(tmp_path, trained_model, reviews_csv, flag, where, message):
+    result = run_script("infer.py", "--model", str(trained_model), "--input", str(reviews_csv),
+                        flag, str(tmp_path / where), check=False, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_text_that_is_not_utf8_is_one_line(tmp_path, trained_model):
+    piped = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), "--model", str(trained_model),
+                            "--input", "-"], input=b"good film\ncaf\xe9 au lait\n", capture_output=True, cwd=ROOT)
+    assert piped.returncode == 2 and b"standard input: line 2 is not valid UTF-8" in piped.stderr
+    argv = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), "--model", str(trained_model),
+                           b"caf\xe9"], capture_output=True, cwd=ROOT)
+    assert argv.returncode == 2 and b"text 1 on the command line is not valid UTF-8" in argv.stderr
+    (tmp_path / "folder.txt").mkdir()
+    folder = run_script("infer.py", "--model", str(trained_model), "--input", str(tmp_path / "folder.txt"),
+                        check=False)
+    assert folder.returncode == 2 and "a folder, not a file" in folder.stderr
+
+
+def test_a_header_only_table_gives_a_header_only_output(tmp_path, trained_model):
+    (tmp_path / "in.csv").write_text("id,review\n")
+    run_script("infer.py", "--model", str(trained_model), "--input", str(tmp_path / "in.csv"),
+               "--output", str(tmp_path / "out.csv"))
+    header = (tmp_path / "out.csv").read_text().strip().split(",")
+    assert header == ["id", "review", "label", "score", "score_negative", "score_positive", "error"]
+
+
+def test_rows_left_out_of_the_accuracy_are_counted_and_numeric_labels_do_not_crash(tmp_path, trained_model):
+    frame = demo_reviews(40, seed=26)
+    labels = frame["sentiment"].to_list()
+    labels[:5] = [None] * 5
+    labels[5:10] = ["Positive"] * 5
+    frame.with_columns(pl.Series("sentiment", labels)).write_csv(tmp_path / "in.csv")
+    result = run_script("infer.py", "--model", str(trained_model), "--input", str(tmp_path / "in.csv"),
+                        "--output", str(tmp_path / "out.csv"), "--metrics-out", str(tmp_path / "m.json"))
+    assert "5 rows have no label in 'sentiment'" in result.stderr
+    assert "5 rows have labels the model does not know ('Positive' (5))" in result.stderr
+    assert json.loads((tmp_path / "m.json").read_text())["examples"] == 30
+    numeric = frame.with_columns(pl.Series("stars", list(range(40))))
+    numeric.write_parquet(tmp_path / "n.parquet")
+    result = run_script("infer.py", "--model", str(trained_model), "--input", str(tmp_path / "n.parquet"),
+                        "--label-column", "stars", "--output", str(tmp_path / "n.csv"))
+    assert "40 rows have labels the model does not know" in result.stderr
+    assert len(pl.read_csv(tmp_path / "n.csv")) == 40
+
+
+def test_a_folder_without_our_settings_scores_as_the_pipeline_does(tmp_path, trained_model):
+    import shutil
+
+    from transformers import pipeline
+
+    from sentiment.predictor import Predictor
+    folder = tmp_path / "plain"
+    shutil.copytree(trained_model, folder)
+    (folder / "sentiment.json").unlink()
+    texts = [t.replace(". ", ". <br /><br />", 2) for t in demo_reviews(80, seed=27)["review"].to_list()]
+    theirs = pipeline("text-classification", model=str(folder), top_k=None)(texts, truncation=True)
+    ours = Predictor(str(folder), precision="fp32").predict(texts)
+    for mine, their in zip(ours, theirs):
+        assert mine["label"] == their[0]["label"]  # the pipeline ranks the labels, best first
+        for answer in their:
+            assert mine["scores"][answer["label"]] == pytest.approx(answer["score"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_score_standard_input_once(trained_model):
+    lines = "".join(f"The acting was superb. I loved it. {i}\n" for i in range(40))
+    result = run_script("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "infer.py",
+                        "--model", str(trained_model), "--input", "-", input=lines, timeout=300)
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [a["text"] for a in answers] == lines.splitlines()
+    texts = run_script("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                       "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "infer.py",
+                       "--model", str(trained_model), "one review", "another", timeout=300)
+    assert len(texts.stdout.splitlines()) == 2  # printed once, not once per process

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from sentiment.demo_data import demo_reviews
 from sentiment.errors import SentimentError, SettingError
@@ -110,3 +111,18 @@ def test_fp32_scoring_runs_fp32_weights_and_a_max_length_over_the_limit_is_refus
     assert {p.dtype for p in predictor.model.parameters()} == {torch.float32}
     with pytest.raises(SettingError, match="max_length: 1024 tokens is over this model's limit of 512"):
         Predictor(str(trained_model), max_length=1024)
+
+
+def test_auto_precision_asks_the_chosen_gpu_and_ignores_emulated_bf16(monkeypatch):
+    from sentiment import predictor as module
+    asked = []
+
+    def capability(device):
+        asked.append(str(device))
+        return {"cuda:0": (7, 0), "cuda:1": (9, 0)}[str(device)]  # a V100 and an H100
+
+    monkeypatch.setattr(module.torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(module.torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation says yes
+    assert module.use_bf16("auto", None, torch.device("cuda:0")) is False
+    assert module.use_bf16("auto", None, torch.device("cuda:1")) is True
+    assert asked == ["cuda:0", "cuda:1"]

@@ -32,7 +32,7 @@ def samples(metrics_text):
 def wait_ready(client, seconds=30):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if client.get("/health").status_code == 200:
+        if client.get("/ready").status_code == 200:
             return
         time.sleep(0.02)
     raise AssertionError("the service never became ready")
@@ -51,11 +51,12 @@ def test_predict_one_text_and_many_in_order(real_client):
     assert one.json()["label"] == "positive" and set(one.json()["scores"]) == {"negative", "positive"}
     many = real_client.post("/predict", json={"texts": ["The plot was dreadful. Avoid it.", "A real treat."]})
     assert [p["label"] for p in many.json()["predictions"]] == ["negative", "positive"]
-    health = real_client.get("/health").json()
-    assert health["labels"] == ["negative", "positive"] and health["status"] == "ok"
+    ready = real_client.get("/ready").json()
+    assert ready["labels"] == ["negative", "positive"] and ready["status"] == "ok"
+    assert real_client.get("/health").json()["status"] == "ok"
 
 
-def test_health_is_503_until_the_model_is_loaded():
+def test_ready_is_503_until_the_model_is_loaded_while_health_says_alive():
     gate = threading.Event()
 
     def slow_factory(settings):
@@ -63,7 +64,8 @@ def test_health_is_503_until_the_model_is_loaded():
         return FakePredictor()
 
     with TestClient(create_app(ServeSettings(), predictor_factory=slow_factory)) as client:
-        assert client.get("/health").status_code == 503
+        assert client.get("/ready").status_code == 503
+        assert client.get("/health").status_code == 200 and client.get("/health").json()["status"] == "loading"
         refused = client.post("/predict", json={"text": "good"})
         assert refused.status_code == 503 and refused.json()["error"]["type"] == "not_ready"
         gate.set()
@@ -100,6 +102,20 @@ def test_a_model_error_fails_its_batch_with_500_and_the_service_goes_on():
         assert failed.status_code == 500 and "Traceback" not in failed.text
         assert failed.json()["error"]["type"] == "model_error"
         assert client.post("/predict", json={"text": "good"}).status_code == 200
+
+
+def test_a_failing_batch_is_retried_text_by_text_so_only_the_guilty_request_fails(caplog):
+    predictor = FakePredictor(delay=0.3, batch_size=16)
+    with client_for(predictor) as client:
+        wait_ready(client)
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(client.post, "/predict", json={"text": "boom" if i == 3 else f"good {i}"})
+                       for i in range(8)]
+            answers = [f.result() for f in futures]
+    statuses = [a.status_code for a in answers]
+    assert statuses[3] == 500 and statuses[:3] + statuses[4:] == [200] * 7
+    assert any(len(b) > 1 for b in predictor.batches) or len(predictor.batches) >= 7
+    assert any(r.name == "sentiment.batcher" and r.levelname == "ERROR" for r in caplog.records)  # logged
 
 
 def test_a_request_that_waits_too_long_gets_504():
@@ -165,7 +181,7 @@ def test_texts_of_a_departed_client_are_dropped_and_the_batch_goes_on():
 
     batches, answers = asyncio.run(scenario())
     assert batches == [["good first"], ["bad stayed"]]
-    assert [a[0]["label"] for a in answers] == ["positive", "negative"]
+    assert [a[0][0]["label"] for a in answers] == ["positive", "negative"]
 
 
 @pytest.fixture
@@ -180,7 +196,7 @@ def server(trained_model):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            if httpx.get(url + "/health").status_code == 200:
+            if httpx.get(url + "/ready").status_code == 200:
                 break
         except httpx.TransportError:
             pass

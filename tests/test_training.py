@@ -1,16 +1,23 @@
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+from helpers import ROOT, TINY, run_script
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from helpers import TINY, run_script
 from sentiment import checkpointing, training
 from sentiment.config import TrainArgs, parse_args
 from sentiment.demo_data import demo_reviews
+from sentiment.errors import SentimentError
 from sentiment.modeling import tiny_config
+from sentiment.predictor import Predictor
 
 
 def read_log(folder):
@@ -177,3 +184,188 @@ def test_pretrained_weights_saved_in_bf16_train_in_fp32(tmp_path):
     model.to(torch.bfloat16).save_pretrained(folder)
     model = load_model(str(folder), ["a", "b"], 100)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def start_training(*flags):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *flags], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+
+
+def wait_for(path, process, seconds=120):
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(path):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_at_the_next_step_with_a_checkpoint_and_resume_continues(tmp_path, signum, status):
+    data = tmp_path / "reviews.csv"
+    demo_reviews(1200, seed=15).write_csv(data)
+    flags = ["--data", str(data), *TINY, "--output-dir", str(tmp_path / "out"), "--checkpoint-every", "0"]
+    process = start_training(*flags)
+    wait_for(tmp_path / "out" / "log.jsonl", process)  # training is under way (step 10 logged)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == status, stderr
+    assert "Traceback" not in stderr and f"stopped by {signal.Signals(signum).name} at step" in stderr
+    saved = checkpointing.complete_checkpoints(tmp_path / "out")
+    assert len(saved) == 1 and str(saved[0]) in stderr
+    resumed = run_script("train.py", *flags, "--resume", "latest")
+    assert f"at step {checkpointing.step_of(saved[0])}" in resumed.stdout
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 2 * 60
+
+
+@pytest.mark.slow
+def test_overwrite_keeps_the_old_model_whole_until_the_new_one_is_ready(tmp_path, trained_model):
+    out = tmp_path / "out"
+    shutil.copytree(trained_model, out)
+    shutil.rmtree(out / "checkpoints")
+    before = Predictor(str(out)).predict(["The acting was superb. I loved it."])
+    data = tmp_path / "other.csv"
+    demo_reviews(1200, seed=16).write_csv(data)
+    process = start_training("--data", str(data), *TINY, "--output-dir", str(out), "--overwrite",
+                             "--checkpoint-every", "5")
+    wait_for(out / "checkpoints" / "best.safetensors", process)  # a new best model exists, not yet published
+    process.kill()
+    process.communicate()
+    assert Predictor(str(out)).predict(["The acting was superb. I loved it."]) == before  # was an IndexError
+
+
+@pytest.mark.slow
+def test_two_runs_into_one_folder_the_second_is_refused(tmp_path):
+    data = tmp_path / "reviews.csv"
+    demo_reviews(1200, seed=17).write_csv(data)
+    out = tmp_path / "out"
+    first = start_training("--data", str(data), *TINY, "--output-dir", str(out))
+    wait_for(out / "log.jsonl", first)
+    second = run_script("train.py", "--data", str(data), *TINY, "--output-dir", str(out), "--overwrite", check=False)
+    first.kill()
+    first.communicate()
+    assert second.returncode == 2 and "is in use by another training run" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+
+
+def crashed_run(tmp_path, monkeypatch, at_step=14, *more):
+    """Train with checkpoints every 7 steps and crash right after the one at `at_step`; returns the flags."""
+    data = tmp_path / "reviews.csv"
+    demo_reviews(400, seed=18).write_csv(data)
+    flags = ["--data", str(data), *TINY, "--checkpoint-every", "7", "--keep-checkpoints", "5",
+             "--output-dir", str(tmp_path / "out"), *more]
+    real_save = training.save_checkpoint
+
+    def save_then_crash(accelerator, output_dir, state, *args):
+        folder = real_save(accelerator, output_dir, state, *args)
+        if state.step == at_step:
+            raise KeyboardInterrupt
+        return folder
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    with pytest.raises(KeyboardInterrupt):
+        training.train(parse_args(TrainArgs, "", flags))
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    return flags
+
+
+def test_a_damaged_newest_checkpoint_is_named_and_the_one_before_is_used(tmp_path, monkeypatch, capsys):
+    flags = crashed_run(tmp_path, monkeypatch)
+    newest = checkpointing.complete_checkpoints(tmp_path / "out")[-1]
+    open(os.path.join(newest, "optimizer.bin"), "w").close()  # what a power cut can leave
+    with open(tmp_path / "out" / "log.jsonl", "a") as f:
+        f.write('{"step": 15, "lo')  # a line cut short by the crash
+    training.train(parse_args(TrainArgs, "", [*flags, "--resume", "latest"]))
+    captured = capsys.readouterr()
+    assert f"checkpoint {newest} is damaged (optimizer.bin is empty)" in captured.err
+    assert "resumed from" in captured.out and "at step 7" in captured.out
+
+
+def test_a_damaged_random_state_is_reported_on_resume(tmp_path, monkeypatch, capsys):
+    flags = crashed_run(tmp_path, monkeypatch)
+    newest = checkpointing.complete_checkpoints(tmp_path / "out")[-1]
+    with open(os.path.join(newest, "random_states_0.pkl"), "wb") as f:
+        f.write(b"not a pickle")
+    training.train(parse_args(TrainArgs, "", [*flags, "--resume", "latest"]))
+    assert "will not repeat the interrupted one exactly" in capsys.readouterr().err
+
+
+def test_resuming_an_older_checkpoint_forgets_the_newer_ones(tmp_path, monkeypatch):
+    flags = crashed_run(tmp_path, monkeypatch, 21, "--eval-every", "5")
+    out = tmp_path / "out"
+    older = checkpointing.complete_checkpoints(out)[0]
+    assert checkpointing.step_of(older) == 7
+    best_then = load_file(os.path.join(older, checkpointing.BEST_WEIGHTS))
+
+    def stop_after_setup(recipe):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.FineTuneRecipe, "train", stop_after_setup)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(parse_args(TrainArgs, "", [*flags, "--resume", older]))
+    assert [checkpointing.step_of(c) for c in checkpointing.complete_checkpoints(out)] == [7]
+    best_now = load_file(checkpointing.best_weights(out))  # the best model as it stood at step 7
+    assert all(torch.equal(best_now[name], best_then[name]) for name in best_then)
+
+
+def test_a_changed_mixed_precision_is_refused_on_resume(tmp_path, monkeypatch):
+    flags = crashed_run(tmp_path, monkeypatch)
+    refused = run_script("train.py", *flags, "--resume", "latest", "--mixed-precision", "bf16", check=False)
+    assert refused.returncode == 2 and "mixed precision in effect was no, now bf16" in refused.stderr
+
+
+def test_a_kill_while_rotating_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        if os.path.basename(str(path)).startswith(".del-step-"):
+            raise KeyboardInterrupt  # the process dies while deleting the oldest checkpoint
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", killed_midway)
+    data = tmp_path / "reviews.csv"
+    demo_reviews(400, seed=19).write_csv(data)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    with pytest.raises(KeyboardInterrupt):
+        training.train(parse_args(TrainArgs, "", ["--data", str(data), *TINY, "--checkpoint-every", "5",
+                                                  "--keep-checkpoints", "1", "--output-dir", str(tmp_path / "out")]))
+    assert [checkpointing.step_of(c) for c in checkpointing.complete_checkpoints(tmp_path / "out")] == [10]
+
+
+def test_a_full_disk_is_one_line_that_says_so(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 123 vs 456: "
+                           "PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(training.Accelerator, "save_state", full)
+    data = tmp_path / "reviews.csv"
+    demo_reviews(200, seed=20).write_csv(data)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    with pytest.raises(SentimentError, match=r"the disk of .* is full .*continue with --resume latest"):
+        training.train(parse_args(TrainArgs, "", ["--data", str(data), *TINY, "--checkpoint-every", "3",
+                                                  "--output-dir", str(tmp_path / "out")]))
+
+
+def test_the_last_short_accumulation_window_weighs_as_much_as_a_full_one():
+    from accelerate import Accelerator
+    # Five batches with --grad-accum 4: the last window holds one batch.
+    assert [training.window_scale(i, 5, 4) for i in range(5)] == [1.0, 1.0, 1.0, 1.0, 4.0]
+    assert [training.window_scale(i, 6, 4) for i in range(6)] == [1.0] * 4 + [2.0, 2.0]
+    model = torch.nn.Linear(3, 1, bias=False)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=4)
+    batches = [torch.full((2, 3), float(i + 1)) for i in range(5)]
+    loader = accelerator.prepare(torch.utils.data.DataLoader(batches, batch_size=None))
+    model = accelerator.prepare(model)
+    grads = []
+    for i, batch in enumerate(loader):
+        with accelerator.accumulate(model):
+            loss = model(batch).sum()
+            accelerator.backward(loss * training.window_scale(i, len(loader), 4))
+            if accelerator.sync_gradients:
+                grads.append(model.weight.grad.clone())
+                model.weight.grad = None
+    # The lone last batch gives its own full gradient, not a quarter of it.
+    torch.testing.assert_close(grads[1], torch.autograd.functional.jacobian(
+        lambda w: (batches[4] @ w.T).sum(), model.weight.detach()))

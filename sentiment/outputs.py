@@ -1,0 +1,106 @@
+"""The output folder of a training run: one run at a time, and no file ever half-written.
+
+`claim` takes the folder for this run (a second run into it stops with a one-line error) and
+refuses to mix a new run into an old one unless told to overwrite or resume. `publish_model`
+writes the model folder beside the old one and moves it in only once it is complete, so after
+`--overwrite` the previous model stays whole and usable until the new one is ready. `log_line`
+and `truncate_log` keep `log.jsonl`. `disk_full` recognises a write that failed for want of
+space, whatever library raised it. The training loop itself lives in `training`.
+"""
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+
+from .checkpointing import fsync_path, fsync_tree
+from .errors import SentimentError
+from .modeling import LOG_FILE, METRICS_FILE, SETTINGS_FILE, save_model_folder
+
+LOCK_FILE = ".lock"
+STAGING = ".tmp-model"
+# Files a Hugging Face model folder may hold; an old one the new model does not write is removed.
+MODEL_FILES = {"config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+               "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+               "chat_template.jinja", SETTINGS_FILE}
+
+
+def claim(args, accelerator):
+    """Lock `--output-dir` for this run (main process) and check it may be written; returns the lock."""
+    out, handle = args.output_dir, None
+    if accelerator.is_main_process:
+        try:
+            os.makedirs(out, exist_ok=True)
+            handle = open(os.path.join(out, LOCK_FILE), "a+")
+        except OSError as err:
+            raise SentimentError(f"--output-dir {out}: cannot write there ({err.strerror})") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise SentimentError(f"--output-dir {out} is in use by another training run (process "
+                                 f"{handle.read().strip() or '?'}); wait for it or choose another folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+    accelerator.wait_for_everyone()
+    busy = [name for name in os.listdir(out) if name != LOCK_FILE]
+    if busy and not args.resume and not args.overwrite:
+        raise SentimentError(f"--output-dir {out} is not empty; pass --overwrite to replace it, "
+                             f"--resume latest to continue it, or choose another folder")
+    if accelerator.is_main_process and busy and args.overwrite and not args.resume:
+        for name in ("checkpoints", LOG_FILE, METRICS_FILE, STAGING):  # the old model stays until the new is ready
+            path = os.path.join(out, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+    accelerator.wait_for_everyone()
+    return handle
+
+
+def publish_model(folder, model, tokenizer, settings):
+    """Write the model folder into `folder`: all of it beside the old one first, then moved in."""
+    staging = os.path.join(folder, STAGING)
+    shutil.rmtree(staging, ignore_errors=True)
+    save_model_folder(staging, model, tokenizer, settings)
+    fsync_tree(staging)
+    new = set(os.listdir(staging))
+    for name in MODEL_FILES - new:
+        if os.path.isfile(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+    for name in sorted(new):
+        os.replace(os.path.join(staging, name), os.path.join(folder, name))
+    os.rmdir(staging)
+    fsync_path(folder)
+
+
+def log_line(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_log(path, step):
+    """Drop log lines written after the checkpoint a run resumes from: they are about to be redone.
+    A line cut short by a crash is dropped too."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(json.dumps(record) + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def disk_full(err):
+    """Whether `err` is a write that failed for want of space (torch's writer says only 'file write failed')."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(err, RuntimeError) and "write failed" in str(err)

@@ -1,0 +1,148 @@
+"""What a `/predict` body may hold, and the shape of its answer.
+
+Two request shapes are accepted: ours, `{"text": "…"}` or `{"texts": ["…", …]}`, and the Hugging
+Face inference request, `{"inputs": "…" | ["…", …], "parameters": {"top_k", "function_to_apply"}}`,
+so that `huggingface_hub.InferenceClient(URL).text_classification(text)` works unchanged.
+`read_request` reads the body under a deadline and a size limit and checks every text before it
+reaches a batch; each failure is a `BadRequest` with its HTTP status. Nothing here touches the
+model or the queue.
+"""
+
+import asyncio
+import json
+from dataclasses import dataclass
+
+from starlette.requests import ClientDisconnect
+
+from .data import only_markup
+
+PARSE_OFF_LOOP_BYTES = 64 << 10  # larger bodies are parsed and checked on a worker thread
+FUNCTIONS = ("softmax",)  # the scores are calibrated probabilities; raw logits are not kept
+
+
+class BadRequest(Exception):
+    def __init__(self, status, kind, message):
+        super().__init__(message)
+        self.status, self.kind, self.message = status, kind, message
+
+
+@dataclass
+class Request:
+    texts: list
+    shape: str  # "text", "texts" (ours), "inputs" (one string) or "inputs_list"
+    top_k: int = None  # Hugging Face shape only: that many labels, best first; None = all
+
+    def answer(self, answers):
+        """The JSON answer for `answers`, the Predictor's dicts in the order of `texts`."""
+        if self.shape == "text":
+            return answers[0]
+        if self.shape == "texts":
+            return {"predictions": answers}
+        # As the Hugging Face Inference API answers: one list of labels per input, also for one string
+        # (InferenceClient.text_classification reads the first).
+        return [self.ranked(a) for a in answers]
+
+    def ranked(self, answer):
+        labels = sorted(answer["scores"].items(), key=lambda item: -item[1])
+        return [{"label": label, "score": score} for label, score in labels[:self.top_k]]
+
+
+def media_type(request):
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_body(request, settings):
+    """The body, within SENTIMENT_MAX_BODY_BYTES and SENTIMENT_BODY_TIMEOUT_S."""
+    too_large = BadRequest(413, "body_too_large", f"the body is over {settings.max_body_bytes} bytes "
+                                                  f"(SENTIMENT_MAX_BODY_BYTES)")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
+        raise too_large  # refused before reading; the stream check below catches bodies that lie
+
+    async def read():
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > settings.max_body_bytes:
+                raise too_large
+        return bytes(body)
+
+    try:
+        return await asyncio.wait_for(read(), settings.body_timeout_s)
+    except TimeoutError:
+        raise BadRequest(408, "body_timeout", f"the body did not arrive within {settings.body_timeout_s} s "
+                                              f"(SENTIMENT_BODY_TIMEOUT_S)") from None
+    except ClientDisconnect:
+        raise BadRequest(499, "client_disconnected", "the client went away") from None
+
+
+async def read_request(request, settings):
+    """The checked `Request` of a /predict body, or `BadRequest` naming what is wrong with it."""
+    if media_type(request) != "application/json":
+        raise BadRequest(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
+    body = await read_body(request, settings)
+    if len(body) > PARSE_OFF_LOOP_BYTES:  # a large body must not hold up the event loop
+        return await asyncio.to_thread(parse, body, settings)
+    return parse(body, settings)
+
+
+def parse(body, settings):
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: JSON nested thousands deep
+        raise BadRequest(400, "malformed_json", "the body is not valid JSON") from None
+    request = shape_of(payload)
+    if len(request.texts) > settings.max_texts:
+        raise BadRequest(413, "too_many_texts", f"{len(request.texts)} texts in one request; the limit is "
+                                                f"{settings.max_texts} (SENTIMENT_MAX_TEXTS): split the request")
+    for i, text in enumerate(request.texts):
+        check_text(text, request.shape if request.shape in ("text", "inputs") else f"{request.shape[:-5]}[{i}]",
+                   settings)
+    return request
+
+
+def shape_of(payload):
+    """The texts and shape of a parsed body; `BadRequest` if it is neither of the two contracts."""
+    keys = {"text", "texts", "inputs"} & set(payload) if isinstance(payload, dict) else set()
+    if len(keys) != 1:
+        raise BadRequest(422, "invalid_request", 'send {"text": "…"}, {"texts": ["…", …]} or {"inputs": "…"}')
+    key = keys.pop()
+    value = payload[key]
+    if key == "text" or (key == "inputs" and not isinstance(value, list)):
+        return Request([value], key, **parameters(payload) if key == "inputs" else {})
+    if not isinstance(value, list) or not value:
+        raise BadRequest(422, "invalid_request", f'"{key}" must be a non-empty list of strings')
+    shape = "texts" if key == "texts" else "inputs_list"
+    return Request(value, shape, **parameters(payload) if key == "inputs" else {})
+
+
+def parameters(payload):
+    """top_k and function_to_apply of a Hugging Face request, checked."""
+    params = payload.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadRequest(422, "invalid_request", '"parameters" must be an object')
+    top_k = params.get("top_k")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise BadRequest(422, "invalid_request", '"parameters.top_k" must be a whole number of at least 1')
+    function = params.get("function_to_apply")
+    if function is not None and str(function).lower() not in FUNCTIONS:
+        raise BadRequest(422, "invalid_request", f'"parameters.function_to_apply" {function!r} is not supported; '
+                                                 f'the scores are calibrated probabilities ("softmax")')
+    return {"top_k": top_k}
+
+
+def check_text(text, where, settings):
+    if not isinstance(text, str):
+        raise BadRequest(422, "invalid_request", f"{where} must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise BadRequest(422, "empty_text", f"{where} is empty")
+    if len(text) > settings.max_chars:
+        raise BadRequest(413, "text_too_long", f"{where} has {len(text)} characters; the limit is "
+                                               f"{settings.max_chars} (SENTIMENT_MAX_CHARS)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate such as "\ud800": no tokenizer can read it
+        raise BadRequest(422, "invalid_text", f"{where} is not valid Unicode (a lone surrogate escape such as "
+                                              f"\\ud800); send UTF-8 text") from None
+    if only_markup(text):
+        raise BadRequest(422, "empty_text", f"{where} is only markup such as <br />: nothing to score")

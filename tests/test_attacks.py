@@ -1,0 +1,271 @@
+"""The service attacked as a hostile or clumsy client would: a real uvicorn on loopback, bounded
+counts and times. No client may slow down or fail another client's request."""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from helpers import ROOT, free_port
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.slow
+
+GOOD = "The acting was superb. I loved it."
+
+
+class Server:
+    """`uvicorn app:app` on a free loopback port, with SENTIMENT_* settings; its output is kept."""
+
+    def __init__(self, model, **settings):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "SENTIMENT_MODEL": str(model), "TOKENIZERS_PARALLELISM": "false",
+               **{f"SENTIMENT_{k.upper()}": str(v) for k, v in settings.items()}}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.output = []
+        self.reader = threading.Thread(target=lambda: self.output.extend(self.process.stdout), daemon=True)
+        self.reader.start()
+
+    def wait(self, path="/ready", seconds=60):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + path).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError("uvicorn never became ready:\n" + "".join(self.output))
+
+    def metrics(self):
+        text = httpx.get(self.url + "/metrics").text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def requests_counted(self):
+        return {dict(labels)["status"]: value for (name, labels), value in self.metrics().items()
+                if name == "sentiment_requests_total"}
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.reader.join(10)
+        self.process.stdout.close()
+
+
+@pytest.fixture
+def serve(trained_model):
+    servers = []
+
+    def start(model=trained_model, ready=True, **settings):
+        server = Server(model, **settings)
+        servers.append(server)
+        return server.wait() if ready else server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def post_raw(url, body, content_type="application/json", timeout=30):
+    return httpx.post(url + "/predict", content=body, headers={"content-type": content_type}, timeout=timeout)
+
+
+def test_a_lone_surrogate_is_refused_and_fails_no_other_request(serve):
+    server = serve()
+    poison = b'{"text": "good film \\ud800"}'
+    with ThreadPoolExecutor(16) as pool:
+        ordinary = [pool.submit(httpx.post, server.url + "/predict", json={"text": f"{GOOD} {i}"}, timeout=30)
+                    for i in range(30)]
+        bad = [pool.submit(post_raw, server.url, poison) for _ in range(5)]
+        answers = [f.result() for f in ordinary]
+        refused = [f.result() for f in bad]
+    assert [r.status_code for r in answers] == [200] * 30
+    assert all(r.status_code == 422 and r.json()["error"]["type"] == "invalid_text" for r in refused)
+
+
+def test_a_body_of_unclosed_markup_does_not_hold_up_other_requests(serve):
+    server = serve()
+    attack = json.dumps({"texts": ["<" * 16000] * 64}).encode()
+    assert len(attack) < 1 << 20
+    with ThreadPoolExecutor(4) as pool:
+        heavy = [pool.submit(post_raw, server.url, attack, timeout=60) for _ in range(3)]
+        time.sleep(0.2)
+        start = time.monotonic()
+        light = httpx.post(server.url + "/predict", json={"text": GOOD}, timeout=30)
+        light_seconds = time.monotonic() - start
+        health_seconds = min(timed_get(server.url + "/health") for _ in range(3))
+        results = [f.result() for f in heavy]
+    assert light.status_code == 200 and light_seconds < 5, light_seconds  # was 19 s
+    assert health_seconds < 1
+    assert all(r.status_code == 200 for r in results)
+
+
+def timed_get(url):
+    start = time.monotonic()
+    assert httpx.get(url, timeout=10).status_code == 200
+    return time.monotonic() - start
+
+
+def slow_body(port, promised=100, sent=4):
+    """A connection that promises a body and sends a few bytes of it, then nothing."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {promised}\r\n\r\n".encode() + b'{"te'[:sent])
+    return sock
+
+
+def read_status(sock, seconds):
+    sock.settimeout(seconds)
+    try:
+        head = sock.recv(4096).decode("latin-1")
+    except OSError:
+        return None
+    return int(head.split()[1]) if head.startswith("HTTP/") else None
+
+
+def test_bodies_that_never_finish_hold_no_slot_get_408_and_do_not_block_shutdown(serve):
+    server = serve(queue_size=32, body_timeout_s=1.5)
+    slow = [slow_body(server.port) for _ in range(48)]  # more than the queue holds
+    time.sleep(0.3)
+    answers = [httpx.post(server.url + "/predict", json={"text": GOOD}, timeout=30) for _ in range(5)]
+    assert [r.status_code for r in answers] == [200] * 5  # was 503 for as long as the slow bodies stayed
+    statuses = [read_status(sock, 10) for sock in slow]
+    assert statuses == [408] * len(slow)
+    assert server.requests_counted() == {"200": 5.0, "408": float(len(slow))}
+    more = [slow_body(server.port) for _ in range(8)]  # still trickling when the server is told to stop
+    start = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)
+    assert time.monotonic() - start < 15  # was still alive after 70 s
+    for sock in slow + more:
+        sock.close()
+
+
+def test_deeply_nested_json_is_a_400_and_every_request_is_counted_once(serve):
+    server = serve()
+    nested = post_raw(server.url, b"[" * 10000)
+    assert nested.status_code == 400 and nested.json()["error"]["type"] == "malformed_json"
+    assert post_raw(server.url, b'{"text": [' + b"[" * 5000 + b"]").status_code == 400
+    assert httpx.post(server.url + "/predict", json={"text": GOOD}).status_code == 200
+    assert server.requests_counted() == {"400": 2.0, "200": 1.0}
+
+
+def test_small_departures_from_the_contract(serve):
+    server = serve()
+    upper = post_raw(server.url, json.dumps({"text": GOOD}).encode(), content_type="APPLICATION/JSON; charset=UTF-8")
+    assert upper.status_code == 200
+    wrong_method = httpx.get(server.url + "/predict")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert wrong_method.json()["error"]["type"] == "http_error"
+    sock = slow_body(server.port)  # the client leaves before sending its body
+    sock.close()
+    deadline = time.monotonic() + 5
+    while "499" not in server.requests_counted() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.requests_counted().get("499") == 1.0 and "400" not in server.requests_counted()
+    timed = httpx.post(server.url + "/predict", json={"text": GOOD})
+    for header in ("x-queue-time", "x-inference-time", "x-total-time"):
+        assert float(timed.headers[header]) >= 0
+    assert float(timed.headers["x-total-time"]) >= float(timed.headers["x-inference-time"])
+    assert float(wrong_method.headers["x-total-time"]) >= 0 and float(upper.headers["x-total-time"]) >= 0
+
+
+def test_a_model_that_will_not_load_is_not_described_to_clients(serve, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    server = serve(model=broken, ready=False).wait("/metrics")
+    deadline = time.monotonic() + 30
+    while httpx.get(server.url + "/health").status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    answer = httpx.post(server.url + "/predict", json={"text": GOOD})
+    assert answer.status_code == 503 and answer.json()["error"]["message"].startswith("model not loaded")
+    assert str(tmp_path) not in answer.text and str(tmp_path) not in httpx.get(server.url + "/ready").text
+    assert httpx.get(server.url + "/health").status_code == 503
+    server.stop()
+    assert str(broken) in "".join(server.output)  # the detail is in the log
+
+
+@pytest.mark.parametrize("name, value", [("REQUEST_TIMEOUT_S", "nan"), ("MAX_WAIT_MS", "inf")])
+def test_settings_that_are_not_finite_stop_the_service_at_start(trained_model, name, value):
+    server = Server(trained_model, **{name.lower(): value})
+    assert server.process.wait(timeout=60) != 0
+    server.stop()
+    output = "".join(server.output)
+    assert f"SENTIMENT_{name}" in output and "Traceback" not in output
+
+
+def predict_sh(url, *args, stdin=None):
+    return subprocess.run([os.path.join(ROOT, "predict_sentiment.sh"), *args], input=stdin, capture_output=True,
+                          env={**os.environ, "SENTIMENT_URL": url}, timeout=60)
+
+
+def test_predict_sentiment_sh_sends_long_reviews_and_refuses_bytes_that_are_not_utf8(serve):
+    server = serve(max_chars=100000, max_body_bytes=1 << 20)
+    long_review = GOOD + " é" * 30000  # over 128 KiB as JSON with every é escaped
+    answer = predict_sh(server.url, long_review)
+    assert answer.returncode == 0, answer.stderr  # was "Argument list too long", blamed on the server
+    assert json.loads(answer.stdout)["label"] in ("positive", "negative")
+    latin1 = predict_sh(server.url, stdin="Un film génial, j'ai adoré.".encode("latin-1"))
+    assert latin1.returncode == 2 and b"not valid UTF-8" in latin1.stderr
+    assert b"Traceback" not in latin1.stderr and len(latin1.stderr.strip().splitlines()) == 1
+
+
+def test_the_hugging_face_inference_client_works_unchanged(serve):
+    from huggingface_hub import InferenceClient
+    server = serve()
+    client = InferenceClient(server.url + "/predict")
+    ranked = client.text_classification(GOOD)
+    assert [r.label for r in ranked] == ["positive", "negative"]
+    assert ranked[0].score > ranked[1].score and abs(ranked[0].score + ranked[1].score - 1) < 1e-6
+    assert [r.label for r in client.text_classification(GOOD, top_k=1)] == ["positive"]
+    many = httpx.post(server.url + "/predict", json={"inputs": [GOOD, "The plot was dreadful. Avoid it."]}).json()
+    assert [answer[0]["label"] for answer in many] == ["positive", "negative"]
+    refused = httpx.post(server.url + "/predict", json={"inputs": GOOD, "parameters": {"function_to_apply": "none"}})
+    assert refused.status_code == 422
+
+
+def test_ready_waits_for_the_model_while_health_answers(trained_model):
+    server = Server(trained_model)
+    try:
+        seen = set()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                seen.add((httpx.get(server.url + "/health").status_code, httpx.get(server.url + "/ready").status_code))
+            except httpx.TransportError:
+                continue
+            if (200, 200) in seen:
+                break
+        assert (200, 200) in seen and all(health == 200 for health, _ in seen)
+    finally:
+        server.stop()
+
+
+def test_a_client_that_leaves_while_others_wait_changes_nothing_for_them(serve):
+    server = serve()
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            leaving = asyncio.ensure_future(client.post("/predict", json={"texts": [GOOD] * 32}))
+            await asyncio.sleep(0.01)
+            leaving.cancel()
+            return await asyncio.gather(*[client.post("/predict", json={"text": GOOD}) for _ in range(16)])
+
+    answers = asyncio.run(scenario())
+    assert [r.status_code for r in answers] == [200] * 16
