@@ -3,9 +3,11 @@
 Needs no download: it writes 25,000 generated reviews whose token lengths follow IMDb's (median
 about 230 tokens, 15 % over 512), a WordPiece vocabulary for them, and a DistilBERT with the
 seed architecture (6 layers, hidden 768, 12 heads) randomly initialised, which times the same
-work as the pretrained weights. Both trainers get the same folder, rows, batch and precision.
-Prints tokens/s, samples/s, model FLOPs utilisation against the card's measured bf16 matmul
-rate, and the time of one 25,000-review epoch, with the card's name.
+work as the pretrained weights. The three trainers (ours, `Trainer` with its default collator,
+`Trainer` with `train_sampling_strategy="group_by_length"`) get the same folder, rows, batch and
+precision. Prints tokens/s of real (unpadded) tokens, samples/s, model FLOPs utilisation against
+the card's measured dense bf16 matmul rate and its data-sheet peak, and the time of one
+25,000-review epoch, with the card's name. Part of bench/gpu_check.sh.
 
     python -m bench.gpu_train                # on a machine with a CUDA GPU
     python -m bench.gpu_train --rows 256 --steps 4 --small    # a quick check of the script on a CPU
@@ -14,6 +16,7 @@ rate, and the time of one 25,000-review epoch, with the card's name.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,16 +53,20 @@ def build_model_folder(folder, texts, small):
 
 
 def bf16_matmul_rate(n=8192, seconds=2.0):
-    if not torch.cuda.is_available():
-        return float("nan")
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    """The card's dense bf16 matmul rate, FLOP/s; on a CPU (the smoke run) its fp32 rate, so MFU is a number."""
+    gpu = torch.cuda.is_available()
+    n = n if gpu else 1024
+    a, b = (torch.randn(n, n, device="cuda" if gpu else "cpu", dtype=torch.bfloat16 if gpu else torch.float32)
+            for _ in range(2))
     a @ b
-    torch.cuda.synchronize()
+    if gpu:
+        torch.cuda.synchronize()
     rounds, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
         rounds += 1
-    torch.cuda.synchronize()
+    if gpu:
+        torch.cuda.synchronize()
     return rounds * 2 * n ** 3 / (time.perf_counter() - start)
 
 
@@ -75,7 +82,15 @@ def run_ours(data, folder, out, batch_size, steps, precision):
     return metrics["train_seconds"], metrics["train_samples_per_second"]
 
 
-def run_trainer(frame, folder, batch_size, steps, precision):
+# Dense bf16 tensor-core peaks from the data sheets (SXM parts), in FLOP/s.
+PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def datasheet_peak(card):
+    return next((peak for name, peak in PEAKS.items() if name in card), float("nan"))
+
+
+def run_trainer(frame, folder, batch_size, steps, precision, grouped=False):
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainingArguments)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -86,7 +101,8 @@ def run_trainer(frame, folder, batch_size, steps, precision):
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch_size,
                              num_train_epochs=1, max_steps=steps or -1, bf16=precision == "bf16",
                              save_strategy="no", report_to=[], disable_tqdm=True, logging_strategy="no",
-                             use_cpu=not torch.cuda.is_available())
+                             use_cpu=not torch.cuda.is_available(),
+                             train_sampling_strategy="group_by_length" if grouped else "random")
     model = AutoModelForSequenceClassification.from_pretrained(folder)
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=DataCollatorWithPadding(tokenizer))
     result = trainer.train()
@@ -96,9 +112,11 @@ def run_trainer(frame, folder, batch_size, steps, precision):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=25000, help="Generated reviews (one epoch).")
-    parser.add_argument("--batch-size", type=int, default=32, help="Per-device batch of both trainers.")
+    parser.add_argument("--batch-size", type=int, default=32, help="Per-device batch of every trainer.")
     parser.add_argument("--steps", type=int, default=0, help="Stop after this many steps (0: the whole epoch).")
     parser.add_argument("--small", action="store_true", help="A tiny DistilBERT, to check the script on a CPU.")
+    parser.add_argument("--keep-model", default=None, help="Also copy the generated model folder here.")
+    parser.add_argument("--json", default=None, help="Write every figure to this JSON file.")
     args = parser.parse_args()
     precision = "bf16" if torch.cuda.is_available() else "no"
 
@@ -107,24 +125,37 @@ def main():
     data, folder = os.path.join(work, "reviews.csv"), os.path.join(work, "model")
     frame.write_csv(data)
     config, tokenizer = build_model_folder(folder, frame["review"].to_list(), args.small)
+    if args.keep_model:
+        shutil.copytree(folder, args.keep_model, dirs_exist_ok=True)
     lengths = [min(len(i), 512) for i in tokenizer(frame["review"].to_list(), add_special_tokens=True)["input_ids"]]
     tokens, flops = sum(lengths), 3 * forward_flops(config, lengths)  # forward + backward ≈ 3 forwards
     rate = bf16_matmul_rate()
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"card: {card}; bf16 matmul rate {rate / 1e12:.0f} TFLOP/s; {args.rows} reviews, "
-          f"{tokens / args.rows:.0f} tokens each on average at max length 512; batch {args.batch_size}; {precision}")
-    print(f"{'trainer':<10} {'tokens/s':>10} {'samples/s':>10} {'MFU':>6} {'epoch s':>8}")
+    peak = datasheet_peak(card)
+    print(f"card: {card}; bf16 matmul rate {rate / 1e12:.0f} TFLOP/s (data sheet {peak / 1e12:.0f}); {args.rows} "
+          f"reviews, {tokens / args.rows:.0f} tokens each on average at max length 512; batch {args.batch_size}; "
+          f"{precision}")
+    print(f"{'trainer':<18} {'tokens/s':>10} {'samples/s':>10} {'MFU':>6} {'MFU peak':>9} {'epoch s':>8}")
+    runs = {"ours": lambda: run_ours(data, folder, os.path.join(work, "out"), args.batch_size, args.steps, precision),
+            "Trainer": lambda: run_trainer(frame, folder, args.batch_size, args.steps, precision),
+            "Trainer grouped": lambda: run_trainer(frame, folder, args.batch_size, args.steps, precision, True)}
     results = {}
-    for name, run in (("ours", lambda: run_ours(data, folder, os.path.join(work, "out"), args.batch_size,
-                                                args.steps, precision)),
-                      ("Trainer", lambda: run_trainer(frame, folder, args.batch_size, args.steps, precision))):
+    for name, run in runs.items():
         seconds, samples_per_second = run()
-        results[name] = samples_per_second
-        per_sample = tokens / args.rows
-        print(f"{name:<10} {samples_per_second * per_sample:>10.0f} {samples_per_second:>10.1f} "
-              f"{samples_per_second * flops / args.rows / rate:>6.1%} {args.rows / samples_per_second:>8.1f}",
-              flush=True)
-    print(f"ours / Trainer: {results['ours'] / results['Trainer']:.2f}x samples/s")
+        per_sample_flops = flops / args.rows
+        results[name] = {"samples_s": samples_per_second, "tokens_s": samples_per_second * tokens / args.rows,
+                         "mfu_measured": samples_per_second * per_sample_flops / rate,
+                         "mfu_datasheet": samples_per_second * per_sample_flops / peak,
+                         "epoch_25k_s": 25000 / samples_per_second, "seconds": seconds}
+        r = results[name]
+        print(f"{name:<18} {r['tokens_s']:>10.0f} {r['samples_s']:>10.1f} {r['mfu_measured']:>6.1%} "
+              f"{r['mfu_datasheet']:>9.1%} {r['epoch_25k_s']:>8.1f}", flush=True)
+    for peer in ("Trainer", "Trainer grouped"):
+        print(f"ours / {peer}: {results['ours']['samples_s'] / results[peer]['samples_s']:.2f}x samples/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"card": card, "matmul_flops": rate, "datasheet_flops": peak, "precision": precision,
+                       "rows": args.rows, "batch_size": args.batch_size, "runs": results}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -14,16 +14,19 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from transformers import pipeline
 
-classify = pipeline("text-classification", model=os.environ["SENTIMENT_MODEL"], device=-1, top_k=None)
-MAX_LENGTH = int(os.environ["SENTIMENT_MAX_LENGTH"])
-# SENTIMENT_PRECISION=bf16: the same bf16 autocast the Predictor uses on a CPU, for a like-for-like row.
+GPU = torch.cuda.is_available()
+# SENTIMENT_PRECISION=bf16: bf16 weights on a GPU, and on a CPU the same bf16 autocast the Predictor
+# uses there, for like-for-like rows.
 BF16 = os.environ.get("SENTIMENT_PRECISION") == "bf16"
+classify = pipeline("text-classification", model=os.environ["SENTIMENT_MODEL"], device=0 if GPU else -1, top_k=None,
+                    **({"dtype": torch.bfloat16} if BF16 and GPU else {}))
+MAX_LENGTH = int(os.environ["SENTIMENT_MAX_LENGTH"])
 
 
 async def predict(request):
     text = (await request.json())["text"]
     # The model runs on the event loop: one request at a time, as a simple per-request server does.
-    with torch.autocast("cpu", dtype=torch.bfloat16) if BF16 else contextlib.nullcontext():
+    with torch.autocast("cpu", dtype=torch.bfloat16) if BF16 and not GPU else contextlib.nullcontext():
         scores = classify([text], truncation=True, max_length=MAX_LENGTH)[0]
     best = max(scores, key=lambda s: s["score"])
     return JSONResponse({"label": best["label"], "score": best["score"],

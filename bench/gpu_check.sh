@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU path, checked and measured in one prepared call (about 8 minutes on one H100):
+#   1. the GPU tests (pytest -m gpu): training steps in bf16 and fp16, mid-epoch resume, the
+#      Predictor in bf16 agreeing with fp32 labels, the service answering;
+#   2. training: our loop against Trainer and Trainer with group_by_length (bench/gpu_train.py);
+#   3. scoring: the Predictor against pipeline(batch_size=64); 4. serving at 64 clients against a
+#      per-request pipeline server (both bench/gpu_score.py).
+# It writes every figure to $OUT/gpu_check.json (outputs/gpu-check/ without $OUT) with a log,
+# and prints the table for BENCHMARKS.md.
+#
+#   bash bench/gpu_wheels.sh              # first, on a machine with the package registry
+#   bash bench/gpu_check.sh               # on the GPU machine, with .whl carried along
+#   bash bench/gpu_check.sh --cpu-smoke   # anywhere: every step at toy size on the CPU, in under 3 minutes
+set -euo pipefail
+cd "$(dirname "$0")/.."
+smoke=0
+if [ "${1:-}" = "--cpu-smoke" ]; then smoke=1; fi
+out="${OUT:-outputs/gpu-check}"
+mkdir -p "$out"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import polars, starlette, uvicorn" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/site" .whl/*.whl
+  export PYTHONPATH="$work/site"
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
+py="${PYTHON:-python3}"
+if [ "$smoke" = 1 ]; then
+  export CUDA_VISIBLE_DEVICES="" SENTIMENT_GPU_TESTS_ON_CPU=1
+  train_size=(--small --rows 256 --steps 4) score_size=(--rows 256 --requests 128)
+else
+  export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"  # one GPU, as the goals are stated
+  train_size=() score_size=()
+fi
+{
+  echo "== 1. GPU tests"
+  "$py" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
+  echo "== 2. training"
+  "$py" -m bench.gpu_train "${train_size[@]}" --keep-model "$work/model" --json "$out/train.json"
+  echo "== 3-4. scoring and serving"
+  "$py" -m bench.gpu_score --model "$work/model" "${score_size[@]}" --json "$out/score.json"
+  echo "== table"
+  "$py" -m bench.gpu_report "$out/train.json" "$out/score.json" --json "$out/gpu_check.json"
+} 2>&1 | tee "$out/gpu_check.log"

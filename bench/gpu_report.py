@@ -1,0 +1,58 @@
+"""The table of bench/gpu_check.sh: reads the figures its steps wrote and prints them against the goals.
+
+    python -m bench.gpu_report train.json score.json [--json all.json]
+"""
+
+import argparse
+import json
+
+GOALS = [  # (figure, goal, at least)
+    ("MFU of ours (measured bf16 matmul rate)", "mfu", 0.35),
+    ("one 25,000-review epoch at 512, s (at most)", "epoch", 8.0),
+    ("ours / Trainer, samples/s", "vs_trainer", 2.0),
+    ("ours / Trainer group_by_length, samples/s", "vs_grouped", 1.3),
+    ("Predictor / pipeline(batch_size=64), reviews/s", "vs_pipeline", 2.0),
+    ("service at 64 clients / offline Predictor", "vs_offline", 0.8),
+    ("service / per-request server at 64 clients", "vs_per_request", 5.0),
+]
+
+
+def figures(train, score):
+    runs, serving = train["runs"], score["serving"]
+    return {"mfu": runs["ours"]["mfu_measured"], "epoch": runs["ours"]["epoch_25k_s"],
+            "vs_trainer": runs["ours"]["samples_s"] / runs["Trainer"]["samples_s"],
+            "vs_grouped": runs["ours"]["samples_s"] / runs["Trainer grouped"]["samples_s"],
+            "vs_pipeline": score["scoring"]["predictor_reviews_s"] / score["scoring"]["pipeline_reviews_s"],
+            "vs_offline": serving["ours"]["req_s"] / score["scoring"]["predictor_reviews_s"],
+            "vs_per_request": serving["ours"]["req_s"] / serving["per-request"]["req_s"]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("train")
+    parser.add_argument("score")
+    parser.add_argument("--json", default=None, help="Write all figures together to this file.")
+    args = parser.parse_args()
+    with open(args.train) as f:
+        train = json.load(f)
+    with open(args.score) as f:
+        score = json.load(f)
+    values = figures(train, score)
+    print(f"card: {train['card']}, {train['precision']}; matmul {train['matmul_flops'] / 1e12:.0f} TFLOP/s measured, "
+          f"{train['datasheet_flops'] / 1e12:.0f} data sheet")
+    print("| figure | measured | goal | met |\n|---|---:|---:|---|")
+    for label, key, goal in GOALS:
+        met = values[key] <= goal if key == "epoch" else values[key] >= goal
+        print(f"| {label} | {values[key]:.2f} | {goal} | {'yes' if met else 'no'} |")
+    print("| trainer | tokens/s | samples/s | MFU measured | MFU data sheet | 25k epoch s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r in train["runs"].items():
+        print(f"| {name} | {r['tokens_s']:.0f} | {r['samples_s']:.1f} | {r['mfu_measured']:.1%} | "
+              f"{r['mfu_datasheet']:.1%} | {r['epoch_25k_s']:.1f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"train": train, "score": score, "figures": values}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

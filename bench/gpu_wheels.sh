@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The wheels the GPU machine lacks, for its Python (3.12, x86-64), into .whl/ (git-ignored).
+# Run it here, where the package registry is reachable; the device call then carries .whl and
+# bench/gpu_check.sh installs them. That machine already has torch, transformers, accelerate,
+# tokenizers, numpy, tqdm, prometheus-client, anyio, click, h11, httpx and pytest.
+#
+#   bash bench/gpu_wheels.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rm -rf .whl
+mkdir -p .whl
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+    "polars==2.1.0" "polars-runtime-32==2.1.0" "starlette>=0.40" "uvicorn>=0.30"
+du -ch .whl/*.whl | tail -n 1

@@ -1,0 +1,88 @@
+"""The GPU path: mixed-precision training steps, mid-epoch resume, bf16 scoring, the service.
+
+Deselected from the default run; `bash bench/gpu_check.sh` runs them on a GPU machine
+(`pytest -m gpu`), and `bench/gpu_check.sh --cpu-smoke` on the CPU at toy size
+(SENTIMENT_GPU_TESTS_ON_CPU=1), where fp16, which needs a GPU, is left out of the precisions.
+"""
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from helpers import TINY, run_script
+from safetensors.torch import load_file
+
+from sentiment import checkpointing
+from sentiment.demo_data import demo_reviews
+from sentiment.predictor import Predictor
+
+pytestmark = pytest.mark.gpu
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+PRECISIONS = ["bf16", "fp16"] if GPU else ["bf16"]
+
+
+@pytest.fixture(autouse=True)
+def a_gpu_or_the_smoke_run():
+    if not GPU and os.environ.get("SENTIMENT_GPU_TESTS_ON_CPU") != "1":
+        pytest.fail("the GPU tests need a CUDA GPU; run them with bench/gpu_check.sh (or --cpu-smoke on a CPU)")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpu") / "reviews.csv"
+    demo_reviews(1200, seed=30).write_csv(path)
+    return path
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_training_steps_in_mixed_precision_learn(tmp_path, data, precision):
+    out = tmp_path / precision
+    run_script("train.py", "--data", str(data), *TINY, "--mixed-precision", precision, "--output-dir", str(out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["mixed_precision"] == precision
+    assert metrics["test_accuracy"] >= 0.9 and metrics["steps"] == 120
+    weights = load_file(out / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float32}  # fp32 master weights, saved as such
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_a_run_stopped_mid_epoch_resumes_to_the_same_end(tmp_path, data):
+    out = tmp_path / "out"
+    flags = ["--data", str(data), *TINY, "--mixed-precision", "bf16", "--checkpoint-every", "30",
+             "--output-dir", str(out)]
+    run_script("train.py", *flags)
+    whole = json.loads((out / "metrics.json").read_text())
+    middle = [c for c in checkpointing.complete_checkpoints(out) if checkpointing.step_of(c) == 90]
+    assert middle, "the step-90 checkpoint (mid-epoch 2) is kept"
+    resumed = run_script("train.py", *flags, "--resume", str(middle[0]))
+    assert "at step 90" in resumed.stdout
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["steps"] == whole["steps"] and abs(again["test_accuracy"] - whole["test_accuracy"]) <= 0.02
+
+
+def test_bf16_scoring_agrees_with_fp32(trained_model):
+    texts = demo_reviews(200, seed=31)["review"].to_list()
+    fp32 = Predictor(str(trained_model), device=DEVICE, precision="fp32").probabilities(texts)
+    bf16 = Predictor(str(trained_model), device=DEVICE, precision="bf16").probabilities(texts)
+    assert (fp32.argmax(1) == bf16.argmax(1)).mean() >= 0.98
+    assert np.abs(fp32 - bf16).max() < 0.05
+
+
+def test_the_service_answers_on_the_device(trained_model):
+    from starlette.testclient import TestClient
+
+    from sentiment.config import ServeSettings
+    from sentiment.serving import create_app
+    with TestClient(create_app(ServeSettings(model=str(trained_model), device=DEVICE))) as client:
+        for _ in range(600):
+            if client.get("/ready").status_code == 200:
+                break
+            time.sleep(0.05)
+        answer = client.post("/predict", json={"texts": ["The acting was superb. I loved it."] * 40})
+        assert answer.status_code == 200
+        assert {p["label"] for p in answer.json()["predictions"]} == {"positive"}
