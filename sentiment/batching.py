@@ -9,9 +9,11 @@ Training and inference both use these; nothing here knows about models or optimi
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .errors import SettingError
 
+ENCODE_CHUNK = 4096  # texts per tokenizer call when a progress bar is shown
 TRUNCATIONS = ("head", "tail", "head+tail")  # which tokens of a long text to keep
 HEAD_SHARE = 0.25  # head+tail keeps this share of the budget from the start (128 of 510, as Sun et al.)
 
@@ -40,15 +42,22 @@ def truncate(ids, budget, truncation):
     return ids[:head] + ids[len(ids) - (budget - head):]
 
 
-def encode(tokenizer, texts, max_length, truncation):
-    """Token ids (special tokens included) of each text, at most `max_length` long."""
+def encode(tokenizer, texts, max_length, truncation, progress=None):
+    """Token ids (special tokens included) of each text, at most `max_length` long. With `progress`
+    (a label), a large list is tokenised in chunks under a progress bar."""
     if not texts:
         return []
     prefix, suffix = special_tokens(tokenizer)
     budget = max_length - len(prefix) - len(suffix)
-    bare = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False,
-                     return_token_type_ids=False, verbose=False)["input_ids"]
-    return [prefix + truncate(ids, budget, truncation) + suffix for ids in bare]
+    texts, ids = list(texts), []
+    chunk = ENCODE_CHUNK if progress and len(texts) > ENCODE_CHUNK else len(texts)
+    with tqdm(total=len(texts), desc=progress, unit=" texts", disable=chunk == len(texts)) as bar:
+        for start in range(0, len(texts), chunk):
+            bare = tokenizer(texts[start:start + chunk], add_special_tokens=False, return_attention_mask=False,
+                             return_token_type_ids=False, verbose=False)["input_ids"]
+            ids += [prefix + truncate(one, budget, truncation) + suffix for one in bare]
+            bar.update(len(bare))
+    return ids
 
 
 class TokenizedDataset(torch.utils.data.Dataset):

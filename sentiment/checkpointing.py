@@ -43,6 +43,8 @@ class TrainState:
     best_val_loss: float = math.inf  # … then lower loss on a tie
     best_step: int = None
     best_epoch: int = None
+    evals_since_best: int = 0  # evaluations in a row without a better model (early stopping counts them)
+    stopped_early: str = None  # why the run stopped before its last step, if it did
 
     def is_better(self, accuracy, loss):
         # Best by accuracy; on a tie, the lower loss (the later, more confident model, usually).
@@ -202,7 +204,7 @@ def load_trainer_state(folder, config):
     changed = [f"--{key.replace('_', '-')} was {saved.get(key, defaults[key])!r}, now {config.get(key)!r}"
                for key in INVARIANTS if saved.get(key, defaults[key]) != config.get(key)]
     for key, what in (("num_processes", "processes"), ("mixed_precision", "mixed precision in effect")):
-        if saved.get(key) != config.get(key):
+        if saved.get(key) is not None and saved.get(key) != config.get(key):  # None: saved before it was recorded
             changed.append(f"{what} was {saved.get(key)}, now {config.get(key)}")
     if changed:
         raise SentimentError(f"cannot resume from {folder}: " + "; ".join(changed)

@@ -72,12 +72,17 @@ class TrainArgs:
     weight_decay: float = fixed(0.01, "AdamW weight decay (never applied to biases and LayerNorm weights).")
     warmup_ratio: float = fixed(0.1, "Fraction of the optimizer steps spent warming the learning rate up from 0.")
     max_grad_norm: float = fixed(1.0, "Clip the gradient norm to this; 0 turns clipping off.")
+    class_weights: str = fixed("none", "auto: weigh each class's loss by its inverse frequency in the training rows "
+                                       "(for skewed labels; the weights go into train_config.json); none: equal.",
+                               choices=("none", "auto"))
     mixed_precision: str = arg(None, "no, fp16 or bf16; default: what `accelerate launch` was configured with.",
                                choices=MIXED_PRECISIONS)
     seed: int = fixed(42, "Seed for the data split, the shuffling, the new head's weights and dropout.")
     max_steps: int = fixed(None, "Stop after this many optimizer steps (for quick runs); default: all epochs.")
     # bookkeeping
     eval_every: int = arg(None, "Also evaluate every N optimizer steps; evaluation always runs each epoch.")
+    early_stopping_patience: int = arg(None, "Stop after N evaluations in a row without a better validation "
+                                             "accuracy, keeping the best model; default: never stop early.")
     checkpoint_every: int = arg(500, "Save the full training state every N optimizer steps; 0 = never.")
     keep_checkpoints: int = arg(2, "How many of the newest checkpoints to keep.")
     resume: str = arg(None, "'latest' to continue from the newest checkpoint in --output-dir, or a checkpoint path.")
@@ -102,6 +107,8 @@ class TrainArgs:
             raise SentimentError(f"--lr must be positive, got {self.lr}")
         if self.max_steps is not None and self.max_steps < 1:
             raise SentimentError(f"--max-steps must be at least 1, got {self.max_steps}")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise SentimentError(f"--early-stopping-patience must be at least 1, got {self.early_stopping_patience}")
         for name in ("eval_every", "checkpoint_every"):
             value = getattr(self, name)
             if value is not None and value < 0:

@@ -29,17 +29,26 @@ def classification_report(y_true, y_pred, labels):
     }
 
 
-def expected_calibration_error(probs, y_true, bins=ECE_BINS):
-    """Mean gap between confidence and accuracy over equal-width confidence bins, weighted by bin size."""
+def reliability_bins(probs, y_true, bins=ECE_BINS):
+    """Per equal-width confidence bin that holds examples: [mean confidence, accuracy, examples]."""
     probs, y_true = np.asarray(probs), np.asarray(y_true)
     confidence, predicted = probs.max(1), probs.argmax(1)
     which = np.minimum((confidence * bins).astype(int), bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        in_bin = which == b
-        if in_bin.any():
-            ece += in_bin.mean() * abs((predicted[in_bin] == y_true[in_bin]).mean() - confidence[in_bin].mean())
-    return float(ece)
+    return [[float(confidence[which == b].mean()), float((predicted[which == b] == y_true[which == b]).mean()),
+             int((which == b).sum())] for b in range(bins) if (which == b).any()]
+
+
+def expected_calibration_error(probs, y_true, bins=ECE_BINS):
+    """Mean gap between confidence and accuracy over equal-width confidence bins, weighted by bin size."""
+    rows = reliability_bins(probs, y_true, bins)
+    total = sum(n for _, _, n in rows)
+    return float(sum(n / total * abs(accuracy - confidence) for confidence, accuracy, n in rows))
+
+
+def inverse_frequency_weights(label_ids, classes):
+    """Class weights n / (k · n_c): the rare class's errors count as much, in all, as the common one's."""
+    counts = np.bincount(np.asarray(label_ids, dtype=np.int64), minlength=classes).astype(float)
+    return len(label_ids) / (classes * np.maximum(counts, 1))
 
 
 def fit_temperature(logits, y_true):

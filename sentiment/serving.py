@@ -11,6 +11,7 @@ by `prometheus-client` with one registry per app, and every answer says how long
 import asyncio
 import contextlib
 import gc
+import importlib
 import json
 import logging
 import time
@@ -191,6 +192,30 @@ async def server_error(request, exc):
     return error(500, "internal_error", "internal error; the service is still running")
 
 
+def send_json_400(protocol, message):
+    """uvicorn's answer to a request it cannot parse, in our error shape rather than plain text."""
+    body = json.dumps({"error": {"type": "bad_request", "message": message}}).encode()
+    head = [b"HTTP/1.1 400 Bad Request\r\n"]
+    for name, value in protocol.server_state.default_headers:
+        head += [name, b": ", value, b"\r\n"]
+    head += [b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)]
+    protocol.transport.write(b"".join(head) + body)
+    protocol.transport.close()
+
+
+def json_protocol_errors():
+    """uvicorn answers a malformed request itself, before any app sees it, from one method of its
+    protocol classes; that method is replaced so that every error the service sends is JSON."""
+    for name in ("h11_impl", "httptools_impl", "zttp_impl"):
+        try:
+            module = importlib.import_module(f"uvicorn.protocols.http.{name}")
+        except ImportError:  # that implementation's parser is not installed
+            continue
+        for cls in vars(module).values():
+            if isinstance(cls, type) and "send_400_response" in vars(cls):
+                cls.send_400_response = send_json_400
+
+
 class TotalTime:
     """Every answer, errors from routing included, says in `x-total-time` how many ms it took."""
 
@@ -216,6 +241,7 @@ ROUTES = [Route("/predict", predict, methods=["POST"]), Route("/health", health)
 
 def create_app(settings=None, predictor_factory=None):
     """The Starlette app. `predictor_factory(settings)` builds the Predictor (tests pass their own)."""
+    json_protocol_errors()
     app = Starlette(routes=ROUTES, lifespan=lifespan, middleware=[Middleware(TotalTime)],
                     exception_handlers={HTTPException: http_error, Exception: server_error})
     app.state.settings = settings or ServeSettings.from_env()

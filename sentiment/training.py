@@ -30,9 +30,11 @@ from .checkpointing import (TrainState, best_weights, check_random_states, find_
                             fsync_path, load_trainer_state, save_checkpoint)
 from .data import load_splits
 from .errors import SentimentError
-from .metrics import classification_report, expected_calibration_error, fit_temperature, softmax
+from .metrics import (classification_report, expected_calibration_error, fit_temperature, inverse_frequency_weights,
+                      reliability_bins, softmax)
 from .modeling import CONFIG_FILE, LOG_FILE, METRICS_FILE, ModelSettings, check_max_length, load_model, load_tokenizer
 from .outputs import claim, disk_full, log_line, publish_model, truncate_log
+from .report import write_report_or_say_how
 
 LOG_EVERY = 10  # optimizer steps between log lines
 
@@ -64,12 +66,12 @@ def window_scale(batch_index, batches, accumulation):
     return accumulation / min(accumulation, batches - start)
 
 
-def evaluate(model, loader, accelerator):
+def evaluate(model, loader, accelerator, desc="evaluate"):
     """Logits and labels of every example in `loader`, gathered from all processes, each once."""
     model.eval()
     all_logits, all_labels = [], []
     with torch.inference_mode():
-        for batch in loader:
+        for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_main_process):
             labels = batch.pop("labels")
             logits = model(**batch).logits.float()
             logits, labels = accelerator.gather_for_metrics((logits, labels))
@@ -157,18 +159,25 @@ class FineTuneRecipe:
                               else load_tokenizer(args.model, self.splits.train["text"].to_list()))
         accelerator.print(f"data: {json.dumps(self.splits.report)}; labels: {self.splits.labels}")
         self.model = load_model(args.model, self.splits.labels, len(self.tokenizer))
+        self.class_weights = None
+        if args.class_weights == "auto":
+            weights = inverse_frequency_weights(self.splits.label_ids(self.splits.train), len(self.splits.labels))
+            self.config["class_weight_values"] = dict(zip(self.splits.labels, weights.tolist()))
+            self.class_weights = torch.tensor(weights, dtype=torch.float32, device=accelerator.device)
         self.settings = ModelSettings(labels=self.splits.labels, truncation=args.truncation,
                                       max_length=check_max_length(args.max_length, self.model.config))
-        self.train_set, self.val_set, self.test_set = map(self.dataset, (self.splits.train, self.splits.val,
-                                                                         self.splits.test))
+        self.train_set, self.val_set, self.test_set = (self.dataset(self.splits.train, "train"),
+                                                       self.dataset(self.splits.val, "val"),
+                                                       self.dataset(self.splits.test, "test"))
         self.collate = Collator(self.tokenizer.pad_token_id, multiple_of=8 if accelerator.device.type == "cuda" else 1)
         self.batches = LengthGroupedBatches(self.train_set.lengths, args.batch_size, args.seed)
         self.train_dl = make_loader(self.train_set, self.collate, batch_sampler=self.batches)
         self.val_dl, self.test_dl = self.eval_loader(self.val_set), self.eval_loader(self.test_set)
 
-    def dataset(self, frame):
+    def dataset(self, frame, name):
         """A split tokenised once, with the settings the model folder will record."""
-        ids = encode(self.tokenizer, frame["text"].to_list(), self.settings.max_length, self.settings.truncation)
+        ids = encode(self.tokenizer, frame["text"].to_list(), self.settings.max_length, self.settings.truncation,
+                     progress=f"tokenise {name}" if self.accelerator.is_main_process else None)
         return TokenizedDataset(ids, self.splits.label_ids(frame))
 
     def eval_loader(self, data):
@@ -220,7 +229,7 @@ class FineTuneRecipe:
         running_loss, loss_batches = torch.zeros((), device=accelerator.device), 0
         model.train()
         for epoch in range(state.epoch, args.epochs):
-            if state.step >= self.total_steps:  # --max-steps ended the run early
+            if state.step >= self.total_steps or state.stopped_early:  # --max-steps or early stopping ended it
                 break
             state.epoch = self.batches.epoch = epoch
             loader = self.train_dl
@@ -230,7 +239,7 @@ class FineTuneRecipe:
             for batch in loader:
                 with accelerator.accumulate(model):
                     # forward/backward (Accelerate divides the loss by --grad-accum; a short last window is scaled back)
-                    loss = model(**batch).loss
+                    loss = self.loss(batch)
                     accelerator.backward(loss * window_scale(state.batches_done, len(self.train_dl), args.grad_accum))
                     # clip, on the steps that update the weights
                     if accelerator.sync_gradients and args.max_grad_norm > 0:
@@ -253,10 +262,10 @@ class FineTuneRecipe:
                     self.log_train(running_loss.item() / loss_batches, bar)
                     running_loss.zero_()
                     loss_batches = 0
-                # evaluate, and keep the model if it is the best so far
+                # evaluate, keep the best model, and stop early once it has stopped getting better
                 if last or every(args.eval_every, state.step):
                     with self.clock.paused():
-                        self.keep_if_best(self.validate())
+                        last |= self.evaluate_and_keep_best()
                 if last:
                     state.epoch, state.batches_done = epoch + 1, 0
                 # checkpoint
@@ -297,19 +306,41 @@ class FineTuneRecipe:
         self.accelerator.log({"val/accuracy": figures["accuracy"], "val/loss": figures["loss"]}, step=self.state.step)
         return figures
 
-    def keep_if_best(self, figures):
-        """Keep the weights when `figures` beat the best so far (the next checkpoint takes a copy)."""
-        state = self.state
-        if figures and state.is_better(figures["accuracy"], figures["loss"]):
+    def loss(self, batch):
+        """Cross-entropy of a batch, each class weighted as --class-weights says."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = self.model(**inputs).logits
+        return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], weight=self.class_weights)
+
+    def evaluate_and_keep_best(self):
+        """Validate; keep the weights if they are the best so far; True when early stopping ends the run."""
+        state, accelerator, patience = self.state, self.accelerator, self.args.early_stopping_patience
+        figures = self.validate()
+        if figures is None:
+            return False
+        if state.is_better(figures["accuracy"], figures["loss"]):
             state.best_val_accuracy, state.best_val_loss = figures["accuracy"], figures["loss"]
-            state.best_step, state.best_epoch = state.step, state.epoch
-            if self.accelerator.is_main_process:
+            state.best_step, state.best_epoch, state.evals_since_best = state.step, state.epoch, 0
+            if accelerator.is_main_process:  # the next checkpoint takes a copy
                 path = best_weights(self.args.output_dir)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                safetensors.torch.save_model(self.accelerator.unwrap_model(self.model), path + ".tmp")
+                safetensors.torch.save_model(accelerator.unwrap_model(self.model), path + ".tmp")
                 fsync_path(path + ".tmp")
                 os.replace(path + ".tmp", path)  # never a half-written best model
-        self.accelerator.wait_for_everyone()
+        else:
+            state.evals_since_best += 1
+        accelerator.wait_for_everyone()
+        if patience and state.evals_since_best >= patience:
+            accelerator.set_trigger()
+        if not accelerator.check_trigger():  # every process stops at the same evaluation
+            return False
+        state.stopped_early = (f"early stopping: no better validation accuracy in {state.evals_since_best} "
+                               f"evaluations since step {state.best_step}")
+        accelerator.print(f"step {state.step}: {state.stopped_early}")
+        if accelerator.is_main_process:
+            log_line(self.log_path, {"step": state.step, "epoch": state.epoch, "event": "stop",
+                                     "reason": state.stopped_early})
+        return True
 
     def save_checkpoint(self):
         self.state.train_seconds = self.clock.seconds
@@ -343,12 +374,14 @@ class FineTuneRecipe:
         metrics = {"labels": self.splits.labels, "best_step": state.best_step, "best_epoch": state.best_epoch,
                    "steps": state.step, "data": self.splits.report,
                    "train_samples_per_second": state.train_samples / max(state.train_seconds, 1e-9),
-                   "train_seconds": state.train_seconds, **self.final_figures()}
+                   "train_seconds": state.train_seconds, "stopped_early": state.stopped_early,
+                   **self.final_figures()}
         metrics["wall_seconds"] = time.perf_counter() - self.wall_start
         if accelerator.is_main_process:
             publish_model(args.output_dir, unwrapped, self.tokenizer, self.settings)
             with open(os.path.join(args.output_dir, METRICS_FILE), "w") as f:
                 json.dump(metrics, f, indent=2)
+            write_report_or_say_how(args.output_dir)
         summary = {k: metrics.get(k) for k in ("val_accuracy", "test_accuracy", "test_macro_f1",
                                                "train_samples_per_second", "wall_seconds", "best_epoch")}
         accelerator.print(f"done: {json.dumps(summary)}; model folder: {args.output_dir}")
@@ -368,10 +401,12 @@ class FineTuneRecipe:
         if len(self.splits.test):
             test_logits, test_labels = evaluate(self.model, self.test_dl, self.accelerator)
             test = classification_report(test_labels, test_logits.argmax(1), labels)
+            before, after = softmax(test_logits), softmax(test_logits, settings.temperature)
             figures.update(test_accuracy=test["accuracy"], test_macro_f1=test["macro_f1"], test=test,
-                           test_ece_before_calibration=expected_calibration_error(softmax(test_logits), test_labels),
-                           test_ece_after_calibration=expected_calibration_error(
-                               softmax(test_logits, settings.temperature), test_labels))
+                           test_ece_before_calibration=expected_calibration_error(before, test_labels),
+                           test_ece_after_calibration=expected_calibration_error(after, test_labels),
+                           test_reliability={"before": reliability_bins(before, test_labels),
+                                             "after": reliability_bins(after, test_labels)})
         return figures
 
 

@@ -185,6 +185,19 @@ def test_small_departures_from_the_contract(serve):
     assert float(wrong_method.headers["x-total-time"]) >= 0 and float(upper.headers["x-total-time"]) >= 0
 
 
+def test_a_request_uvicorn_cannot_parse_still_gets_a_json_error(serve):
+    server = serve()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"NOT A REQUEST LINE\r\n\r\n")
+        sock.settimeout(10)
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower()
+    assert json.loads(body)["error"]["type"] == "bad_request"
+
+
 def test_a_model_that_will_not_load_is_not_described_to_clients(serve, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()

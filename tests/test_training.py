@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import polars as pl
 import pytest
 import torch
 from helpers import ROOT, TINY, run_script
@@ -17,6 +19,7 @@ from sentiment.config import TrainArgs, parse_args
 from sentiment.demo_data import demo_reviews
 from sentiment.errors import SentimentError
 from sentiment.modeling import tiny_config
+from sentiment.outputs import log_line
 from sentiment.predictor import Predictor
 
 
@@ -369,3 +372,70 @@ def test_the_last_short_accumulation_window_weighs_as_much_as_a_full_one():
     # The lone last batch gives its own full gradient, not a quarter of it.
     torch.testing.assert_close(grads[1], torch.autograd.functional.jacobian(
         lambda w: (batches[4] @ w.T).sum(), model.weight.detach()))
+
+
+def test_early_stopping_stops_together_keeps_the_best_and_says_why(tmp_path, monkeypatch):
+    data = tmp_path / "reviews.csv"
+    demo_reviews(400, seed=21).write_csv(data)
+    scores = iter([0.5, 0.8, 0.7, 0.8, 0.6, 0.9, 0.95])  # best at the 2nd evaluation, then 3 without a better one
+
+    def scripted_validate(recipe):
+        figures = {"accuracy": next(scores), "macro_f1": 0.5, "loss": 1.0}
+        log_line(recipe.log_path, {"step": recipe.state.step, "split": "val", **figures})
+        return figures
+
+    monkeypatch.setattr(training.FineTuneRecipe, "validate", scripted_validate)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    flags = ["--data", str(data), *TINY, "--epochs", "5", "--eval-every", "4", "--early-stopping-patience", "3",
+             "--output-dir", str(tmp_path / "out"), "--checkpoint-every", "0"]
+    metrics = training.train(parse_args(TrainArgs, "", flags))
+    assert metrics["best_step"] == 8 and metrics["steps"] == 20  # evaluations at 4, 8, 12, 16, 20
+    assert "no better validation accuracy in 3 evaluations since step 8" in metrics["stopped_early"]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["stopped_early"] == metrics["stopped_early"]
+    assert any(r.get("event") == "stop" for r in read_log(tmp_path / "out"))
+
+
+def test_class_weights_raise_macro_f1_on_skewed_labels(tmp_path):
+    # 90/10 labels and one weak cue: "dull" is in 70 % of the negative reviews and 20 % of the positive ones.
+    # Unweighted, a negative with the cue is still the less likely class, so the model never says negative.
+    rng = np.random.default_rng(0)
+    words, rows = [f"word{i}" for i in range(40)], []
+    for i in range(2000):
+        label = "negative" if i % 10 == 0 else "positive"
+        text = list(rng.choice(words, rng.integers(8, 16)))
+        if rng.random() < (0.7 if label == "negative" else 0.2):
+            text.insert(int(rng.integers(0, len(text))), "dull")
+        rows.append((" ".join(text), label))
+    data = tmp_path / "skewed.csv"
+    pl.DataFrame(rows, schema=["review", "sentiment"], orient="row").write_csv(data)
+    results = {}
+    for weights in ("none", "auto"):
+        out = tmp_path / weights
+        run_script("train.py", "--data", str(data), *TINY, "--val-size", "0", "--test-size", "400",
+                   "--class-weights", weights, "--output-dir", str(out))
+        results[weights] = json.loads((out / "metrics.json").read_text())["test_macro_f1"]
+        config = json.loads((out / "train_config.json").read_text())
+    assert config["class_weight_values"]["negative"] == pytest.approx(5.0, rel=0.05)
+    assert config["class_weight_values"]["positive"] == pytest.approx(0.555, rel=0.05)
+    assert results["auto"] > results["none"] + 0.05, results
+
+
+def test_the_report_shows_every_plot_and_training_says_how_to_get_it_without_matplotlib(tmp_path, trained_model,
+                                                                                        monkeypatch, capsys):
+    import base64
+    import re
+    import shutil
+
+    from sentiment import report
+    folder = tmp_path / "model"
+    shutil.copytree(trained_model, folder)
+    report.main([str(folder)])
+    page = (folder / "report.html").read_text()
+    for title in ("Headline figures", "Training", "Validation", "Test", "Settings"):
+        assert f"<h2>{title}</h2>" in page
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 4  # loss and lr, validation, confusion matrix, reliability before and after
+    assert all(base64.b64decode(image).startswith(b"\x89PNG") for image in images)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the extra were not installed
+    report.write_report_or_say_how(str(folder))
+    assert 'report.html not written: pip install -e ".[report]"' in capsys.readouterr().out

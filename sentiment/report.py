@@ -1,0 +1,155 @@
+"""The training report: one self-contained HTML page, plots embedded, from a model folder's
+`log.jsonl` and `metrics.json` alone.
+
+It shows the run's headline figures and settings, the training loss and learning rate by step,
+validation accuracy and loss by evaluation, the test confusion matrix, and the reliability
+diagram before and after calibration. `train.py` writes it as `report.html` at the end of every
+run; `python -m sentiment.report OUT` rebuilds it. Plots need matplotlib, an optional extra
+(`pip install -e ".[report]"`); without it training still succeeds and says how to get the page.
+"""
+
+import argparse
+import base64
+import html
+import io
+import json
+import os
+import sys
+
+from .modeling import CONFIG_FILE, LOG_FILE, METRICS_FILE
+
+REPORT_FILE = "report.html"
+INSTALL_HINT = 'pip install -e ".[report]" (matplotlib), then python -m sentiment.report'
+
+
+def read_folder(folder):
+    """(log records, metrics, run settings) of a model folder; a line cut short in the log is passed over."""
+    records = []
+    with open(os.path.join(folder, LOG_FILE)) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    with open(os.path.join(folder, METRICS_FILE)) as f:
+        metrics = json.load(f)
+    config = {}
+    if os.path.exists(os.path.join(folder, CONFIG_FILE)):
+        with open(os.path.join(folder, CONFIG_FILE)) as f:
+            config = json.load(f)
+    return records, metrics, config
+
+
+def embedded(figure, plt):
+    """The figure as an <img> whose PNG is inside the page."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def training_plot(records, plt):
+    steps = [r for r in records if "lr" in r]
+    figure, (loss, lr) = plt.subplots(1, 2, figsize=(10, 3.2))
+    loss.plot([r["step"] for r in steps], [r["loss"] for r in steps])
+    loss.set(title="training loss", xlabel="step")
+    lr.plot([r["step"] for r in steps], [r["lr"] for r in steps], color="tab:orange")
+    lr.set(title="learning rate", xlabel="step")
+    return embedded(figure, plt)
+
+
+def validation_plot(records, plt):
+    evals = [r for r in records if r.get("split") == "val"]
+    figure, (accuracy, loss) = plt.subplots(1, 2, figsize=(10, 3.2))
+    accuracy.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], marker="o")
+    accuracy.set(title="validation accuracy", xlabel="step")
+    loss.plot([r["step"] for r in evals], [r["loss"] for r in evals], marker="o", color="tab:red")
+    loss.set(title="validation loss", xlabel="step")
+    return embedded(figure, plt)
+
+
+def confusion_plot(metrics, plt):
+    confusion = metrics["test"]["confusion_matrix"]
+    labels, counts = confusion["labels"], confusion["rows_true_columns_predicted"]
+    figure, axes = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.2 * len(labels) + 1.5))
+    axes.imshow(counts, cmap="Blues")
+    for i, row in enumerate(counts):
+        for j, n in enumerate(row):
+            axes.text(j, i, str(n), ha="center", va="center")
+    axes.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels,
+             xlabel="predicted", ylabel="true", title="test confusion matrix")
+    return embedded(figure, plt)
+
+
+def reliability_plot(metrics, plt):
+    figure, axes = plt.subplots(figsize=(4.5, 4.5))
+    axes.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
+    for when in ("before", "after"):
+        ece, bins = metrics[f"test_ece_{when}_calibration"], metrics["test_reliability"][when]
+        axes.plot([b[0] for b in bins], [b[1] for b in bins], marker="o", label=f"{when} calibration (ECE {ece:.3f})")
+    axes.set(xlabel="confidence", ylabel="accuracy", title="reliability on the test rows", xlim=(0, 1), ylim=(0, 1))
+    axes.legend(loc="upper left")
+    return embedded(figure, plt)
+
+
+def headline(metrics):
+    keys = ("test_accuracy", "test_macro_f1", "val_accuracy", "test_ece_before_calibration",
+            "test_ece_after_calibration", "temperature", "best_step", "steps", "train_samples_per_second",
+            "train_seconds", "wall_seconds", "stopped_early")
+    return {k: metrics[k] for k in keys if metrics.get(k) is not None}
+
+
+def table(values):
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in values.items())
+    return f"<table>{rows}</table>"
+
+
+def write_report(folder):
+    """Write `report.html` into the model folder; ImportError if matplotlib is missing."""
+    import matplotlib
+    matplotlib.use("Agg")  # no screen needed
+    import matplotlib.pyplot as plt
+
+    records, metrics, config = read_folder(folder)
+    sections = [("Headline figures", table(headline(metrics))), ("Training", training_plot(records, plt))]
+    if any(r.get("split") == "val" for r in records):
+        sections.append(("Validation", validation_plot(records, plt)))
+    if "test" in metrics:
+        sections.append(("Test", confusion_plot(metrics, plt) + reliability_plot(metrics, plt)))
+    sections.append(("Settings", table(config)))
+    body = "".join(f"<h2>{title}</h2>{content}" for title, content in sections)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Training report: {html.escape(folder)}</title>"
+            "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}th{text-align:left;padding-right:1em}"
+            f"img{{max-width:100%}}</style></head><body><h1>Training report</h1><p>{html.escape(folder)}</p>{body}"
+            "</body></html>")
+    path = os.path.join(folder, REPORT_FILE)
+    with open(path + ".tmp", "w") as f:
+        f.write(page)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def write_report_or_say_how(folder):
+    """The end of every training run: the report, or one line saying how to get it."""
+    try:
+        print(f"report: {write_report(folder)}")
+    except ImportError:
+        print(f"report.html not written: {INSTALL_HINT} {folder}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Rebuild report.html of a model folder from log.jsonl and "
+                                                 "metrics.json.")
+    parser.add_argument("folder", help="A model folder written by train.py.")
+    args = parser.parse_args(argv)
+    for name in (LOG_FILE, METRICS_FILE):
+        if not os.path.isfile(os.path.join(args.folder, name)):
+            sys.exit(f"error: {args.folder}: no {name}; name a model folder written by train.py")
+    try:
+        print(write_report(args.folder))
+    except ImportError:
+        sys.exit(f"error: the report needs matplotlib: {INSTALL_HINT} {args.folder}")
+
+
+if __name__ == "__main__":
+    main()
