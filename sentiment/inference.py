@@ -127,8 +127,10 @@ class LabelTally:
             print(f"{self.missing} rows have no label in {self.column!r}; left out of the accuracy", file=sys.stderr)
         if self.unknown:
             shown = ", ".join(f"{v!r} ({n})" for v, n in sorted(self.unknown.items())[:5])
+            near = {label.lower() for label in labels} & {v.strip().lower() for v in self.unknown}
+            hint = "; some differ from them only in case or spaces" if near else ""
             print(f"{sum(self.unknown.values())} rows have labels the model does not know ({shown}); left out of "
-                  f"the accuracy. The model's labels: {', '.join(labels)}", file=sys.stderr)
+                  f"the accuracy. The model's labels: {', '.join(labels)}{hint}", file=sys.stderr)
         if not self.y_true:
             print("no row has a label the model knows: no accuracy to report", file=sys.stderr)
             return None

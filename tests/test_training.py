@@ -169,6 +169,13 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, reviews_csv, problem, f
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_an_output_dir_that_cannot_be_made_is_one_line(tmp_path, reviews_csv):
+    result = run_script("train.py", "--data", str(reviews_csv), "--model", "tiny",
+                        "--output-dir", str(reviews_csv / "out"), check=False)
+    assert result.returncode == 2 and "cannot write there (Not a directory)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_every_flag_has_help():
     result = run_script("train.py", "--help")
     for flag in ("--data", "--val-data", "--truncation", "--resume", "--report-to", "--checkpoint-every"):
