@@ -55,6 +55,8 @@ def training_plot(records, plt):
     loss.set(title="training loss", xlabel="step")
     lr.plot([r["step"] for r in steps], [r["lr"] for r in steps], color="tab:orange")
     lr.set(title="learning rate", xlabel="step")
+    lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    figure.tight_layout()
     return embedded(figure, plt)
 
 
@@ -65,6 +67,7 @@ def validation_plot(records, plt):
     accuracy.set(title="validation accuracy", xlabel="step")
     loss.plot([r["step"] for r in evals], [r["loss"] for r in evals], marker="o", color="tab:red")
     loss.set(title="validation loss", xlabel="step")
+    figure.tight_layout()
     return embedded(figure, plt)
 
 
@@ -73,9 +76,10 @@ def confusion_plot(metrics, plt):
     labels, counts = confusion["labels"], confusion["rows_true_columns_predicted"]
     figure, axes = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.2 * len(labels) + 1.5))
     axes.imshow(counts, cmap="Blues")
+    darkest = max(max(row) for row in counts)
     for i, row in enumerate(counts):
-        for j, n in enumerate(row):
-            axes.text(j, i, str(n), ha="center", va="center")
+        for j, n in enumerate(row):  # white on the dark cells, so every count can be read
+            axes.text(j, i, str(n), ha="center", va="center", color="white" if n > darkest / 2 else "black")
     axes.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels,
              xlabel="predicted", ylabel="true", title="test confusion matrix")
     return embedded(figure, plt)
