@@ -4,10 +4,24 @@ Nothing here downloads: the model is a 2-layer DistilBERT with a WordPiece vocab
 on the generated reviews, built by `train.py --model tiny`. Plain helpers are in `helpers.py`.
 """
 
+import os
+
 import pytest
+import torch
 from helpers import TINY, run_script
 
 from sentiment.demo_data import demo_reviews
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests are deselected (not skipped) on a machine without one, whatever -m says, unless the
+    CPU smoke run of bench/gpu_check.sh asks for them."""
+    if torch.cuda.is_available() or os.environ.get("SENTIMENT_GPU_TESTS_ON_CPU") == "1":
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
 
 
 @pytest.fixture
