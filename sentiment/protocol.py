@@ -96,8 +96,8 @@ def parse(body, settings):
         raise BadRequest(413, "too_many_texts", f"{len(request.texts)} texts in one request; the limit is "
                                                 f"{settings.max_texts} (SENTIMENT_MAX_TEXTS): split the request")
     for i, text in enumerate(request.texts):
-        check_text(text, request.shape if request.shape in ("text", "inputs") else f"{request.shape[:-5]}[{i}]",
-                   settings)
+        where = {"text": "text", "inputs": "inputs", "texts": f"texts[{i}]", "inputs_list": f"inputs[{i}]"}
+        check_text(text, where[request.shape], settings)
     return request
 
 

@@ -251,6 +251,8 @@ def test_the_hugging_face_inference_client_works_unchanged(serve):
     assert [answer[0]["label"] for answer in many] == ["positive", "negative"]
     refused = httpx.post(server.url + "/predict", json={"inputs": GOOD, "parameters": {"function_to_apply": "none"}})
     assert refused.status_code == 422
+    empty = httpx.post(server.url + "/predict", json={"inputs": [GOOD, " "]})
+    assert empty.status_code == 422 and empty.json()["error"]["message"] == "inputs[1] is empty"
 
 
 def test_ready_waits_for_the_model_while_health_answers(trained_model):

@@ -92,6 +92,8 @@ def test_bad_requests_get_json_errors_with_the_right_status(kwargs, status, kind
         response = client.post("/predict", **kwargs)
         assert response.status_code == status
         assert response.json()["error"]["type"] == kind and response.json()["error"]["message"]
+        if "texts" in kwargs.get("json", {}) and kind == "empty_text":
+            assert response.json()["error"]["message"].startswith("texts[1] is only markup")
         assert client.get("/nowhere").json()["error"]["type"] == "http_error"
 
 
