@@ -24,7 +24,7 @@ from .data import check_columns
 from .errors import SentimentError
 from .metrics import classification_report
 from .predictor import Predictor
-from .tables import SCANNERS, TableWriter, extension, scan_chunks, scanner, writable
+from .tables import SCANNERS, TableWriter, existing_file, extension, scan_chunks, scanner, writable
 
 
 def text_lines(stream, name, column, chunk_rows):
@@ -49,10 +49,8 @@ def read_chunks(path, column, chunk_rows):
         # Bytes, decoded line by line: under a C locale Python would turn bad bytes into lone surrogates.
         yield from text_lines(sys.stdin.buffer, "standard input", column, chunk_rows)
     elif extension(path) == ".txt":
-        if not os.path.isfile(path):
-            raise SentimentError(f"{path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}")
         try:
-            with open(path, "rb") as f:
+            with open(existing_file(path), "rb") as f:
                 yield from text_lines(f, path, column, chunk_rows)
         except OSError as err:
             raise SentimentError(f"{path}: could not read it ({err.strerror})") from None
@@ -111,12 +109,13 @@ class LabelTally:
         self.y_true, self.y_pred, self.missing, self.unknown = [], [], 0, {}
 
     def add(self, out):
-        truth = out[self.column].cast(pl.String)
-        self.missing += int((truth.is_null() | (truth.str.strip_chars() == "")).sum())
-        for value, predicted, err in zip(truth.to_list(), out["label"].to_list(), out["error"].to_list()):
-            if value is None or not value.strip() or err is not None:
+        truth = out[self.column].cast(pl.String).to_list()
+        for value, predicted, err in zip(truth, out["label"].to_list(), out["error"].to_list()):
+            if value is None or not value.strip():
+                self.missing += 1
+            elif err is not None:
                 continue
-            if value in self.index:
+            elif value in self.index:
                 self.y_true.append(self.index[value])
                 self.y_pred.append(self.index[predicted])
             else:

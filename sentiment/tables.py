@@ -38,11 +38,16 @@ def scanner(path):
     ext = extension(path)
     if ext not in SCANNERS:
         raise SentimentError(f"{path}: unknown file type {ext or '(none)'}; use one of {', '.join(SCANNERS)}")
+    return SCANNERS[ext](existing_file(path))
+
+
+def existing_file(path):
+    """`path`, once it is known to be a file: a folder or a missing path is a one-line error."""
     if os.path.isdir(path):
-        raise SentimentError(f"{path}: a folder, not a file; name the table file in it")
+        raise SentimentError(f"{path}: a folder, not a file; name the file in it")
     if not os.path.isfile(path):
         raise SentimentError(f"{path}: no such file")
-    return SCANNERS[ext](path)
+    return path
 
 
 def where_broken(path, err):
