@@ -54,3 +54,21 @@ def matmul_rate(config, tokens=4096, seconds=3.0):
             a @ b
         best = max(best, flops_per_round / (time.perf_counter() - start))
     return best
+
+
+def cpu_description():
+    """The CPU's name, core count and the vector flags that decide which kernels run (for tables)."""
+    name, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:  # not Linux: the name alone
+        import platform
+        name = platform.processor() or name
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name}, {os.cpu_count()} cores, {' '.join(wanted) or 'no AVX2'}"

@@ -43,8 +43,8 @@ print(f"rows: {len(train.head(rows) if rows else train)} train, 1000 validation,
 PY
 start=$(date +%s)
 "$py" train.py --data "$splits/train.csv" --val-data "$splits/val.csv" --test-data "$splits/test.csv" \
-    --model "$model" --output-dir "$out" --overwrite --max-length 256 --truncation head+tail --epochs 2 \
-    --lr 1e-4 --batch-size 16 --warmup-ratio 0.1 --mixed-precision bf16 --eval-every 250 \
+    --model "$model" --output-dir "$out" --overwrite --max-length 512 --truncation head+tail --epochs 2 \
+    --attention-dropout 0 --lr 1e-4 --batch-size 16 --warmup-ratio 0.1 --mixed-precision bf16 --eval-every 250 \
     --early-stopping-patience 4 --checkpoint-every 250 --seed 0
 echo "wall time: $(( $(date +%s) - start )) s"
 "$py" - "$out" <<'PY'

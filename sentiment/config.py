@@ -78,6 +78,9 @@ class TrainArgs:
     mixed_precision: str = arg(None, "no, fp16 or bf16; default: what `accelerate launch` was configured with.",
                                choices=MIXED_PRECISIONS)
     seed: int = fixed(42, "Seed for the data split, the shuffling, the new head's weights and dropout.")
+    attention_dropout: float = fixed(None, "Dropout on the attention weights; default: the model's own (0.1 for "
+                                           "BERT and DistilBERT). 0 lets PyTorch's fused attention run on CPUs, "
+                                           "which trains twice as fast at --max-length 512 (see BENCHMARKS.md).")
     max_steps: int = fixed(None, "Stop after this many optimizer steps (for quick runs); default: all epochs.")
     # bookkeeping
     eval_every: int = arg(None, "Also evaluate every N optimizer steps; evaluation always runs each epoch.")
@@ -105,6 +108,8 @@ class TrainArgs:
             raise SentimentError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.lr <= 0:
             raise SentimentError(f"--lr must be positive, got {self.lr}")
+        if self.attention_dropout is not None and not 0 <= self.attention_dropout < 1:
+            raise SentimentError(f"--attention-dropout must be in [0, 1), got {self.attention_dropout}")
         if self.max_steps is not None and self.max_steps < 1:
             raise SentimentError(f"--max-steps must be at least 1, got {self.max_steps}")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:

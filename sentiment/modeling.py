@@ -92,21 +92,31 @@ def load_tokenizer(name, train_texts):
     return tokenizer
 
 
-def load_model(name, labels, vocab_size):
+# What each architecture calls the dropout on attention weights.
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
+
+
+def load_model(name, labels, vocab_size, attention_dropout=None):
     """A model with a fresh classification head for `labels`: 'tiny', a local folder or a Hub id.
 
     Call it after seeding, so the seed also fixes the new head's initial weights. The weights are
     fp32 whatever the folder was saved in: mixed precision wants fp32 master weights.
     """
-    if name == "tiny":
-        return AutoModelForSequenceClassification.from_config(tiny_config(vocab_size, labels))
     id2label, label2id = label_maps(labels)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            name, num_labels=len(labels), id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True,
-            dtype=torch.float32)
+        config = (tiny_config(vocab_size, labels) if name == "tiny" else AutoConfig.from_pretrained(
+            name, num_labels=len(labels), id2label=id2label, label2id=label2id))
     except OSError as err:
         raise model_error(name, err) from None
+    if attention_dropout is not None:
+        key = next((k for k in ATTENTION_DROPOUT_KEYS if hasattr(config, k)), None)
+        if key is None:
+            raise SettingError("attention_dropout", f"{config.model_type} models have no attention dropout to set")
+        setattr(config, key, attention_dropout)
+    if name == "tiny":
+        return AutoModelForSequenceClassification.from_config(config)
+    return AutoModelForSequenceClassification.from_pretrained(name, config=config, ignore_mismatched_sizes=True,
+                                                              dtype=torch.float32)
 
 
 def model_error(name, err):

@@ -158,7 +158,7 @@ class FineTuneRecipe:
             self.tokenizer = (AutoTokenizer.from_pretrained(self.resume_from) if self.resume_from
                               else load_tokenizer(args.model, self.splits.train["text"].to_list()))
         accelerator.print(f"data: {json.dumps(self.splits.report)}; labels: {self.splits.labels}")
-        self.model = load_model(args.model, self.splits.labels, len(self.tokenizer))
+        self.model = load_model(args.model, self.splits.labels, len(self.tokenizer), args.attention_dropout)
         self.class_weights = None
         if args.class_weights == "auto":
             weights = inverse_frequency_weights(self.splits.label_ids(self.splits.train), len(self.splits.labels))

@@ -196,6 +196,23 @@ def test_pretrained_weights_saved_in_bf16_train_in_fp32(tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
+def test_attention_dropout_is_set_whatever_the_architecture_calls_it(tmp_path):
+    from transformers import BertConfig
+
+    from sentiment.modeling import load_model
+    folder = tmp_path / "bert"
+    bert = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64)
+    AutoModelForSequenceClassification.from_config(bert).save_pretrained(folder)
+    for name, key in ((str(folder), "attention_probs_dropout_prob"), ("tiny", "attention_dropout")):
+        default, changed = load_model(name, ["a", "b"], 100), load_model(name, ["a", "b"], 100, attention_dropout=0.0)
+        assert (getattr(default.config, key), getattr(changed.config, key)) == (0.1, 0.0)
+        rates = [{m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} for model in (default, changed)]
+        assert rates[1] == rates[0] | {0.0}, name   # attention dropout off, hidden dropout still on
+    with pytest.raises(SentimentError, match="--attention-dropout must be in"):
+        TrainArgs(data="demo", attention_dropout=1.0)
+
+
 def start_training(*flags):
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *flags], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
