@@ -216,6 +216,11 @@ class FineTuneRecipe:
                 forget_after(self.args.output_dir, self.resume_from)
             accelerator.wait_for_everyone()
             accelerator.print(f"resumed from {self.resume_from} at step {self.state.step}")
+            patience = self.args.early_stopping_patience
+            if self.state.stopped_early and (not patience or self.state.evals_since_best < patience):
+                accelerator.print(f"going on past the early stop at step {self.state.step}: "
+                                  f"--early-stopping-patience is now {patience or 'off'}")
+                self.state.stopped_early = None
         if accelerator.is_main_process:
             with open(os.path.join(self.args.output_dir, CONFIG_FILE), "w") as f:
                 json.dump(self.config, f, indent=2)
@@ -263,10 +268,11 @@ class FineTuneRecipe:
                     running_loss.zero_()
                     loss_batches = 0
                 # evaluate, keep the best model, and stop early once it has stopped getting better
+                stop = False
                 if last or every(args.eval_every, state.step):
                     with self.clock.paused():
-                        last |= self.evaluate_and_keep_best()
-                if last:
+                        stop = self.evaluate_and_keep_best()
+                if last:  # an early stop keeps its true place, so a resume with more patience goes on from it
                     state.epoch, state.batches_done = epoch + 1, 0
                 # checkpoint
                 final = state.step == self.total_steps
@@ -276,7 +282,7 @@ class FineTuneRecipe:
                 # stop on Ctrl-C or SIGTERM, all processes together, with a checkpoint
                 if self.stop_requested():
                     self.stop()
-                if last:
+                if last or stop:
                     break
             self.clock.stop()
         bar.close()

@@ -419,6 +419,30 @@ def test_early_stopping_stops_together_keeps_the_best_and_says_why(tmp_path, mon
     assert any(r.get("event") == "stop" for r in read_log(tmp_path / "out"))
 
 
+def test_a_run_stopped_early_goes_on_when_resumed_with_more_patience(tmp_path, monkeypatch):
+    data, out = tmp_path / "reviews.csv", tmp_path / "out"
+    demo_reviews(400, seed=21).write_csv(data)
+    scores = iter([0.5, 0.8, 0.7, 0.7, 0.7] + [0.9] * 30)  # best at step 6; patience 3 stops at step 15
+
+    def scripted_validate(recipe):
+        figures = {"accuracy": next(scores), "macro_f1": 0.5, "loss": 1.0}
+        log_line(recipe.log_path, {"step": recipe.state.step, "split": "val", **figures})
+        return figures
+
+    monkeypatch.setattr(training.FineTuneRecipe, "validate", scripted_validate)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    flags = ["--data", str(data), *TINY, "--epochs", "2", "--eval-every", "3", "--checkpoint-every", "3",
+             "--output-dir", str(out)]
+    first = training.train(parse_args(TrainArgs, "", [*flags, "--early-stopping-patience", "3"]))
+    assert first["steps"] == 15 and first["stopped_early"]
+    state = json.loads((out / "checkpoints" / "step-00000015" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["batches_done"]) == (0, 15)  # the checkpoint holds where the run really was
+    same = training.train(parse_args(TrainArgs, "", [*flags, "--early-stopping-patience", "3", "--resume", "latest"]))
+    assert same["steps"] == 15 and same["stopped_early"]  # the same patience: still stopped
+    again = training.train(parse_args(TrainArgs, "", [*flags, "--resume", "latest"]))
+    assert again["steps"] > 20 and not again["stopped_early"]  # the second epoch ran as well
+
+
 def test_class_weights_raise_macro_f1_on_skewed_labels(tmp_path):
     # 90/10 labels and one weak cue: "dull" is in 70 % of the negative reviews and 20 % of the positive ones.
     # Unweighted, a negative with the cue is still the less likely class, so the model never says negative.
