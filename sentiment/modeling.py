@@ -10,9 +10,11 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
+import tokenizers
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DistilBertConfig
 
+from .data import MARKUP
 from .errors import SentimentError, SettingError
 
 # The files of the model folder, named once: training writes them, inference and reports read them.
@@ -144,7 +146,33 @@ def save_model_folder(folder, model, tokenizer, settings):
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    make_tokenizer_standalone(folder, settings)
     settings.save(folder)
+
+
+def make_tokenizer_standalone(folder, settings):
+    """Teach the saved tokenizer what our inference does before tokenising, so code that reads only
+    the Hugging Face files (`transformers.pipeline`) sees the text the model was trained on: markup
+    stripped by the tokenizer's own normalizer (the generic fast class loads `tokenizer.json` as
+    written; BERT's rebuilds its normalizer and would drop the rule), and long texts cut from the
+    left (keeping the end, as tail and head+tail do) at the trained max length when `truncation=True`
+    is asked for."""
+    if settings.clean:
+        path = os.path.join(folder, "tokenizer.json")
+        backend = tokenizers.Tokenizer.from_file(path)
+        strip = tokenizers.normalizers.Replace(tokenizers.Regex(MARKUP), " ")
+        backend.normalizer = (tokenizers.normalizers.Sequence([strip, backend.normalizer])
+                              if backend.normalizer else strip)
+        backend.save(path)
+    path = os.path.join(folder, "tokenizer_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["truncation_side"] = "right" if settings.truncation == "head" else "left"
+    config["model_max_length"] = settings.max_length
+    if settings.clean:
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)
 
 
 def read_settings(folder, config, tokenizer):

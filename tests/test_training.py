@@ -75,6 +75,20 @@ def test_train_end_to_end_writes_a_model_folder_pipeline_can_load(tmp_path):
     assert [a["label"] for a in answers] == ["positive", "negative"]
 
 
+def test_pipeline_on_the_model_folder_strips_markup_and_keeps_the_end_of_long_texts(trained_model):
+    from transformers import AutoTokenizer, pipeline
+    tokenizer = AutoTokenizer.from_pretrained(trained_model)
+    assert tokenizer("a great<br /><br />film")["input_ids"] == tokenizer("a great film")["input_ids"]
+    max_length = json.loads((trained_model / "sentiment.json").read_text())["max_length"]
+    ending = tokenizer("but the ending was superb", add_special_tokens=False)["input_ids"]
+    ids = tokenizer("dull " * 2000 + "but the ending was superb", truncation=True)["input_ids"]
+    assert len(ids) == max_length and ids[-len(ending) - 1:-1] == ending  # cut from the left, at the trained length
+    classify = pipeline("text-classification", model=str(trained_model), top_k=None)
+    marked, plain = classify(["<p>The acting was <b>superb</b>.</p><br />I loved it.",
+                              "The acting was superb . I loved it."])
+    assert marked == plain
+
+
 def test_resume_after_a_crash_matches_the_uninterrupted_run(tmp_path, monkeypatch):
     data = tmp_path / "reviews.csv"
     demo_reviews(400, seed=12).write_csv(data)
