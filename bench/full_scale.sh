@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Full scale: all-MiniLM-L6-v2 fine-tuned on the whole IMDb train file (24,998 reviews).
-# Takes about 70 minutes on a 2-core CPU with AVX512-BF16 (measured: 9.4 samples/s at max length
-# 512 in bf16, 21,901 rows x 2 epochs, plus evaluations); --rows 2000 takes about 8.
+# Takes about 87 minutes on a 2-core CPU with AVX512-BF16 (measured: 9.3 samples/s at max length
+# 512 in bf16, 21,901 rows x 2 epochs, plus 12 evaluations); --rows 2000 takes about 13.
 #
 #   bash bench/full_scale.sh [--data ../shared/data/imdb_train_25k.csv] [--rows N] [--output-dir DIR]
 #
