@@ -412,10 +412,9 @@ def test_the_last_short_accumulation_window_weighs_as_much_as_a_full_one():
         lambda w: (batches[4] @ w.T).sum(), model.weight.detach()))
 
 
-def test_early_stopping_stops_together_keeps_the_best_and_says_why(tmp_path, monkeypatch):
-    data = tmp_path / "reviews.csv"
-    demo_reviews(400, seed=21).write_csv(data)
-    scores = iter([0.5, 0.8, 0.7, 0.8, 0.6, 0.9, 0.95])  # best at the 2nd evaluation, then 3 without a better one
+def script_validation(monkeypatch, accuracies):
+    """Make each validation of the training loop return the next of `accuracies` (and log it)."""
+    scores = iter(accuracies)
 
     def scripted_validate(recipe):
         figures = {"accuracy": next(scores), "macro_f1": 0.5, "loss": 1.0}
@@ -424,6 +423,12 @@ def test_early_stopping_stops_together_keeps_the_best_and_says_why(tmp_path, mon
 
     monkeypatch.setattr(training.FineTuneRecipe, "validate", scripted_validate)
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+
+
+def test_early_stopping_stops_together_keeps_the_best_and_says_why(tmp_path, monkeypatch):
+    data = tmp_path / "reviews.csv"
+    demo_reviews(400, seed=21).write_csv(data)
+    script_validation(monkeypatch, [0.5, 0.8, 0.7, 0.8, 0.6, 0.9, 0.95])  # best at the 2nd, then 3 without a better
     flags = ["--data", str(data), *TINY, "--epochs", "5", "--eval-every", "4", "--early-stopping-patience", "3",
              "--output-dir", str(tmp_path / "out"), "--checkpoint-every", "0"]
     metrics = training.train(parse_args(TrainArgs, "", flags))
@@ -436,15 +441,7 @@ def test_early_stopping_stops_together_keeps_the_best_and_says_why(tmp_path, mon
 def test_a_run_stopped_early_goes_on_when_resumed_with_more_patience(tmp_path, monkeypatch):
     data, out = tmp_path / "reviews.csv", tmp_path / "out"
     demo_reviews(400, seed=21).write_csv(data)
-    scores = iter([0.5, 0.8, 0.7, 0.7, 0.7] + [0.9] * 30)  # best at step 6; patience 3 stops at step 15
-
-    def scripted_validate(recipe):
-        figures = {"accuracy": next(scores), "macro_f1": 0.5, "loss": 1.0}
-        log_line(recipe.log_path, {"step": recipe.state.step, "split": "val", **figures})
-        return figures
-
-    monkeypatch.setattr(training.FineTuneRecipe, "validate", scripted_validate)
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    script_validation(monkeypatch, [0.5, 0.8, 0.7, 0.7, 0.7] + [0.9] * 30)  # best at step 6; patience 3 stops at 15
     flags = ["--data", str(data), *TINY, "--epochs", "2", "--eval-every", "3", "--checkpoint-every", "3",
              "--output-dir", str(out)]
     first = training.train(parse_args(TrainArgs, "", [*flags, "--early-stopping-patience", "3"]))
