@@ -14,7 +14,6 @@ import tokenizers
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DistilBertConfig
 
-from .data import MARKUP
 from .errors import SentimentError, SettingError
 
 # The files of the model folder, named once: training writes them, inference and reports read them.
@@ -160,7 +159,9 @@ def make_tokenizer_standalone(folder, settings):
     if settings.clean:
         path = os.path.join(folder, "tokenizer.json")
         backend = tokenizers.Tokenizer.from_file(path)
-        strip = tokenizers.normalizers.Replace(tokenizers.Regex(MARKUP), " ")
+        # `<[^<>]*>`, not MARKUP: the tokenizer's backtracking regex engine takes quadratic time on
+        # thousands of unclosed `<` with MARKUP. Text our inference cleaned has no tags left either way.
+        strip = tokenizers.normalizers.Replace(tokenizers.Regex(r"<[^<>]*>"), " ")
         backend.normalizer = (tokenizers.normalizers.Sequence([strip, backend.normalizer])
                               if backend.normalizer else strip)
         backend.save(path)
