@@ -178,7 +178,8 @@ def make_tokenizer_standalone(folder, settings):
 
 def read_settings(folder, config, tokenizer):
     """Our settings from `sentiment.json`, or, for a folder we did not train, the settings under which
-    it scores as `transformers.pipeline` does: head truncation at the tokenizer's limit, no cleaning."""
+    it scores as `transformers.pipeline` does: truncation at the tokenizer's limit on the tokenizer's
+    side (head, or tail when it truncates from the left), no cleaning."""
     path = os.path.join(folder, SETTINGS_FILE)
     if os.path.isfile(path):
         with open(path) as f:
@@ -187,7 +188,7 @@ def read_settings(folder, config, tokenizer):
     if 0 < tokenizer.model_max_length < 10**6:  # unset limits are stored as a huge number
         limits.append(tokenizer.model_max_length)
     return ModelSettings(labels=[config.id2label[i] for i in range(config.num_labels)], max_length=min(limits),
-                         clean=False)
+                         truncation="tail" if tokenizer.truncation_side == "left" else "head", clean=False)
 
 
 def load_model_folder(folder, dtype=torch.float32):

@@ -95,7 +95,10 @@ def test_any_classification_folder_works_with_default_settings(tmp_path, trained
     (folder / "sentiment.json").unlink()  # a Hugging Face folder that train.py did not write
     predictor = Predictor(str(folder))
     assert predictor.labels == ["negative", "positive"]
-    assert (predictor.settings.truncation, predictor.settings.temperature, predictor.max_length) == ("head", 1.0, 512)
+    trained = json.loads((trained_model / "sentiment.json").read_text())["max_length"]  # the saved tokenizer's limit
+    # and side: the trained model kept the end of long texts, so its tokenizer cuts from the left
+    settings = predictor.settings
+    assert (settings.truncation, settings.temperature, predictor.max_length) == ("tail", 1.0, trained)
     assert predictor.predict(["The acting was superb. I loved it."])[0]["label"] == "positive"
 
 
