@@ -330,7 +330,7 @@ class FineTuneRecipe:
             if accelerator.is_main_process:  # the next checkpoint takes a copy
                 path = best_weights(self.args.output_dir)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                safetensors.torch.save_model(accelerator.unwrap_model(self.model), path + ".tmp")
+                safetensors.torch.save_model(self.plain_model(), path + ".tmp")
                 fsync_path(path + ".tmp")
                 os.replace(path + ".tmp", path)  # never a half-written best model
         else:
@@ -347,6 +347,11 @@ class FineTuneRecipe:
             log_line(self.log_path, {"step": state.step, "epoch": state.epoch, "event": "stop",
                                      "reason": state.stopped_early})
         return True
+
+    def plain_model(self):
+        """The model without Accelerate's wrappers or torch.compile's (`accelerate launch --dynamo_backend
+        inductor`): its weights carry the model's own names, so a run with or without compiling can load them."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
     def save_checkpoint(self):
         self.state.train_seconds = self.clock.seconds
@@ -374,7 +379,7 @@ class FineTuneRecipe:
     def cleanup(self):
         """Reload the best weights, fit the temperature on validation, test, and write the model folder and metrics."""
         args, accelerator, state = self.args, self.accelerator, self.state
-        unwrapped = accelerator.unwrap_model(self.model)
+        unwrapped = self.plain_model()
         if state.best_step is not None and os.path.exists(best_weights(args.output_dir)):
             safetensors.torch.load_model(unwrapped, best_weights(args.output_dir))  # copied onto the model's device
         metrics = {"labels": self.splits.labels, "best_step": state.best_step, "best_epoch": state.best_epoch,

@@ -312,6 +312,22 @@ def crashed_run(tmp_path, monkeypatch, at_step=14, *more):
     return flags
 
 
+@pytest.mark.slow
+def test_a_run_compiled_by_the_launcher_resumes_without_compiling(tmp_path):
+    """`accelerate launch --dynamo_backend inductor` wraps the model in torch.compile: the copy of the best
+    model must still carry the model's own weight names, or a resume without compiling cannot load it."""
+    data, out = tmp_path / "reviews.csv", tmp_path / "out"
+    demo_reviews(200, seed=19).write_csv(data)
+    flags = ["--data", str(data), *TINY, "--epochs", "1", "--checkpoint-every", "5", "--output-dir", str(out)]
+    run_script("train.py", *flags, env={"ACCELERATE_DYNAMO_BACKEND": "inductor", "ACCELERATE_DYNAMO_USE_DYNAMIC": "1"})
+    compiled = load_file(out / "model.safetensors")
+    assert load_file(checkpointing.best_weights(out)).keys() == compiled.keys()
+    resumed = run_script("train.py", *flags, "--resume", "latest")  # the last checkpoint: only the best is reloaded
+    assert "at step 10" in resumed.stdout
+    again = load_file(out / "model.safetensors")
+    assert all(torch.equal(again[name], compiled[name]) for name in compiled)
+
+
 def test_a_damaged_newest_checkpoint_is_named_and_the_one_before_is_used(tmp_path, monkeypatch, capsys):
     flags = crashed_run(tmp_path, monkeypatch)
     newest = checkpointing.complete_checkpoints(tmp_path / "out")[-1]
