@@ -44,11 +44,12 @@ def main():
     for label, key, goal in GOALS:
         met = values[key] <= goal if key == "epoch" else values[key] >= goal
         print(f"| {label} | {values[key]:.2f} | {goal} | {'yes' if met else 'no'} |")
-    print("| trainer | tokens/s | samples/s | MFU measured | MFU data sheet | 25k epoch s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| trainer | tokens/s | samples/s | MFU measured | MFU data sheet | 25k epoch s | samples/s after step 50 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in train["runs"].items():
+        steady = f"{r['steady_samples_s']:.1f}" if r.get("steady_samples_s") else "-"
         print(f"| {name} | {r['tokens_s']:.0f} | {r['samples_s']:.1f} | {r['mfu_measured']:.1%} | "
-              f"{r['mfu_datasheet']:.1%} | {r['epoch_25k_s']:.1f} |")
+              f"{r['mfu_datasheet']:.1%} | {r['epoch_25k_s']:.1f} | {steady} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"train": train, "score": score, "figures": values}, f, indent=2)

@@ -5,9 +5,10 @@ about 230 tokens, 15 % over 512), a WordPiece vocabulary for them, and a DistilB
 seed architecture (6 layers, hidden 768, 12 heads) randomly initialised, which times the same
 work as the pretrained weights. The three trainers (ours, `Trainer` with its default collator,
 `Trainer` with `train_sampling_strategy="group_by_length"`) get the same folder, rows, batch and
-precision. Prints tokens/s of real (unpadded) tokens, samples/s, model FLOPs utilisation against
-the card's measured dense bf16 matmul rate and its data-sheet peak, and the time of one
-25,000-review epoch, with the card's name. Part of bench/gpu_check.sh.
+precision; ours also runs compiled (torch.compile through Accelerate), its rate once compiled
+shown beside its whole-run rate. Prints tokens/s of real (unpadded) tokens, samples/s, model
+FLOPs utilisation against the card's measured dense bf16 matmul rate and its data-sheet peak,
+and the time of one 25,000-review epoch, with the card's name. Part of bench/gpu_check.sh.
 
     python -m bench.gpu_train                # on a machine with a CUDA GPU
     python -m bench.gpu_train --rows 256 --steps 4 --small    # a quick check of the script on a CPU
@@ -70,16 +71,32 @@ def bf16_matmul_rate(n=8192, seconds=2.0):
     return rounds * 2 * n ** 3 / (time.perf_counter() - start)
 
 
-def run_ours(data, folder, out, batch_size, steps, precision):
+def run_ours(data, folder, out, batch_size, steps, precision, compiled=False):
+    """train.py in a subprocess: (seconds, samples/s, samples/s after the first steps). `compiled` has Accelerate
+    wrap the model in torch.compile (inductor, dynamic shapes), as `accelerate launch --dynamo_backend inductor`."""
     flags = ["--data", data, "--val-size", "0", "--test-size", "0", "--model", folder, "--output-dir", out,
              "--overwrite", "--max-length", "512", "--batch-size", str(batch_size), "--epochs", "1",
              "--mixed-precision", precision, "--checkpoint-every", "0", "--truncation", "head"]
     if steps:
         flags += ["--max-steps", str(steps)]
-    subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    env = {**os.environ, **({"ACCELERATE_DYNAMO_BACKEND": "inductor", "ACCELERATE_DYNAMO_USE_DYNAMIC": "1"}
+                            if compiled else {})}
+    subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=env)
     with open(os.path.join(out, "metrics.json")) as f:
         metrics = json.load(f)
-    return metrics["train_seconds"], metrics["train_samples_per_second"]
+    return metrics["train_seconds"], metrics["train_samples_per_second"], steady_rate(out, batch_size)
+
+
+def steady_rate(out, batch_size, after=50):
+    """Samples/s from the first logged step past `after` to the end, from the cumulative rates train.py logs:
+    the rate once compiling and warm-up are done. None when the run logged too few steps."""
+    with open(os.path.join(out, "log.jsonl")) as f:
+        rows = [r for r in map(json.loads, f) if "samples_per_second" in r]
+    first = next((r for r in rows if r["step"] >= after), None)
+    if first is None or first is rows[-1]:
+        return None
+    elapsed = [r["step"] * batch_size / r["samples_per_second"] for r in (first, rows[-1])]
+    return (rows[-1]["step"] - first["step"]) * batch_size / (elapsed[1] - elapsed[0])
 
 
 # Dense bf16 tensor-core peaks from the data sheets (SXM parts), in FLOP/s.
@@ -106,7 +123,7 @@ def run_trainer(frame, folder, batch_size, steps, precision, grouped=False):
     model = AutoModelForSequenceClassification.from_pretrained(folder)
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=DataCollatorWithPadding(tokenizer))
     result = trainer.train()
-    return result.metrics["train_runtime"], result.metrics["train_samples_per_second"]
+    return result.metrics["train_runtime"], result.metrics["train_samples_per_second"], None
 
 
 def main():
@@ -135,23 +152,38 @@ def main():
     print(f"card: {card}; bf16 matmul rate {rate / 1e12:.0f} TFLOP/s (data sheet {peak / 1e12:.0f}); {args.rows} "
           f"reviews, {tokens / args.rows:.0f} tokens each on average at max length 512; batch {args.batch_size}; "
           f"{precision}")
-    print(f"{'trainer':<18} {'tokens/s':>10} {'samples/s':>10} {'MFU':>6} {'MFU peak':>9} {'epoch s':>8}")
-    runs = {"ours": lambda: run_ours(data, folder, os.path.join(work, "out"), args.batch_size, args.steps, precision),
+    print(f"{'trainer':<18} {'tokens/s':>10} {'samples/s':>10} {'MFU':>6} {'MFU peak':>9} {'epoch s':>8} "
+          f"{'steady s/s':>10}")
+
+    def ours(compiled):
+        return run_ours(data, folder, os.path.join(work, "out"), args.batch_size, args.steps, precision, compiled)
+
+    runs = {"ours": lambda: ours(False),
+            "ours compiled": lambda: ours(True),  # not in the goals: compiling takes its own time, said apart
             "Trainer": lambda: run_trainer(frame, folder, args.batch_size, args.steps, precision),
             "Trainer grouped": lambda: run_trainer(frame, folder, args.batch_size, args.steps, precision, True)}
     results = {}
     for name, run in runs.items():
-        seconds, samples_per_second = run()
+        try:
+            seconds, samples_per_second, steady = run()
+        except subprocess.CalledProcessError as err:  # a compiler missing on the machine must not cost the rest
+            print(f"{name}: failed ({err}); its error is above", flush=True)
+            continue
         per_sample_flops = flops / args.rows
         results[name] = {"samples_s": samples_per_second, "tokens_s": samples_per_second * tokens / args.rows,
                          "mfu_measured": samples_per_second * per_sample_flops / rate,
                          "mfu_datasheet": samples_per_second * per_sample_flops / peak,
-                         "epoch_25k_s": 25000 / samples_per_second, "seconds": seconds}
+                         "epoch_25k_s": 25000 / samples_per_second, "seconds": seconds, "steady_samples_s": steady}
         r = results[name]
         print(f"{name:<18} {r['tokens_s']:>10.0f} {r['samples_s']:>10.1f} {r['mfu_measured']:>6.1%} "
-              f"{r['mfu_datasheet']:>9.1%} {r['epoch_25k_s']:>8.1f}", flush=True)
+              f"{r['mfu_datasheet']:>9.1%} {r['epoch_25k_s']:>8.1f} {steady or float('nan'):>10.1f}", flush=True)
     for peer in ("Trainer", "Trainer grouped"):
         print(f"ours / {peer}: {results['ours']['samples_s'] / results[peer]['samples_s']:.2f}x samples/s")
+    eager, compiled = results["ours"], results.get("ours compiled")
+    trained = min(args.rows, args.steps * args.batch_size) if args.steps else args.rows
+    if compiled and eager["steady_samples_s"] and compiled["steady_samples_s"]:
+        print(f"ours compiled / ours, once compiled: {compiled['steady_samples_s'] / eager['steady_samples_s']:.2f}x; "
+              f"compiling cost about {compiled['seconds'] - trained / compiled['steady_samples_s']:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"card": card, "matmul_flops": rate, "datasheet_flops": peak, "precision": precision,
