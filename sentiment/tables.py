@@ -6,6 +6,7 @@ The formats (CSV, TSV, Parquet, JSON lines) and their polars options are written
 `SentimentError` naming the file. Nothing here knows what the columns mean.
 """
 
+import codecs
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ SCANNERS = {
     ".ndjson": pl.scan_ndjson,
     ".json": pl.scan_ndjson,
 }
+TEXT_FORMATS = (".csv", ".tsv", ".jsonl", ".ndjson", ".json")  # read as UTF-8
 
 
 def extension(path):
@@ -51,7 +53,12 @@ def existing_file(path):
 
 
 def where_broken(path, err):
-    """What went wrong reading `path`, with the line number where JSON lines break (polars gives none)."""
+    """What went wrong reading `path`: text that is not UTF-8, or the line where JSON lines break
+    (polars names neither)."""
+    if extension(path) in TEXT_FORMATS:
+        problem = not_utf8(path)
+        if problem:
+            return problem
     if extension(path) in (".jsonl", ".ndjson", ".json"):
         with open(path, encoding="utf-8", errors="replace") as f:
             for number, line in enumerate(f, 1):
@@ -61,6 +68,22 @@ def where_broken(path, err):
                     except ValueError as bad:
                         return f"line {number} is not valid JSON ({bad.msg})"
     return first_line(err)
+
+
+def not_utf8(path):
+    """Why `path` is not UTF-8 text, naming the first bad line; None when it is."""
+    with open(path, "rb") as f:
+        if f.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+            return "it is UTF-16 text; save it as UTF-8 (e.g. iconv -f utf-16 -t utf-8)"
+        f.seek(0)
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return f"line {number} is not valid UTF-8; convert the file (e.g. iconv -f latin1 -t utf-8)"
+            if b"\0" in line:
+                return f"line {number} holds NUL bytes, as UTF-16 text does; save the file as UTF-8"
+    return None
 
 
 def read_table(path):

@@ -166,3 +166,19 @@ def test_a_broken_json_lines_file_names_its_line(tmp_path):
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(SentimentError, match="line 18 is not valid JSON"):
         splits_of(tmp_path / "d.jsonl")
+
+
+@pytest.mark.parametrize("encode, match", [
+    (lambda text: text.encode("latin-1"), "line 4 is not valid UTF-8; convert the file"),
+    (lambda text: text.encode("utf-16"), "it is UTF-16 text; save it as UTF-8"),
+    (lambda text: text.encode("utf-16-le"), "line 1 holds NUL bytes, as UTF-16 text does"),
+], ids=["latin-1", "utf-16", "utf-16 without a byte-order mark"])
+def test_a_table_that_is_not_utf8_says_so_and_how_to_convert_it(tmp_path, encode, match):
+    text = demo_reviews(40, seed=11).write_csv()
+    lines = text.splitlines(keepends=True)
+    lines[3] = '"un film très réussi",positive\n'
+    (tmp_path / "d.csv").write_bytes(encode("".join(lines)))
+    with pytest.raises(SentimentError, match=match):
+        splits_of(tmp_path / "d.csv")
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + "".join(lines).encode())  # UTF-8 with a BOM is UTF-8
+    assert splits_of(tmp_path / "bom.csv").report["data"]["rows"] == 40

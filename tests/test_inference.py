@@ -136,6 +136,9 @@ def test_text_that_is_not_utf8_is_one_line(tmp_path, trained_model):
     argv = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), "--model", str(trained_model),
                            b"caf\xe9"], capture_output=True, cwd=ROOT)
     assert argv.returncode == 2 and b"text 1 on the command line is not valid UTF-8" in argv.stderr
+    (tmp_path / "latin1.csv").write_bytes(b"review\ngood film\ncaf\xe9 au lait\n")
+    table = run_script("infer.py", "--model", str(trained_model), "--input", str(tmp_path / "latin1.csv"), check=False)
+    assert table.returncode == 2 and "line 3 is not valid UTF-8; convert the file" in table.stderr
     (tmp_path / "folder.txt").mkdir()
     folder = run_script("infer.py", "--model", str(trained_model), "--input", str(tmp_path / "folder.txt"),
                         check=False)
