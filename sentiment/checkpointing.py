@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
-from .config import TrainArgs, invariants
+from .config import TrainArgs, flag, invariants
 from .errors import SentimentError
 from .modeling import CONFIG_FILE
 
@@ -201,7 +201,7 @@ def load_trainer_state(folder, config):
     with open(os.path.join(folder, CONFIG_FILE)) as f:
         saved = json.load(f)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainArgs)}  # for settings newer than the checkpoint
-    changed = [f"--{key.replace('_', '-')} was {saved.get(key, defaults[key])!r}, now {config.get(key)!r}"
+    changed = [f"{flag(key)} was {saved.get(key, defaults[key])!r}, now {config.get(key)!r}"
                for key in INVARIANTS if saved.get(key, defaults[key]) != config.get(key)]
     for key, what in (("num_processes", "processes"), ("mixed_precision", "mixed precision in effect")):
         if saved.get(key) is not None and saved.get(key) != config.get(key):  # None: saved before it was recorded

@@ -34,6 +34,11 @@ def fixed(default, help, **kwargs):
     return arg(default, help, invariant=True, **kwargs)
 
 
+def flag(name):
+    """The command-line flag of a field: `max_length` is `--max-length`."""
+    return "--" + name.replace("_", "-")
+
+
 def invariants(cls):
     """Names of the fields of `cls` made with `fixed`."""
     return [f.name for f in dataclasses.fields(cls) if f.metadata.get("invariant")]
@@ -94,15 +99,21 @@ class TrainArgs:
     def __post_init__(self):
         if not self.data:
             raise SentimentError("--data is required: a table file, 'imdb' or 'demo'")
+        for f in dataclasses.fields(self):  # argparse's float() takes 'nan' and 'inf'
+            if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name)):
+                raise SentimentError(f"{flag(f.name)} must be a finite number, got {getattr(self, f.name)}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise SentimentError(f"{flag(name)} must be 0 or more, got {getattr(self, name)}")
         for name in ("epochs", "batch_size", "grad_accum", "max_length", "keep_checkpoints"):
             if getattr(self, name) < 1:
-                raise SentimentError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise SentimentError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
         if self.max_length < 8:
             raise SentimentError(f"--max-length must be at least 8 tokens, got {self.max_length}")
         for name in ("val_size", "test_size"):
             value = getattr(self, name)
             if value < 0 or (value >= 1 and value != int(value)):
-                raise SentimentError(f"--{name.replace('_', '-')} must be a fraction below 1 or a whole count, "
+                raise SentimentError(f"{flag(name)} must be a fraction below 1 or a whole count, "
                                      f"got {value}")
         if not 0 <= self.warmup_ratio < 1:
             raise SentimentError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
@@ -117,7 +128,7 @@ class TrainArgs:
         for name in ("eval_every", "checkpoint_every"):
             value = getattr(self, name)
             if value is not None and value < 0:
-                raise SentimentError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
+                raise SentimentError(f"{flag(name)} must be 0 or more, got {value}")
 
 
 def build_parser(cls, description):
@@ -126,14 +137,13 @@ def build_parser(cls, description):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         if f.metadata.get("positional"):
             parser.add_argument(f.name, nargs="*", default=[], help=f.metadata["help"])
         elif kind is bool:
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+            parser.add_argument(flag(f.name), action="store_true", help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"],
+            parser.add_argument(flag(f.name), type=kind, default=f.default, help=f.metadata["help"],
                                 choices=f.metadata.get("choices"))
     return parser
 
@@ -178,7 +188,7 @@ class InferArgs:
                 raise SentimentError(f"text {number} on the command line is not valid UTF-8") from None
         for name in ("batch_size", "max_batch_tokens", "chunk_rows"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise SentimentError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise SentimentError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass

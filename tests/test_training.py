@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import shutil
@@ -5,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 
 import numpy as np
 import polars as pl
@@ -15,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from sentiment import checkpointing, training
-from sentiment.config import TrainArgs, parse_args
+from sentiment.config import TrainArgs, flag, parse_args
 from sentiment.demo_data import demo_reviews
 from sentiment.errors import SentimentError
 from sentiment.modeling import tiny_config
@@ -183,6 +185,20 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, reviews_csv, problem, f
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_no_number_flag_takes_a_value_that_is_not_finite(value):
+    # argparse's float() takes them; --lr nan crashed AdamW, --weight-decay inf trained a model of NaNs to "done".
+    hints = typing.get_type_hints(TrainArgs)
+    numbers = [f.name for f in dataclasses.fields(TrainArgs) if hints[f.name] is float]
+    assert {"lr", "weight_decay", "max_grad_norm", "warmup_ratio", "attention_dropout", "val_size"} <= set(numbers)
+    for name in numbers:
+        with pytest.raises(SentimentError, match=f"{flag(name)} must be a finite number, got {value}"):
+            parse_args(TrainArgs, "", ["--data", "demo", f"{flag(name)}={value}"])
+    for name in ("weight_decay", "max_grad_norm"):  # AdamW refuses the one with a traceback, clipping ignores the other
+        with pytest.raises(SentimentError, match=f"{flag(name)} must be 0 or more, got -0.5"):
+            parse_args(TrainArgs, "", ["--data", "demo", f"{flag(name)}=-0.5"])
+
+
 def test_an_output_dir_that_cannot_be_made_is_one_line(tmp_path, reviews_csv):
     result = run_script("train.py", "--data", str(reviews_csv), "--model", "tiny",
                         "--output-dir", str(reviews_csv / "out"), check=False)
@@ -192,8 +208,8 @@ def test_an_output_dir_that_cannot_be_made_is_one_line(tmp_path, reviews_csv):
 
 def test_every_flag_has_help():
     result = run_script("train.py", "--help")
-    for flag in ("--data", "--val-data", "--truncation", "--resume", "--report-to", "--checkpoint-every"):
-        assert flag in result.stdout
+    for name in ("--data", "--val-data", "--truncation", "--resume", "--report-to", "--checkpoint-every"):
+        assert name in result.stdout
 
 
 def test_invariants_are_the_fields_marked_fixed():
