@@ -202,7 +202,9 @@ def run(args):
     state = PartialState(cpu=int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available())
     for path, flag in ((args.output, "--output"), (args.metrics_out, "--metrics-out")):
         if path:
-            writable(path, flag, source=args.input)
+            writable(path, flag, source=args.input, model=args.model)
+    if args.output and args.metrics_out and os.path.abspath(args.output) == os.path.abspath(args.metrics_out):
+        raise SentimentError(f"--output and --metrics-out are both {args.output}; name two files")
     report = score_texts(args, state) if args.texts else score_file(args, state)
     if state.num_processes > 1:  # leave together, or gloo's threads abort the process that leaves first
         state.wait_for_everyone()

@@ -107,8 +107,9 @@ def scan_chunks(path, chunk_rows):
         raise SentimentError(f"{path}: {where}: {where_broken(path, err)}") from None
 
 
-def writable(path, flag, source=None):
-    """Refuse, in one line, an output path that cannot be written or that is the input itself."""
+def writable(path, flag, source=None, model=None):
+    """Refuse, in one line, an output path that cannot be written, that is the input itself, or that
+    would overwrite a file of the model folder being read."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise SentimentError(f"{flag} {path} is a folder; name a file in it")
@@ -119,6 +120,9 @@ def writable(path, flag, source=None):
     if source and source != "-" and (os.path.abspath(source) == os.path.abspath(path) or (
             os.path.exists(source) and os.path.exists(path) and os.path.samefile(source, path))):
         raise SentimentError(f"{flag} {path} is the input file; write to another file, then rename it")
+    if model and os.path.isdir(model) and os.path.exists(path) and \
+            os.path.commonpath([os.path.realpath(model), os.path.realpath(path)]) == os.path.realpath(model):
+        raise SentimentError(f"{flag} {path} would overwrite a file of the model folder {model}; write elsewhere")
 
 
 class TableWriter:

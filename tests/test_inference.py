@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -101,6 +102,23 @@ def test_output_onto_the_input_is_refused_and_the_input_is_kept(tmp_path, traine
                         "--output", str(reviews_csv), check=False)
     assert result.returncode == 2 and "is the input file" in result.stderr
     assert reviews_csv.read_bytes() == before
+
+
+def test_outputs_onto_the_model_folder_or_onto_each_other_are_refused(tmp_path, trained_model, reviews_csv):
+    model = tmp_path / "model"
+    shutil.copytree(trained_model, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    for flags in (["--metrics-out", str(model / "config.json")], ["--output", str(model / "tokenizer.json")]):
+        result = run_script("infer.py", "--model", str(model), "--input", str(reviews_csv), *flags, check=False)
+        assert result.returncode == 2 and "would overwrite a file of the model folder" in result.stderr
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
+    both = str(tmp_path / "scored.json")
+    result = run_script("infer.py", "--model", str(model), "--input", str(reviews_csv), "--output", both,
+                        "--metrics-out", both, check=False)
+    assert result.returncode == 2 and "--output and --metrics-out are both" in result.stderr
+    run_script("infer.py", "--model", str(model), "--input", str(reviews_csv), "--output", both,
+               "--metrics-out", str(model / "test_metrics.json"))  # a new file beside the model is fine
+    assert json.loads((model / "test_metrics.json").read_text())["examples"] == len(pl.read_csv(reviews_csv))
 
 
 def test_a_failed_run_leaves_an_existing_output_as_it_was(tmp_path, trained_model):
