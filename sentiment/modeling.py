@@ -6,14 +6,17 @@ Face folder (`config.json` with the label names, `model.safetensors`, tokenizer 
 `load_model_folder` rebuilds everything inference needs from that folder alone.
 """
 
+import contextlib
 import json
+import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import tokenizers
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DistilBertConfig
 
+from .batching import TRUNCATIONS
 from .errors import SentimentError, SettingError
 
 # The files of the model folder, named once: training writes them, inference and reports read them.
@@ -23,6 +26,10 @@ CONFIG_FILE = "train_config.json"  # every setting of the run (also in each chec
 METRICS_FILE = "metrics.json"  # the run's final figures
 LOG_FILE = "log.jsonl"  # one line per logged step and per evaluation
 TINY_VOCAB = 1000
+# A folder needs one of these for AutoTokenizer to read a vocabulary: without any, transformers
+# builds a tokenizer of special tokens alone that turns every word into [UNK], without a word.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
 
 
 @dataclass
@@ -36,6 +43,23 @@ class ModelSettings:
     def save(self, folder):
         with open(os.path.join(folder, SETTINGS_FILE), "w") as f:
             json.dump(asdict(self), f, indent=2)
+
+    def problems(self, num_labels):
+        """What is wrong with settings read from a file, for a model of `num_labels` classes."""
+        found = []
+        if not (isinstance(self.labels, list) and all(isinstance(x, str) for x in self.labels)
+                and len(self.labels) == num_labels):
+            found.append(f"labels must be a list of {num_labels} names, as the model has classes")
+        if not (isinstance(self.max_length, int) and self.max_length >= 8):
+            found.append("max_length must be a whole number of tokens, at least 8")
+        if self.truncation not in TRUNCATIONS:
+            found.append(f"truncation must be one of {', '.join(TRUNCATIONS)}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature > 0):
+            found.append("temperature must be a finite number above 0")
+        if not isinstance(self.clean, bool):
+            found.append("clean must be true or false")
+        return found
 
 
 def label_maps(labels):
@@ -84,10 +108,13 @@ def load_tokenizer(name, train_texts):
     (the same in every process: see `train_tiny_tokenizer`)."""
     if name == "tiny":
         return train_tiny_tokenizer(train_texts)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except OSError as err:
-        raise model_error(name, err) from None
+    if os.path.isdir(name):
+        tokenizer = folder_tokenizer(name)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except OSError as err:
+            raise model_error(name, err) from None
     if not tokenizer.is_fast:
         raise SentimentError(f"--model {name}: its tokenizer has no fast (Rust) version, which batching needs")
     return tokenizer
@@ -182,8 +209,17 @@ def read_settings(folder, config, tokenizer):
     side (head, or tail when it truncates from the left), no cleaning."""
     path = os.path.join(folder, SETTINGS_FILE)
     if os.path.isfile(path):
-        with open(path) as f:
-            return ModelSettings(**json.load(f))
+        with loading(path, "settings", advice="correct the file (README: What training writes) or train again"):
+            with open(path) as f:
+                saved = json.load(f)
+            known = {f.name for f in fields(ModelSettings)}
+            if not isinstance(saved, dict) or "labels" not in saved or set(saved) - known:
+                raise ValueError(f"not an object of {', '.join(sorted(known))}")
+            settings = ModelSettings(**saved)
+            problems = settings.problems(config.num_labels)
+            if problems:
+                raise ValueError("; ".join(problems))
+        return settings
     limits = [512, position_limit(config) or 512]
     if 0 < tokenizer.model_max_length < 10**6:  # unset limits are stored as a huge number
         limits.append(tokenizer.model_max_length)
@@ -199,10 +235,36 @@ def load_model_folder(folder, dtype=torch.float32):
                              f"sequence-classification folder")
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise SentimentError(f"{folder}: not a model folder (no config.json)")
-    config = AutoConfig.from_pretrained(folder)
+    with loading(os.path.join(folder, "config.json"), "model configuration"):
+        config = AutoConfig.from_pretrained(folder)
     if not any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
         raise SentimentError(f"{folder}: not a sequence classifier (architectures: "
                              f"{', '.join(config.architectures or ['none'])}); fine-tune it with train.py first")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype)
-    return model.eval(), tokenizer, read_settings(folder, config, tokenizer)
+    tokenizer = folder_tokenizer(folder)
+    settings = read_settings(folder, config, tokenizer)
+    with loading(folder, "weights"):
+        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype)
+    return model.eval(), tokenizer, settings
+
+
+def folder_tokenizer(folder):
+    """The tokenizer of a local model folder, refusing one without tokenizer files (see TOKENIZER_FILES)."""
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
+        raise SentimentError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, …); copy them from "
+                             f"the model it was trained from")
+    with loading(folder, "tokenizer"):
+        return AutoTokenizer.from_pretrained(folder)
+
+
+@contextlib.contextmanager
+def loading(where, part, advice="copy the model folder again, or train it again"):
+    """Turn a failure to load `part` of a model folder into one line that names it: a folder copied
+    in part, or a file cut short, otherwise ends in a traceback from deep inside transformers."""
+    try:
+        yield
+    except SentimentError:
+        raise
+    except Exception as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise SentimentError(f"{where}: could not load the {part} ({type(err).__name__}: {detail[:200]}); "
+                             f"{advice}") from None

@@ -1,4 +1,6 @@
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -64,6 +66,38 @@ def test_a_folder_that_is_not_a_classifier_is_refused(tmp_path, trained_model):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(SentimentError, match="not a sequence classifier"):
         Predictor(str(tmp_path))
+
+
+def set_setting(name, value):
+    def damage(folder):
+        path = folder / "sentiment.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), name: value}))
+    return damage
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: (f / "config.json").write_text("{"), "config.json: could not load the model configuration"),
+    (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:1000]),
+     "could not load the weights (SafetensorError"),
+    (lambda f: (f / "model.safetensors").unlink(), "could not load the weights (OSError"),
+    (lambda f: (f / "tokenizer.json").write_text((f / "tokenizer.json").read_text()[:100]),
+     "could not load the tokenizer"),
+    # Without tokenizer files transformers builds one of special tokens only: every word became [UNK].
+    (lambda f: [(f / name).unlink() for name in ("tokenizer.json", "tokenizer_config.json")],
+     "no tokenizer files"),
+    (lambda f: (f / "sentiment.json").write_text("[]"), "sentiment.json: could not load the settings"),
+    (set_setting("labels", ["a", "b", "c"]), "labels must be a list of 2 names"),
+    (set_setting("max_length", "512"), "max_length must be a whole number"),
+    (set_setting("temperature", -1.0), "temperature must be a finite number above 0"),  # it swapped every label
+    (set_setting("truncation", "middle"), "truncation must be one of head, tail, head"),
+], ids=["config", "weights cut short", "weights missing", "tokenizer cut short", "no tokenizer", "settings",
+        "labels", "max length", "temperature", "truncation"])
+def test_a_damaged_model_folder_is_one_error_naming_the_part(tmp_path, trained_model, damage, message):
+    folder = tmp_path / "model"
+    shutil.copytree(trained_model, folder)
+    damage(folder)
+    with pytest.raises(SentimentError, match=re.escape(message)):
+        Predictor(str(folder))
 
 
 def test_int8_quantisation_scores_like_the_full_model(trained_model):

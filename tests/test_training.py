@@ -20,7 +20,7 @@ from sentiment import checkpointing, training
 from sentiment.config import TrainArgs, flag, parse_args
 from sentiment.demo_data import demo_reviews
 from sentiment.errors import SentimentError
-from sentiment.modeling import tiny_config
+from sentiment.modeling import load_tokenizer, tiny_config
 from sentiment.outputs import log_line
 from sentiment.predictor import Predictor
 
@@ -224,6 +224,14 @@ def test_pretrained_weights_saved_in_bf16_train_in_fp32(tmp_path):
     model.to(torch.bfloat16).save_pretrained(folder)
     model = load_model(str(folder), ["a", "b"], 100)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_a_pretrained_folder_without_tokenizer_files_is_refused(tmp_path, trained_model):
+    # transformers would build a vocabulary of special tokens alone and train on [UNK] everywhere
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(trained_model / name, tmp_path / name)
+    with pytest.raises(SentimentError, match="no tokenizer files"):
+        load_tokenizer(str(tmp_path), [])
 
 
 def test_attention_dropout_is_set_whatever_the_architecture_calls_it(tmp_path):
