@@ -206,6 +206,9 @@ def load_trainer_state(folder, config):
     for key, what in (("num_processes", "processes"), ("mixed_precision", "mixed precision in effect")):
         if saved.get(key) is not None and saved.get(key) != config.get(key):  # None: saved before it was recorded
             changed.append(f"{what} was {saved.get(key)}, now {config.get(key)}")
+    if saved.get("data_digest") is not None and saved["data_digest"] != config.get("data_digest"):
+        changed.append("the rows of the data files differ from the checkpoint's (texts or labels edited, added "
+                       "or removed)")
     if changed:
         raise SentimentError(f"cannot resume from {folder}: " + "; ".join(changed)
                              + ". Resume with the settings it was saved with")

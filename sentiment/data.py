@@ -5,6 +5,7 @@ Everything here is polars and numpy; nothing knows about tokens or models. The o
 cleaning used everywhere, training and inference alike, so scores match what validation saw.
 """
 
+import hashlib
 from dataclasses import dataclass
 
 import sys
@@ -119,6 +120,17 @@ class Splits:
     def label_ids(self, frame):
         index = {name: i for i, name in enumerate(self.labels)}
         return [index[name] for name in frame["label"].to_list()]
+
+    def digest(self):
+        """A digest of every split's texts and labels, in order. A resumed run compares it with its
+        checkpoint's: data edited in between would otherwise move rows silently between the splits."""
+        digest = hashlib.blake2b(digest_size=16)
+        for frame in (self.train, self.val, self.test):
+            for column in ("text", "label"):
+                for value in frame[column].to_list():
+                    digest.update(value.encode("utf-8", "surrogatepass") + b"\0")
+            digest.update(b"\1")
+        return digest.hexdigest()
 
 
 def download_imdb():

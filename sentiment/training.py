@@ -157,6 +157,7 @@ class FineTuneRecipe:
             self.splits = load_splits(args)
             self.tokenizer = (AutoTokenizer.from_pretrained(self.resume_from) if self.resume_from
                               else load_tokenizer(args.model, self.splits.train["text"].to_list()))
+        self.config["data_digest"] = self.splits.digest()  # a resume checks that the rows are the same
         accelerator.print(f"data: {json.dumps(self.splits.report)}; labels: {self.splits.labels}")
         self.model = load_model(args.model, self.splits.labels, len(self.tokenizer), args.attention_dropout)
         self.class_weights = None

@@ -397,6 +397,19 @@ def test_a_changed_mixed_precision_is_refused_on_resume(tmp_path, monkeypatch):
     assert refused.returncode == 2 and "mixed precision in effect was no, now bf16" in refused.stderr
 
 
+def test_data_edited_since_the_checkpoint_is_refused_on_resume(tmp_path, monkeypatch):
+    # The same path with other rows would split differently: validation or test rows could enter training.
+    flags = crashed_run(tmp_path, monkeypatch)
+    data = tmp_path / "reviews.csv"
+    frame = pl.read_csv(data)
+    frame.with_columns(review=pl.when(pl.int_range(len(frame)) == 5).then(pl.col("review") + " Edited.")
+                       .otherwise(pl.col("review"))).write_csv(data)
+    refused = run_script("train.py", *flags, "--resume", "latest", check=False)
+    assert refused.returncode == 2 and "the rows of the data files differ from the checkpoint's" in refused.stderr
+    frame.write_csv(data)  # the rows as they were: the run goes on
+    assert "resumed from" in run_script("train.py", *flags, "--resume", "latest").stdout
+
+
 def test_a_kill_while_rotating_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
     real_rmtree = shutil.rmtree
 
