@@ -1,8 +1,10 @@
 """The micro-batcher: texts of concurrent requests gathered into model batches, run on one model thread.
 
 Each text of each request becomes one `asyncio.Future` in a bounded queue. One batching task
-takes what is queued, up to the Predictor's batch size and token budget (waiting up to
-`max_wait_ms` for more only while traffic is heavy, so a lone request is never held back), drops
+takes what is queued, a text from each waiting request in turn (so a request of many texts
+cannot hold back one that comes after it), up to the Predictor's batch size and token budget
+(waiting up to `max_wait_ms` for more only while traffic is heavy, so a lone request is never
+held back), drops
 texts whose client has gone, and runs the `Predictor` on the model thread so the event loop keeps
 accepting requests. If a batch fails, its texts are scored one by one, so only a text that
 fails alone fails its request. `room()` tells the app whether a request can fit before its body
@@ -11,6 +13,7 @@ error statuses live in `serving`.
 """
 
 import asyncio
+import collections
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +24,43 @@ log = logging.getLogger(__name__)
 
 class QueueFull(Exception):
     pass
+
+
+class FairQueue:
+    """Waiting texts, kept per request and taken from the requests in turn (round robin): one text
+    of the first request, which then goes to the back of the line. Bounded in texts, not requests."""
+
+    def __init__(self, maxsize):
+        self.maxsize, self.count = maxsize, 0
+        self.requests = collections.deque()  # one deque of (text, future, time queued) per request
+        self.nonempty = asyncio.Event()
+
+    def qsize(self):
+        return self.count
+
+    def empty(self):
+        return self.count == 0
+
+    def put_request(self, items):
+        request = collections.deque(items)
+        self.requests.append(request)
+        self.count += len(request)
+        self.nonempty.set()
+
+    def get_nowait(self):
+        request = self.requests.popleft()
+        item = request.popleft()
+        if request:
+            self.requests.append(request)
+        self.count -= 1
+        if not self.count:
+            self.nonempty.clear()
+        return item
+
+    async def get(self):
+        while self.empty():
+            await self.nonempty.wait()
+        return self.get_nowait()
 
 
 class ModelError(Exception):
@@ -56,7 +96,7 @@ class MicroBatcher:
         self.executor = executor
         self.max_wait_s = settings.max_wait_ms / 1000
         self.metrics = metrics
-        self.queue = asyncio.Queue(maxsize=settings.queue_size)
+        self.queue = FairQueue(settings.queue_size)
         self.heavy = False  # the last batch had company: worth waiting a moment for more
         self.task = asyncio.create_task(self.run())
 
@@ -71,8 +111,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in texts]
         queued = time.perf_counter()
-        for text, future in zip(texts, futures):
-            self.queue.put_nowait((text, future, queued))
+        self.queue.put_request([(text, future, queued) for text, future in zip(texts, futures)])
         try:
             return await asyncio.gather(*futures)
         finally:

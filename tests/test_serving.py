@@ -186,6 +186,30 @@ def test_texts_of_a_departed_client_are_dropped_and_the_batch_goes_on():
     assert [a[0][0]["label"] for a in answers] == ["positive", "negative"]
 
 
+def test_a_request_of_many_texts_does_not_hold_back_one_that_comes_after_it():
+    async def scenario():
+        gate = threading.Event()
+        predictor = FakePredictor(gate=gate, batch_size=4)
+        batcher = MicroBatcher(predictor, ServeSettings(), ServiceMetrics())
+        first = asyncio.create_task(batcher.submit(["good first"]))  # occupies the model
+        await asyncio.sleep(0.05)
+        many = asyncio.create_task(batcher.submit([f"good {i}" for i in range(12)]))
+        await asyncio.sleep(0.01)
+        one = asyncio.create_task(batcher.submit(["bad one"]))
+        await asyncio.sleep(0.05)
+        gate.set()
+        answers = await asyncio.gather(first, many, one)
+        batcher.task.cancel()
+        return predictor.batches, answers
+
+    batches, answers = asyncio.run(scenario())
+    # Texts are taken from waiting requests in turn: first come, first served put "bad one" fifth.
+    assert batches[1] == ["good 0", "bad one", "good 1", "good 2"]
+    assert sorted(text for batch in batches for text in batch) == sorted(
+        ["good first", "bad one", *(f"good {i}" for i in range(12))])
+    assert [a[0]["label"] for a in answers[1]] == ["positive"] * 12 and answers[2][0][0]["label"] == "negative"
+
+
 @pytest.fixture
 def server(trained_model):
     port = free_port()
