@@ -60,6 +60,14 @@ def check_columns(frame, path, *columns):
                                  f"Name the right one with --text-column / --label-column")
 
 
+def check_text_column(frame, path, column):
+    """The column is there and holds text (numbers or lists there mean the wrong column was named)."""
+    check_columns(frame, path, column)
+    if frame.schema[column] not in (pl.String, pl.Null):
+        raise SentimentError(f"{path}: column {column!r} holds {frame.schema[column]} values, not text; "
+                             f"name the text column with --text-column")
+
+
 def load_labelled(path, text_column, label_column, skip_bad_rows=False, frame=None):
     """Read `path` into a frame of cleaned `text` and string `label`, one row per usable review.
 
@@ -67,10 +75,8 @@ def load_labelled(path, text_column, label_column, skip_bad_rows=False, frame=No
     or are dropped and counted when `skip_bad_rows` is set. Returns (frame, report).
     """
     frame = read_table(path) if frame is None else frame
-    check_columns(frame, path, text_column, label_column)
-    if frame.schema[text_column] not in (pl.String, pl.Null):
-        raise SentimentError(f"{path}: column {text_column!r} holds {frame.schema[text_column]} values, not text; "
-                             f"name the text column with --text-column")
+    check_text_column(frame, path, text_column)
+    check_columns(frame, path, label_column)
     frame = frame.select(
         text=clean_expr(pl.col(text_column).cast(pl.String)),
         label=pl.col(label_column).cast(pl.String).str.strip_chars(),

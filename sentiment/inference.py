@@ -20,7 +20,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
-from .data import check_columns
+from .data import check_text_column
 from .errors import SentimentError
 from .metrics import classification_report
 from .predictor import Predictor
@@ -156,8 +156,8 @@ def score_file(args, state):
     bar = tqdm(desc="scoring", unit=" rows", disable=not state.is_main_process or not args.output)
     try:
         for number, frame in enumerate(chunks):
+            check_text_column(frame, args.input, args.text_column)
             if number == 0:
-                check_columns(frame, args.input, args.text_column)
                 column = label_column_of(args, frame)
                 tally = LabelTally(column, predictor.labels) if column else None
             answers = score_chunk(predictor, state, frame[args.text_column].cast(pl.String).to_list())

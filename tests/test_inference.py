@@ -163,6 +163,15 @@ def test_text_that_is_not_utf8_is_one_line(tmp_path, trained_model):
     assert folder.returncode == 2 and "a folder, not a file" in folder.stderr
 
 
+def test_a_text_column_of_lists_or_numbers_is_one_line(tmp_path, trained_model):
+    for name, values in (("lists", [[1, 2], [3]]), ("numbers", [1, 2])):
+        pl.DataFrame({"review": values}).write_parquet(tmp_path / f"{name}.parquet")
+        result = run_script("infer.py", "--model", str(trained_model), "--input", str(tmp_path / f"{name}.parquet"),
+                            check=False)
+        assert result.returncode == 2 and "column 'review' holds" in result.stderr and "not text" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_a_header_only_table_gives_a_header_only_output(tmp_path, trained_model):
     (tmp_path / "in.csv").write_text("id,review\n")
     run_script("infer.py", "--model", str(trained_model), "--input", str(tmp_path / "in.csv"),
