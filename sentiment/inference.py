@@ -3,14 +3,17 @@
 Reads the input in chunks (memory stays bounded on a file of millions of rows), scores each
 chunk with the `Predictor`, and writes it in input order, with the input's other columns kept,
 to a temporary file beside `--output` that replaces it only once every row is scored: a failed
-run leaves an existing output, and the input, as they were. Under `accelerate launch`, every
+or stopped run (Ctrl-C, SIGTERM) leaves an existing output, and the input, as they were, and no
+temporary file behind. Under `accelerate launch`, every
 process scores its share of each chunk and the main process writes; texts from the command line
 or standard input are read by the main process and shared. When the input carries labels, it
 reports accuracy, macro F1 and the confusion matrix, and says which rows it left out and why.
 """
 
+import contextlib
 import json
 import os
+import signal
 import sys
 
 import numpy as np
@@ -197,7 +200,31 @@ def score_texts(args, state):
         print_answers(args.texts, make_predictor(args, args.device).predict(args.texts))
 
 
+@contextlib.contextmanager
+def stopped_by_signals(output):
+    """Ctrl-C and SIGTERM unwind the run, so its `finally` blocks remove the unfinished output (by
+    default SIGTERM ends the process on the spot and leaves it), then exit 130 or 143 with one line."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except KeyboardInterrupt as err:
+        signum = err.args[0] if err.args else signal.SIGINT
+        kept = f"; {output} is as it was" if output else ""
+        print(f"stopped by {signal.Signals(signum).name}{kept}", file=sys.stderr)
+        raise SystemExit(128 + signum) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(args):
+    with stopped_by_signals(args.output):
+        score_and_report(args)
+
+
+def score_and_report(args):
     # Several CPU processes (`accelerate launch` without a GPU) talk over gloo.
     state = PartialState(cpu=int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available())
     for path, flag in ((args.output, "--output"), (args.metrics_out, "--metrics-out")):

@@ -3,8 +3,10 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import polars as pl
@@ -133,6 +135,29 @@ def test_a_failed_run_leaves_an_existing_output_as_it_was(tmp_path, trained_mode
     assert "Traceback" not in result.stderr and result.stderr.count("error:") == 1
     assert target.read_text() == "earlier results\n"
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.csv"]  # no temporary file left behind
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_run_stopped_by_a_signal_keeps_the_old_output_and_leaves_no_temporary_file(tmp_path, trained_model,
+                                                                                     signum, status):
+    # SIGTERM's default action ended the process on the spot, leaving the half-written output beside it.
+    demo_reviews(20000, seed=3).write_csv(tmp_path / "big.csv")
+    (tmp_path / "scored.csv").write_text("old\n")
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "infer.py"), "--model", str(trained_model),
+                                "--input", str(tmp_path / "big.csv"), "--output", str(tmp_path / "scored.csv"),
+                                "--chunk-rows", "100"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 60
+    while not any(".tmp-" in p.name for p in tmp_path.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == status, stderr[-2000:]
+    assert f"stopped by {signal.Signals(signum).name}; {tmp_path / 'scored.csv'} is as it was" in stderr
+    assert "Traceback" not in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.csv", "scored.csv"]
+    assert (tmp_path / "scored.csv").read_text() == "old\n"
 
 
 @pytest.mark.parametrize("where, message", [
