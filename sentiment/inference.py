@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .data import check_text_column
 from .errors import SentimentError
 from .metrics import classification_report
+from .outputs import write_atomically
 from .predictor import Predictor
 from .tables import SCANNERS, TableWriter, existing_file, extension, scan_chunks, scanner, writable
 
@@ -241,16 +242,4 @@ def score_and_report(args):
               f"confusion (rows true, columns predicted, {report['confusion_matrix']['labels']}): "
               f"{report['confusion_matrix']['rows_true_columns_predicted']}", file=sys.stderr)
         if args.metrics_out:
-            write_json(args.metrics_out, report)
-
-
-def write_json(path, content):
-    """Write JSON through a temporary file beside `path`, renamed into place when complete."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(content, f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+            write_atomically(args.metrics_out, json.dumps(report, indent=2))

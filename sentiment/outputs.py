@@ -4,7 +4,8 @@
 refuses to mix a new run into an old one unless told to overwrite or resume. `publish_model`
 writes the model folder beside the old one and moves it in only once it is complete, so after
 `--overwrite` the previous model stays whole and usable until the new one is ready. `log_line`
-and `truncate_log` keep `log.jsonl`. `disk_full` recognises a write that failed for want of
+and `truncate_log` keep `log.jsonl`; `write_atomically` writes any other small file (metrics,
+settings, the report, `infer.py`'s metrics) whole or not at all. `disk_full` recognises a write that failed for want of
 space, whatever library raised it. The training loop itself lives in `training`.
 """
 
@@ -94,9 +95,20 @@ def truncate_log(path, step):
                 continue
             if record.get("step", 0) <= step:
                 kept.append(json.dumps(record) + "\n")
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    write_atomically(path, "".join(kept))
+
+
+def write_atomically(path, text):
+    """Write `text` to `path` through a temporary file beside it, renamed into place once complete:
+    a crash leaves the old file or the new one, never half of one, and no temporary file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def disk_full(err):

@@ -17,6 +17,7 @@ import os
 import sys
 
 from .modeling import CONFIG_FILE, LOG_FILE, METRICS_FILE
+from .outputs import write_atomically
 
 REPORT_FILE = "report.html"
 INSTALL_HINT = 'pip install -e ".[report]" (matplotlib), then python -m sentiment.report'
@@ -127,9 +128,7 @@ def write_report(folder):
             f"img{{max-width:100%}}</style></head><body><h1>Training report</h1><p>{html.escape(folder)}</p>{body}"
             "</body></html>")
     path = os.path.join(folder, REPORT_FILE)
-    with open(path + ".tmp", "w") as f:
-        f.write(page)
-    os.replace(path + ".tmp", path)
+    write_atomically(path, page)
     return path
 
 

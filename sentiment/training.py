@@ -33,7 +33,7 @@ from .errors import SentimentError
 from .metrics import (classification_report, expected_calibration_error, fit_temperature, inverse_frequency_weights,
                       reliability_bins, softmax)
 from .modeling import CONFIG_FILE, LOG_FILE, METRICS_FILE, ModelSettings, check_max_length, load_model, load_tokenizer
-from .outputs import claim, disk_full, log_line, publish_model, truncate_log
+from .outputs import claim, disk_full, log_line, publish_model, truncate_log, write_atomically
 from .report import write_report_or_say_how
 
 LOG_EVERY = 10  # optimizer steps between log lines
@@ -223,8 +223,7 @@ class FineTuneRecipe:
                                   f"--early-stopping-patience is now {patience or 'off'}")
                 self.state.stopped_early = None
         if accelerator.is_main_process:
-            with open(os.path.join(self.args.output_dir, CONFIG_FILE), "w") as f:
-                json.dump(self.config, f, indent=2)
+            write_atomically(os.path.join(self.args.output_dir, CONFIG_FILE), json.dumps(self.config, indent=2))
         self.clock = Stopwatch(self.state.train_seconds)
 
     # train ----------------------------------------------------------------------------------
@@ -391,8 +390,7 @@ class FineTuneRecipe:
         metrics["wall_seconds"] = time.perf_counter() - self.wall_start
         if accelerator.is_main_process:
             publish_model(args.output_dir, unwrapped, self.tokenizer, self.settings)
-            with open(os.path.join(args.output_dir, METRICS_FILE), "w") as f:
-                json.dump(metrics, f, indent=2)
+            write_atomically(os.path.join(args.output_dir, METRICS_FILE), json.dumps(metrics, indent=2))
             write_report_or_say_how(args.output_dir)
         summary = {k: metrics.get(k) for k in ("val_accuracy", "test_accuracy", "test_macro_f1",
                                                "train_samples_per_second", "wall_seconds", "best_epoch")}

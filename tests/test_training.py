@@ -1,4 +1,5 @@
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from sentiment.config import TrainArgs, flag, parse_args
 from sentiment.demo_data import demo_reviews
 from sentiment.errors import SentimentError
 from sentiment.modeling import load_tokenizer, tiny_config
-from sentiment.outputs import log_line
+from sentiment.outputs import log_line, write_atomically
 from sentiment.predictor import Predictor
 
 
@@ -440,6 +441,23 @@ def test_a_full_disk_is_one_line_that_says_so(tmp_path, monkeypatch):
     with pytest.raises(SentimentError, match=r"the disk of .* is full .*continue with --resume latest"):
         training.train(parse_args(TrainArgs, "", ["--data", str(data), *TINY, "--checkpoint-every", "3",
                                                   "--output-dir", str(tmp_path / "out")]))
+
+
+def test_small_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    # metrics.json and train_config.json were written in place: a crash mid-write left half a file.
+    path = tmp_path / "metrics.json"
+    path.write_text("old")
+
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError):
+        write_atomically(str(path), "new")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["metrics.json"]
+    monkeypatch.undo()
+    write_atomically(str(path), "new")
+    assert path.read_text() == "new" and os.listdir(tmp_path) == ["metrics.json"]
 
 
 def test_the_last_short_accumulation_window_weighs_as_much_as_a_full_one():
