@@ -227,12 +227,17 @@ def load_splits(args):
     test = held_out.get("test", carved["test"])
 
     labels = sorted(set(train["label"].to_list()))
+    if len(labels) > max(2, len(train) // 2):  # an id or free-text column named by mistake
+        raise SentimentError(f"{args.data}: the training rows hold {len(labels)} different labels in {len(train)} "
+                             f"rows, fewer than two rows a label: is {args.label_column!r} the label column? "
+                             f"Name it with --label-column")
     if len(labels) < 2:
         raise SentimentError(f"{args.data}: the training rows hold a single class ({labels[0] if labels else 'none'}); "
                              f"a classifier needs two or more")
     for split, frame in (("validation", val), ("test", test)):
         unknown = sorted(set(frame["label"].to_list()) - set(labels))
         if unknown:
-            raise SentimentError(f"{split} data has labels the training rows never show: {', '.join(unknown)}")
+            raise SentimentError(f"{split} data has labels the training rows never show: {', '.join(unknown[:10])}"
+                                 + (f", … ({len(unknown)} in all)" if len(unknown) > 10 else ""))
     reports["sizes"] = {"train": len(train), "val": len(val), "test": len(test)}
     return Splits(labels=labels, train=train, val=val, test=test, report=reports)

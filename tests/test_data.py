@@ -122,6 +122,7 @@ def test_imdb_offline_says_to_pass_a_local_file(monkeypatch):
     ("one_class", "single class"),
     ("few", "too few rows"),
     ("extension", "unknown file type .xlsx"),
+    ("ids as labels", "different labels in 32 rows, fewer than two rows a label: is 'sentiment' the label column?"),
 ])
 def test_bad_data_errors_name_the_problem(tmp_path, problem, match):
     path = tmp_path / ("d.xlsx" if problem == "extension" else "d.csv")
@@ -132,6 +133,8 @@ def test_bad_data_errors_name_the_problem(tmp_path, problem, match):
         frame = frame.with_columns(sentiment=pl.lit("positive"))
     if problem == "few":
         frame = frame.head(3)
+    if problem == "ids as labels":
+        frame = frame.with_columns(sentiment=pl.int_range(len(frame)).cast(pl.String))
     if problem != "missing":
         frame.write_csv(path)
     with pytest.raises(SentimentError, match=match):
@@ -182,3 +185,11 @@ def test_a_table_that_is_not_utf8_says_so_and_how_to_convert_it(tmp_path, encode
         splits_of(tmp_path / "d.csv")
     (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + "".join(lines).encode())  # UTF-8 with a BOM is UTF-8
     assert splits_of(tmp_path / "bom.csv").report["data"]["rows"] == 40
+
+
+def test_unknown_labels_of_a_validation_file_are_named_ten_at_most(tmp_path):
+    demo_reviews(200, seed=12).write_csv(tmp_path / "train.csv")
+    val = demo_reviews(40, seed=13).with_columns(sentiment=pl.format("grade {}", pl.int_range(40) % 15))
+    val.write_csv(tmp_path / "val.csv")
+    with pytest.raises(SentimentError, match=r"never show: grade 0, grade 1, grade 10, .*, … \(15 in all\)$"):
+        splits_of(tmp_path / "train.csv", val_data=str(tmp_path / "val.csv"))
