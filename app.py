@@ -1,14 +1,16 @@
-"""The sentiment HTTP service: `uvicorn app:app --host 0.0.0.0 --port 8000`.
+"""The sentiment HTTP service: `uvicorn app:app --http app:HTTP --host 0.0.0.0 --port 8000`.
 
 Settings come from SENTIMENT_* environment variables (see `sentiment.config.ServeSettings`);
 SENTIMENT_MODEL names the model folder (default: outputs/model, where train.py writes).
+`--http app:HTTP` is uvicorn's HTTP/1.1 with a deadline on request heads (SENTIMENT_HEAD_TIMEOUT_S).
 """
 
 from sentiment.config import ServeSettings
-from sentiment.serving import create_app
+from sentiment.serving import create_app, head_timeout_protocol
 
 try:
     settings = ServeSettings.from_env()
 except ValueError as err:  # a bad SENTIMENT_* value: one line, not a traceback
     raise SystemExit(f"error: {err}") from None
 app = create_app(settings)
+HTTP = head_timeout_protocol(settings.head_timeout_s)

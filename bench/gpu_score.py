@@ -47,7 +47,8 @@ def score_predictor(model, texts, precision):
 
 def serve(model, texts, requests, precision):
     """req/s and p50 ms at CLIENTS clients, for our service and the per-request server."""
-    servers = {"ours": start_server("app:app", model, SENTIMENT_PRECISION=precision, SENTIMENT_QUEUE_SIZE="4096"),
+    servers = {"ours": start_server("app:app", model, "app:HTTP", SENTIMENT_PRECISION=precision,
+                                    SENTIMENT_QUEUE_SIZE="4096"),
                "per-request": start_server("bench.pipeline_server:app", model, SENTIMENT_PRECISION=precision,
                                            SENTIMENT_MAX_LENGTH="512")}
     results = {}

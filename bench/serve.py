@@ -34,10 +34,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(app, model, **env):
+def start_server(app, model, http="auto", **env):
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        [sys.executable, "-m", "uvicorn", app, "--http", http, "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "warning"],
         cwd=ROOT, env={**os.environ, "SENTIMENT_MODEL": model, **env},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -152,7 +153,7 @@ def main():
     # All servers stay up and take turns at each level, and the offline Predictor is timed at
     # each level too, so a drift in this machine's speed during the run falls on all alike.
     offline = {p: offline_scorer(args.model, texts[:args.requests], p) for p in args.precisions}
-    servers = {f"batching {p}": start_server("app:app", args.model, SENTIMENT_QUEUE_SIZE="1024",
+    servers = {f"batching {p}": start_server("app:app", args.model, "app:HTTP", SENTIMENT_QUEUE_SIZE="1024",
                                              SENTIMENT_PRECISION=p) for p in args.precisions}
     # The peer truncates where ours does: at the max length the model folder records.
     with open(os.path.join(args.model, SETTINGS_FILE)) as f:
@@ -195,7 +196,7 @@ def main():
                   f"({ours[0] / same[0]:.2f}x per-request {precision}), {ours[0] / alone[0]:.2f}x offline rate, "
                   f"p50 {ours[1] - peer[1]:+.0f} ms vs per-request fp32")
 
-    process, url = start_server("app:app", args.model, SENTIMENT_QUEUE_SIZE="32")
+    process, url = start_server("app:app", args.model, "app:HTTP", SENTIMENT_QUEUE_SIZE="32")
     try:
         latencies, rejected, statuses, seconds = asyncio.run(load(url, texts, 128, 512))
     finally:

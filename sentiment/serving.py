@@ -6,6 +6,8 @@ thread, warms it up and starts a `MicroBatcher` (the queue and the batching task
 `settings`, `metrics`, `batcher` (None until the model is warm) and `load_error`. What a body
 may hold is `protocol`'s concern. Every /predict request is counted once in `/metrics`, written
 by `prometheus-client` with one registry per app, and every answer says how long it took.
+`head_timeout_protocol` is uvicorn's HTTP/1.1 with a deadline on request heads, which the app
+itself cannot see (`uvicorn app:app --http app:HTTP`).
 """
 
 import asyncio
@@ -16,6 +18,7 @@ import json
 import logging
 import time
 
+import h11
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.applications import Starlette
@@ -24,6 +27,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .batcher import MicroBatcher, ModelError, QueueFull, model_thread
 from .config import ServeSettings
@@ -250,3 +254,37 @@ def create_app(settings=None, predictor_factory=None):
     app.state.batcher = None
     app.state.load_error = None
     return app
+
+
+def head_timeout_protocol(seconds):
+    """uvicorn's HTTP/1.1 protocol, plus a deadline on each request's head (request line and headers):
+    a connection that has not sent a whole head `seconds` after it opened, or after it began its next
+    request, is closed. uvicorn waits for a head forever, so a few hundred connections that send
+    their headers a byte at a time would hold every file descriptor; the body has its own deadline
+    (`body_timeout_s`) in the app."""
+
+    class HeadTimeoutProtocol(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.head_deadline = self.loop.call_later(seconds, self.head_too_slow)
+
+        def data_received(self, data):
+            if self.head_deadline is None and self.conn.their_state is h11.IDLE:  # a kept-alive connection's next
+                self.head_deadline = self.loop.call_later(seconds, self.head_too_slow)  # request has begun
+            super().data_received(data)
+            if self.head_deadline is not None and self.conn.their_state is not h11.IDLE:  # the head is in
+                self.head_deadline.cancel()
+                self.head_deadline = None
+
+        def head_too_slow(self):
+            self.head_deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_lost(self, exc):
+            if self.head_deadline is not None:
+                self.head_deadline.cancel()
+                self.head_deadline = None
+            super().connection_lost(exc)
+
+    return HeadTimeoutProtocol

@@ -23,7 +23,7 @@ GOOD = "The acting was superb. I loved it."
 
 
 class Server:
-    """`uvicorn app:app` on a free loopback port, with SENTIMENT_* settings; its output is kept."""
+    """`uvicorn app:app --http app:HTTP` on a free loopback port, with SENTIMENT_* settings; its output is kept."""
 
     def __init__(self, model, **settings):
         self.port = free_port()
@@ -31,7 +31,8 @@ class Server:
         env = {**os.environ, "SENTIMENT_MODEL": str(model), "TOKENIZERS_PARALLELISM": "false",
                **{f"SENTIMENT_{k.upper()}": str(v) for k, v in settings.items()}}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, "-m", "uvicorn", "app:app", "--http", "app:HTTP", "--host", "127.0.0.1",
+             "--port", str(self.port)],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.output = []
         self.reader = threading.Thread(target=lambda: self.output.extend(self.process.stdout), daemon=True)
@@ -153,6 +154,47 @@ def test_bodies_that_never_finish_hold_no_slot_get_408_and_do_not_block_shutdown
     assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)
     assert time.monotonic() - start < 15  # was still alive after 70 s
     for sock in slow + more:
+        sock.close()
+
+
+def closes_within(sock, seconds):
+    """Whether the server closes `sock` (reads reach end of file) within `seconds`."""
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            sock.settimeout(max(deadline - time.monotonic(), 0.01))
+            if sock.recv(4096) == b"":  # what came before it is the rest of an earlier answer
+                return True
+    except OSError:
+        return False
+    return False
+
+
+def test_heads_that_never_finish_are_cut_off_and_hold_back_no_one(serve):
+    # uvicorn waits for a request head forever: 60 such connections stayed open, holding their
+    # file descriptors, for as long as the client liked.
+    server = serve(head_timeout_s=1.5)
+    slow = []
+    for _ in range(40):
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")  # the head, less its end
+        slow.append(sock)
+    slow += [socket.create_connection(("127.0.0.1", server.port)) for _ in range(20)]  # nothing at all
+    answers = [httpx.post(server.url + "/predict", json={"text": GOOD}, timeout=30) for _ in range(5)]
+    assert [r.status_code for r in answers] == [200] * 5
+    kept_alive = socket.create_connection(("127.0.0.1", server.port))
+    kept_alive.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert read_status(kept_alive, 10) == 200
+    kept_alive.sendall(b"GET /health HTTP/1.1\r\n")  # its next request's head, never finished
+    start = time.monotonic()
+    assert all(closes_within(sock, 10) for sock in slow + [kept_alive])
+    assert time.monotonic() - start < 5
+    patient = socket.create_connection(("127.0.0.1", server.port))
+    for part in (b"GET /health HTTP/1.1\r\n", b"Host: x\r\n", b"\r\n"):  # slow, but within the deadline
+        patient.sendall(part)
+        time.sleep(0.4)
+    assert read_status(patient, 10) == 200
+    for sock in slow + [kept_alive, patient]:
         sock.close()
 
 

@@ -215,7 +215,8 @@ def server(trained_model):
     port = free_port()
     env = {**os.environ, "SENTIMENT_MODEL": str(trained_model), "TOKENIZERS_PARALLELISM": "false",
            "SENTIMENT_MAX_BATCH_SIZE": "4", "SENTIMENT_QUEUE_SIZE": "2048"}
-    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "app:app", "--http", "app:HTTP", "--host", "127.0.0.1",
+                                "--port", str(port)],
                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     import httpx
