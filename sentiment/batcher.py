@@ -4,9 +4,8 @@ Each text of each request becomes one `asyncio.Future` in a bounded queue. One b
 takes what is queued, a text from each waiting request in turn (so a request of many texts
 cannot hold back one that comes after it), up to the Predictor's batch size and token budget
 (waiting up to `max_wait_ms` for more only while traffic is heavy, so a lone request is never
-held back), drops
-texts whose client has gone, and runs the `Predictor` on the model thread so the event loop keeps
-accepting requests. If a batch fails, its texts are scored one by one, so only a text that
+held back), drops texts whose client has gone, and runs the `Predictor` on the model thread so
+the event loop keeps accepting requests. If a batch fails, its texts are scored one by one, so only a text that
 fails alone fails its request. `room()` tells the app whether a request can fit before its body
 is read; the slots are taken when the texts are queued. It knows nothing of HTTP: routes and
 error statuses live in `serving`.

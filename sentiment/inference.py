@@ -4,9 +4,9 @@ Reads the input in chunks (memory stays bounded on a file of millions of rows), 
 chunk with the `Predictor`, and writes it in input order, with the input's other columns kept,
 to a temporary file beside `--output` that replaces it only once every row is scored: a failed
 or stopped run (Ctrl-C, SIGTERM) leaves an existing output, and the input, as they were, and no
-temporary file behind. Under `accelerate launch`, every
-process scores its share of each chunk and the main process writes; texts from the command line
-or standard input are read by the main process and shared. When the input carries labels, it
+temporary file behind. Under `accelerate launch`, every process scores its share of each chunk
+and the main process writes; texts from the command line or standard input are read by the main
+process and shared. When the input carries labels, it
 reports accuracy, macro F1 and the confusion matrix, and says which rows it left out and why.
 """
 

@@ -4,9 +4,10 @@
 refuses to mix a new run into an old one unless told to overwrite or resume. `publish_model`
 writes the model folder beside the old one and moves it in only once it is complete, so after
 `--overwrite` the previous model stays whole and usable until the new one is ready. `log_line`
-and `truncate_log` keep `log.jsonl`; `write_atomically` writes any other small file (metrics,
-settings, the report, `infer.py`'s metrics) whole or not at all. `disk_full` recognises a write that failed for want of
-space, whatever library raised it. The training loop itself lives in `training`.
+and `truncate_log` keep `log.jsonl`; `write_atomically` writes the other small files
+(`metrics.json`, `train_config.json`, the report, `infer.py`'s metrics) whole or not at all.
+`disk_full` recognises a write that failed for want of space, whatever library raised it. The
+training loop itself lives in `training`.
 """
 
 import errno
