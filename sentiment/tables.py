@@ -1,6 +1,7 @@
 """Table files by extension: read one whole, scan one in chunks, append chunks to one.
 
-The formats (CSV, TSV, Parquet, JSON lines) and their polars options are written here once:
+The formats (CSV, TSV, Parquet, JSON lines; `.json` may also hold one JSON array of objects)
+and their polars options are written here once:
 `data` reads training tables through `read_table`, `inference` streams its input through
 `scan_chunks` and writes scored rows with `TableWriter`. Every failure is a one-line
 `SentimentError` naming the file. Nothing here knows what the columns mean.
@@ -22,9 +23,21 @@ SCANNERS = {
     ".parquet": pl.scan_parquet,
     ".jsonl": pl.scan_ndjson,
     ".ndjson": pl.scan_ndjson,
-    ".json": pl.scan_ndjson,
+    ".json": lambda path: scan_json(path),
 }
 TEXT_FORMATS = (".csv", ".tsv", ".jsonl", ".ndjson", ".json")  # read as UTF-8
+
+
+def scan_json(path):
+    """A `.json` file: one JSON array of objects (read whole), or JSON lines (streamed)."""
+    if starts_with_bracket(path):
+        return pl.read_json(path, infer_schema_length=None).lazy()
+    return pl.scan_ndjson(path)
+
+
+def starts_with_bracket(path):
+    with open(path, "rb") as f:
+        return f.read(4096).lstrip(codecs.BOM_UTF8 + b" \t\r\n").startswith(b"[")
 
 
 def extension(path):
@@ -59,6 +72,10 @@ def where_broken(path, err):
         problem = not_utf8(path)
         if problem:
             return problem
+    if extension(path) in (".jsonl", ".ndjson", ".json") and starts_with_bracket(path):
+        if extension(path) == ".json":
+            return first_line(err)
+        return "it is one JSON array, not JSON lines (one object a line); name it .json, or convert it (jq -c '.[]')"
     if extension(path) in (".jsonl", ".ndjson", ".json"):
         with open(path, encoding="utf-8", errors="replace") as f:
             for number, line in enumerate(f, 1):

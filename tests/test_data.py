@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import polars as pl
 import pytest
@@ -42,12 +44,12 @@ def test_splits_are_stratified_disjoint_and_deduplicated(tmp_path):
     assert again.test["text"].to_list() == splits.test["text"].to_list()
 
 
-@pytest.mark.parametrize("ext", ["csv", "tsv", "parquet", "jsonl"])
+@pytest.mark.parametrize("ext", ["csv", "tsv", "parquet", "jsonl", "json"])
 def test_every_table_format_reads_the_same(tmp_path, ext):
     frame = demo_reviews(100, seed=4)
     path = tmp_path / f"d.{ext}"
-    {"csv": frame.write_csv, "tsv": lambda p: frame.write_csv(p, separator="\t"),
-     "parquet": frame.write_parquet, "jsonl": frame.write_ndjson}[ext](path)
+    {"csv": frame.write_csv, "tsv": lambda p: frame.write_csv(p, separator="\t"), "parquet": frame.write_parquet,
+     "jsonl": frame.write_ndjson, "json": lambda p: p.write_text(json.dumps(frame.to_dicts(), indent=2))}[ext](path)
     loaded, report = load_labelled(str(path), "review", "sentiment")
     assert report["rows"] == 100
     assert loaded["text"].to_list()[:5] == clean_texts(frame["review"].head(5).to_list())
@@ -193,3 +195,9 @@ def test_unknown_labels_of_a_validation_file_are_named_ten_at_most(tmp_path):
     val.write_csv(tmp_path / "val.csv")
     with pytest.raises(SentimentError, match=r"never show: grade 0, grade 1, grade 10, .*, … \(15 in all\)$"):
         splits_of(tmp_path / "train.csv", val_data=str(tmp_path / "val.csv"))
+
+
+def test_a_json_array_named_as_json_lines_says_what_it_is(tmp_path):
+    (tmp_path / "d.jsonl").write_text(json.dumps(demo_reviews(40, seed=5).to_dicts(), indent=2))
+    with pytest.raises(SentimentError, match=r"it is one JSON array, not JSON lines .*name it \.json"):
+        splits_of(tmp_path / "d.jsonl")

@@ -25,18 +25,19 @@ def test_infer_prints_json_lines_for_texts(trained_model):
     assert set(lines[0]["scores"]) == {"negative", "positive"}
 
 
-@pytest.mark.parametrize("ext", ["csv", "tsv", "parquet", "jsonl"])
+@pytest.mark.parametrize("ext", ["csv", "tsv", "parquet", "jsonl", "json"])
 def test_every_format_round_trips_with_other_columns_and_order(tmp_path, trained_model, ext):
     frame = demo_reviews(120, seed=21).with_row_index("id").with_columns(pl.col("id").cast(pl.String))
     source, target = tmp_path / f"in.{ext}", tmp_path / f"out.{ext}"
     write = {"csv": frame.write_csv, "tsv": lambda p: frame.write_csv(p, separator="\t"),
-             "parquet": frame.write_parquet, "jsonl": frame.write_ndjson}[ext]
+             "parquet": frame.write_parquet, "jsonl": frame.write_ndjson,
+             "json": lambda p: p.write_text(json.dumps(frame.to_dicts()))}[ext]  # a JSON array in, JSON lines out
     write(source)
     metrics = tmp_path / "metrics.json"
     result = run_script("infer.py", "--model", str(trained_model), "--input", str(source), "--output", str(target),
                         "--chunk-rows", "50", "--metrics-out", str(metrics))
     read = {"csv": pl.read_csv, "tsv": lambda p: pl.read_csv(p, separator="\t"), "parquet": pl.read_parquet,
-            "jsonl": pl.read_ndjson}[ext]
+            "jsonl": pl.read_ndjson, "json": pl.read_ndjson}[ext]
     out = read(target)
     assert out["id"].cast(pl.String).to_list() == frame["id"].to_list()
     assert out["review"].to_list() == frame["review"].to_list()
