@@ -174,8 +174,9 @@ class InferArgs:
     device: str = arg("auto", "cpu, cuda, cuda:1, …; auto picks a GPU when there is one.")
     threads: int = arg(None, "CPU threads for the model; default: PyTorch's choice (one per core).")
     quantize: str = arg(None, "int8: dynamic int8 quantisation of the linear layers (CPU only).", choices=("int8",))
-    precision: str = arg("auto", "auto: bf16 where the hardware has it (a GPU; a CPU with AVX512-BF16 or AMX), "
-                                 "else fp32.", choices=PRECISIONS)
+    precision: str = arg("auto", "auto: bf16 where the hardware has it (a GPU of compute capability 8+; a CPU "
+                                 "with AVX512-BF16 or AMX), else fp32. fp16: GPUs without bf16 (V100, T4).",
+                         choices=PRECISIONS)
     chunk_rows: int = arg(10000, "Rows read, scored and written at a time; bounds memory on large files.")
 
     def __post_init__(self):
@@ -210,7 +211,7 @@ class ServeSettings:
     head_timeout_s: float = 10.0  # the request line and headers must arrive within this (`--http app:HTTP`)
     device: str = "auto"  # cpu, cuda, cuda:1, …
     threads: typing.Optional[int] = None  # CPU threads for the model; unset: PyTorch's choice
-    precision: str = "auto"  # auto, fp32 or bf16 (bf16 on a CPU: AVX512-BF16 or AMX)
+    precision: str = "auto"  # auto, fp32, bf16 (on a CPU: AVX512-BF16 or AMX) or fp16 (GPUs without bf16)
 
     @classmethod
     def from_env(cls, environ=os.environ):

@@ -19,7 +19,7 @@ from .errors import SettingError
 from .metrics import softmax
 from .modeling import check_max_length, load_model_folder
 
-PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 where the hardware has it
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 where the hardware has it; fp16: GPUs only
 # Default batch limits, texts and tokens (texts × padded length) per forward pass. Measured with
 # bench/infer.py: on a CPU, batches of 16 (4k tokens) stay in cache and beat larger ones by a
 # quarter; a GPU wants large batches.
@@ -46,16 +46,22 @@ def pick_device(device):
     return torch.device(device)
 
 
-def use_bf16(precision, quantize, device):
+def half_precision(precision, quantize, device):
+    """The 16-bit type to score in (torch.bfloat16 or torch.float16), or None for fp32. fp16 is for
+    GPUs without bf16 (V100, T4), where its tensor cores are many times faster than fp32; `auto`
+    never picks it, as fp16 can overflow where bf16 cannot."""
     if precision not in PRECISIONS:
         raise SettingError("precision", f"{precision!r} is not one of {', '.join(PRECISIONS)}")
-    if precision == "bf16" and quantize:
-        raise SettingError("quantize", "int8 quantisation and bf16 precision do not combine; pick one")
+    if precision in ("bf16", "fp16") and quantize:
+        raise SettingError("quantize", f"int8 quantisation and {precision} precision do not combine; pick one")
     if quantize and device.type != "cpu":
         raise SettingError("quantize", "int8 quantisation runs on the CPU only")
+    if precision == "fp16" and device.type == "cpu":
+        raise SettingError("precision", "fp16 runs on a GPU only; on a CPU use bf16 (AVX512-BF16 or AMX) or fp32")
     if precision != "auto":
-        return precision == "bf16"
-    return not quantize and (cpu_has_bf16() if device.type == "cpu" else gpu_has_bf16(device))
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    bf16 = not quantize and (cpu_has_bf16() if device.type == "cpu" else gpu_has_bf16(device))
+    return torch.bfloat16 if bf16 else None
 
 
 class Predictor:
@@ -64,8 +70,9 @@ class Predictor:
     batch_size: most texts in one forward pass. max_batch_tokens: most tokens (texts × padded
     length) in one pass, so long texts come in smaller batches. max_length: override the saved
     limit (up to the model's position limit). quantize='int8': dynamic int8 linear layers on
-    the CPU (bench/infer.py measures what it costs in accuracy). precision: 'fp32', 'bf16', or
-    'auto': bf16 where the hardware has it (a GPU, or a CPU with AVX512-BF16 or AMX), else fp32.
+    the CPU (bench/infer.py measures what it costs in accuracy). precision: 'fp32', 'bf16', 'fp16'
+    (GPUs only: for those without bf16, such as V100 and T4), or 'auto': bf16 where the hardware
+    has it (a GPU of compute capability 8 or later, or a CPU with AVX512-BF16 or AMX), else fp32.
     On a CPU bf16 means autocast: bench/infer.py measured it 1.6-1.8x faster than fp32 with the same
     label on every review.
     """
@@ -76,13 +83,13 @@ class Predictor:
             torch.set_num_threads(threads)
         self.device = pick_device(device)
         on_gpu = self.device.type != "cpu"
-        bf16 = use_bf16(precision, quantize, self.device)
-        if on_gpu and not bf16:
+        half = half_precision(precision, quantize, self.device)
+        if on_gpu and half is None:
             torch.set_float32_matmul_precision("high")  # TF32 matmuls for fp32 scoring
-        # On a GPU the weights themselves are bf16; on a CPU autocast keeps layer norms and softmax in fp32.
-        self.cpu_autocast = bf16 and not on_gpu
-        model, self.tokenizer, self.settings = load_model_folder(
-            folder, dtype=torch.bfloat16 if bf16 and on_gpu else torch.float32)
+        # On a GPU the weights themselves are 16-bit; on a CPU bf16 autocast keeps layer norms and softmax in fp32.
+        self.cpu_autocast = half is not None and not on_gpu
+        model, self.tokenizer, self.settings = load_model_folder(folder, dtype=half if on_gpu and half
+                                                                 else torch.float32)
         if quantize == "int8":
             with warnings.catch_warnings():  # torch.ao's eager quantisation is deprecated but still the
                 warnings.simplefilter("ignore")  # one dependency-free int8 path; its successor is torchao

@@ -1,4 +1,4 @@
-"""The GPU path: mixed-precision training steps, mid-epoch resume, bf16 scoring, the service.
+"""The GPU path: mixed-precision training steps, mid-epoch resume, bf16 and fp16 scoring, the service.
 
 Deselected on a machine without a GPU (conftest.py); `bash bench/gpu_check.sh` runs them on a
 GPU machine (`pytest -m gpu`), and `bench/gpu_check.sh --cpu-smoke` on the CPU at toy size
@@ -58,12 +58,17 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_same_end(tmp_path, data):
     assert again["steps"] == whole["steps"] and abs(again["test_accuracy"] - whole["test_accuracy"]) <= 0.02
 
 
-def test_bf16_scoring_agrees_with_fp32(trained_model):
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_half_precision_scoring_agrees_with_fp32(trained_model, precision):
     texts = demo_reviews(200, seed=31)["review"].to_list()
     fp32 = Predictor(str(trained_model), device=DEVICE, precision="fp32").probabilities(texts)
-    bf16 = Predictor(str(trained_model), device=DEVICE, precision="bf16").probabilities(texts)
-    assert (fp32.argmax(1) == bf16.argmax(1)).mean() >= 0.98
-    assert np.abs(fp32 - bf16).max() < 0.05
+    half = Predictor(str(trained_model), device=DEVICE, precision=precision)
+    if GPU:
+        assert next(half.model.parameters()).dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    scores = half.probabilities(texts)
+    assert np.isfinite(scores).all()
+    assert (fp32.argmax(1) == scores.argmax(1)).mean() >= 0.98
+    assert np.abs(fp32 - scores).max() < 0.05
 
 
 def test_the_service_answers_on_the_device(trained_model):

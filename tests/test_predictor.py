@@ -117,7 +117,9 @@ def test_bf16_scores_like_fp32_and_bad_precisions_are_refused(trained_model):
     assert (full.argmax(1) == half.argmax(1)).mean() >= 0.95
     assert np.abs(full - half).max() < 0.05
     with pytest.raises(SentimentError, match="precision"):
-        Predictor(str(trained_model), precision="fp16")
+        Predictor(str(trained_model), precision="fp8")
+    with pytest.raises(SentimentError, match="fp16 runs on a GPU only"):
+        Predictor(str(trained_model), precision="fp16", device="cpu")
     with pytest.raises(SentimentError, match="pick one"):
         Predictor(str(trained_model), precision="bf16", quantize="int8")
 
@@ -160,6 +162,7 @@ def test_auto_precision_asks_the_chosen_gpu_and_ignores_emulated_bf16(monkeypatc
 
     monkeypatch.setattr(module.torch.cuda, "get_device_capability", capability)
     monkeypatch.setattr(module.torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation says yes
-    assert module.use_bf16("auto", None, torch.device("cuda:0")) is False
-    assert module.use_bf16("auto", None, torch.device("cuda:1")) is True
+    assert module.half_precision("auto", None, torch.device("cuda:0")) is None  # fp32, never fp16 unasked
+    assert module.half_precision("auto", None, torch.device("cuda:1")) is torch.bfloat16
     assert asked == ["cuda:0", "cuda:1"]
+    assert module.half_precision("fp16", None, torch.device("cuda:0")) is torch.float16
