@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from bench.common import DATA, forward_flops, imdb_rows, matmul_rate
+from bench.common import DATA, cpu_description, forward_flops, imdb_rows, matmul_rate
 from sentiment.data import clean_texts
 from sentiment.predictor import Predictor
 
@@ -55,7 +55,7 @@ def main():
     from transformers import AutoConfig, AutoTokenizer
     config, tokenizer = AutoConfig.from_pretrained(args.model), AutoTokenizer.from_pretrained(args.model)
     rate = matmul_rate(config)
-    print(f"machine: {torch.get_num_threads()} threads, fp32; matmul rate on the model's shapes "
+    print(f"machine: {cpu_description()}, {torch.get_num_threads()} threads, fp32; matmul rate on the model's shapes "
           f"{rate / 1e9:.0f} GFLOP/s; {args.rows} reviews from {os.path.basename(args.data)}")
     print(f"{'max len':>7} {'scorer':<24} {'reviews/s':>10} {'vs pipe32':>9} {'of limit':>9} {'accuracy':>9} "
           f"{'agree':>6}")

@@ -22,7 +22,7 @@ import time
 import httpx
 import numpy as np
 
-from bench.common import DATA, imdb_rows
+from bench.common import DATA, cpu_description, imdb_rows
 from sentiment.modeling import SETTINGS_FILE
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -165,6 +165,7 @@ def main():
     try:
         for _, url in servers.values():
             asyncio.run(load(url, texts, 4, 16))  # warm-up
+        print(f"machine: {cpu_description()}")
         print(f"{'server':<16} {'clients':>7} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}")
         for clients in args.clients:
             requests = max(args.requests, 2 * clients)

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from bench.common import DATA, forward_flops, imdb_rows, matmul_rate, minilm_folder
+from bench.common import DATA, cpu_description, forward_flops, imdb_rows, matmul_rate, minilm_folder
 from sentiment.data import clean_texts
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -162,7 +162,7 @@ def main():
             mixed_precision=args.recipe_precision, val_size=0.1)
     profile = profile_step(model, train.head(400))
 
-    print(f"\nmachine: {os.cpu_count()} CPU threads, fp32; matmul rate on the model's shapes {rate / 1e9:.0f} GFLOP/s; "
+    print(f"\nmachine: {cpu_description()}, fp32; matmul rate on the model's shapes {rate / 1e9:.0f} GFLOP/s; "
           f"compute limit {limit:.2f} train samples/s at the reviews' real lengths (max 256)")
     print(f"{'run':<18} {'rows':>5} {'wall s':>8} {'train s':>8} {'samples/s':>10} {'of limit':>9} {'accuracy':>9}")
     for name, r in rows.items():
