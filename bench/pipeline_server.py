@@ -23,14 +23,18 @@ classify = pipeline("text-classification", model=os.environ["SENTIMENT_MODEL"], 
 MAX_LENGTH = int(os.environ["SENTIMENT_MAX_LENGTH"])
 
 
+def answer(scores):
+    best = max(scores, key=lambda s: s["score"])
+    return {"label": best["label"], "score": best["score"], "scores": {s["label"]: s["score"] for s in scores}}
+
+
 async def predict(request):
-    text = (await request.json())["text"]
+    body = await request.json()
+    texts = body["texts"] if "texts" in body else [body["text"]]
     # The model runs on the event loop: one request at a time, as a simple per-request server does.
     with torch.autocast("cpu", dtype=torch.bfloat16) if BF16 and not GPU else contextlib.nullcontext():
-        scores = classify([text], truncation=True, max_length=MAX_LENGTH)[0]
-    best = max(scores, key=lambda s: s["score"])
-    return JSONResponse({"label": best["label"], "score": best["score"],
-                         "scores": {s["label"]: s["score"] for s in scores}})
+        answers = [answer(scores) for scores in classify(texts, truncation=True, max_length=MAX_LENGTH)]
+    return JSONResponse({"predictions": answers} if "texts" in body else answers[0])
 
 
 async def health(request):
