@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .data import check_text_column
 from .errors import SentimentError
 from .metrics import classification_report
-from .outputs import write_atomically
+from .outputs import disk_full, write_atomically
 from .predictor import Predictor
 from .tables import SCANNERS, TableWriter, existing_file, extension, scan_chunks, scanner, writable
 
@@ -222,7 +222,14 @@ def stopped_by_signals(output):
 
 def run(args):
     with stopped_by_signals(args.output):
-        score_and_report(args)
+        try:
+            score_and_report(args)
+        except Exception as err:
+            if not disk_full(err):
+                raise
+            where = os.path.dirname(os.path.abspath(args.output or args.metrics_out or "."))
+            raise SentimentError(f"the disk of {where} is full ({str(err).strip().splitlines()[0][:120]}); free "
+                                 f"some space and run again (an existing output is as it was)") from None
 
 
 def score_and_report(args):

@@ -113,7 +113,10 @@ def write_atomically(path, text):
 
 
 def disk_full(err):
-    """Whether `err` is a write that failed for want of space (torch's writer says only 'file write failed')."""
-    if isinstance(err, OSError):
-        return err.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(err, RuntimeError) and "write failed" in str(err)
+    """Whether `err` is a write that failed for want of space, whatever raised it: torch's writer says
+    only 'file write failed'; polars raises an OSError without an errno, or a ComputeError, whose
+    message holds the system's words."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return (any(words in str(err) for words in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT)))
+            or isinstance(err, RuntimeError) and "write failed" in str(err))

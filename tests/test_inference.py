@@ -13,7 +13,10 @@ import polars as pl
 import pytest
 from helpers import ROOT, run_script
 
+from sentiment import inference, tables
+from sentiment.config import InferArgs, parse_args
 from sentiment.demo_data import demo_reviews
+from sentiment.errors import SentimentError
 
 TEXTS = ["The acting was superb. I loved it.", "The plot was dreadful. Avoid it."]
 
@@ -122,6 +125,23 @@ def test_outputs_onto_the_model_folder_or_onto_each_other_are_refused(tmp_path, 
     run_script("infer.py", "--model", str(model), "--input", str(reviews_csv), "--output", both,
                "--metrics-out", str(model / "test_metrics.json"))  # a new file beside the model is fine
     assert json.loads((model / "test_metrics.json").read_text())["examples"] == len(pl.read_csv(reviews_csv))
+
+
+@pytest.mark.parametrize("error", [OSError("No space left on device (os error 28)"),  # polars: no errno
+                                   pl.exceptions.ComputeError("parquet: underlying IO error: No space left on "
+                                                              "device (os error 28)")])
+def test_a_full_disk_is_one_line_and_leaves_the_old_output(tmp_path, trained_model, reviews_csv, monkeypatch, error):
+    (tmp_path / "scored.csv").write_text("old\n")
+
+    def full(self, frame):
+        raise error
+
+    monkeypatch.setattr(tables.TableWriter, "write", full)
+    with pytest.raises(SentimentError, match=r"the disk of .* is full .*free some space"):
+        inference.run(parse_args(InferArgs, "", ["--model", str(trained_model), "--input", str(reviews_csv),
+                                                 "--output", str(tmp_path / "scored.csv")]))
+    assert sorted(os.listdir(tmp_path)) == ["reviews.csv", "scored.csv"]  # no temporary file left
+    assert (tmp_path / "scored.csv").read_text() == "old\n"
 
 
 def test_a_failed_run_leaves_an_existing_output_as_it_was(tmp_path, trained_model):
