@@ -133,8 +133,12 @@ def test_a_crash_while_saving_leaves_no_complete_looking_checkpoint(tmp_path, mo
     data = tmp_path / "reviews.csv"
     demo_reviews(200, seed=13).write_csv(data)
 
-    def broken_replace(src, dst):
-        raise OSError("disk full")
+    real_replace = os.replace
+
+    def broken_replace(src, dst):  # the checkpoint's rename fails; other files are written as usual
+        if ".tmp-step-" in str(src):
+            raise OSError("disk full")
+        real_replace(src, dst)
 
     monkeypatch.setattr(checkpointing.os, "replace", broken_replace)
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
