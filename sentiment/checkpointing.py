@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
-from .config import TrainArgs, flag, invariants
-from .errors import SentimentError
+from .config import TrainArgs, invariants
+from .errors import SentimentError, flag
 from .modeling import CONFIG_FILE
 
 STATE_FILE = "trainer_state.json"

@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 
 from .batching import TRUNCATIONS
-from .errors import SentimentError
+from .errors import SentimentError, flag
 from .predictor import CPU_BATCH_SIZE, CPU_BATCH_TOKENS, GPU_BATCH_SIZE, GPU_BATCH_TOKENS, PRECISIONS
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -32,11 +32,6 @@ def fixed(default, help, **kwargs):
     """An `arg` that a resumed run must keep as its checkpoint saved it: it fixes the data split,
     the batch order, the learning-rate schedule or the model's shape."""
     return arg(default, help, invariant=True, **kwargs)
-
-
-def flag(name):
-    """The command-line flag of a field: `max_length` is `--max-length`."""
-    return "--" + name.replace("_", "-")
 
 
 def invariants(cls):

@@ -13,6 +13,11 @@ import sys
 from contextlib import contextmanager
 
 
+def flag(name):
+    """The command-line flag of a setting: `max_length` is `--max-length`."""
+    return "--" + name.replace("_", "-")
+
+
 class SentimentError(Exception):
     """Bad input, described in words that say what to change."""
 
@@ -25,7 +30,7 @@ class SettingError(SentimentError):
         self.name, self.message = name, message
 
     def as_flag(self):
-        return f"--{self.name.replace('_', '-')}: {self.message}"
+        return f"{flag(self.name)}: {self.message}"
 
     def as_variable(self):
         return f"SENTIMENT_{self.name.upper()}: {self.message}"

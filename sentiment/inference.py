@@ -6,8 +6,8 @@ to a temporary file beside `--output` that replaces it only once every row is sc
 or stopped run (Ctrl-C, SIGTERM) leaves an existing output, and the input, as they were, and no
 temporary file behind. Under `accelerate launch`, every process scores its share of each chunk
 and the main process writes; texts from the command line or standard input are read by the main
-process and shared. When the input carries labels, it
-reports accuracy, macro F1 and the confusion matrix, and says which rows it left out and why.
+process and shared. When the input carries labels, it reports accuracy, macro F1 and the
+confusion matrix, and says which rows it left out and why.
 """
 
 import contextlib
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .data import check_text_column
 from .errors import SentimentError
 from .metrics import classification_report
-from .outputs import disk_full, write_atomically
+from .outputs import disk_full, disk_full_error, write_atomically
 from .predictor import Predictor
 from .tables import SCANNERS, TableWriter, existing_file, extension, scan_chunks, scanner, writable
 
@@ -228,8 +228,7 @@ def run(args):
             if not disk_full(err):
                 raise
             where = os.path.dirname(os.path.abspath(args.output or args.metrics_out or "."))
-            raise SentimentError(f"the disk of {where} is full ({str(err).strip().splitlines()[0][:120]}); free "
-                                 f"some space and run again (an existing output is as it was)") from None
+            raise disk_full_error(where, err, "run again (an existing output is as it was)") from None
 
 
 def score_and_report(args):

@@ -112,6 +112,12 @@ def write_atomically(path, text):
             os.remove(tmp)
 
 
+def disk_full_error(folder, err, then):
+    """The one line a command ends with when a write found `folder`'s disk full; `then` says how to go on."""
+    return SentimentError(f"the disk of {folder} is full ({type(err).__name__}: "
+                          f"{str(err).strip().splitlines()[0][:120]}); free some space, then {then}")
+
+
 def disk_full(err):
     """Whether `err` is a write that failed for want of space, whatever raised it: torch's writer says
     only 'file write failed'; polars raises an OSError without an errno, or a ComputeError, whose

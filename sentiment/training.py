@@ -33,7 +33,7 @@ from .errors import SentimentError
 from .metrics import (classification_report, expected_calibration_error, fit_temperature, inverse_frequency_weights,
                       reliability_bins, softmax)
 from .modeling import CONFIG_FILE, LOG_FILE, METRICS_FILE, ModelSettings, check_max_length, load_model, load_tokenizer
-from .outputs import claim, disk_full, log_line, publish_model, truncate_log, write_atomically
+from .outputs import claim, disk_full, disk_full_error, log_line, publish_model, truncate_log, write_atomically
 from .report import write_report_or_say_how
 
 LOG_EVERY = 10  # optimizer steps between log lines
@@ -445,9 +445,7 @@ def train(args):
             return recipe.cleanup()
     except (OSError, RuntimeError) as err:
         if disk_full(err):
-            raise SentimentError(f"the disk of {args.output_dir} is full ({type(err).__name__}: "
-                                 f"{str(err).strip().splitlines()[0][:120]}); free some space, then continue "
-                                 f"with --resume latest") from None
+            raise disk_full_error(args.output_dir, err, "continue with --resume latest") from None
         raise
     finally:
         if getattr(recipe, "lock", None):

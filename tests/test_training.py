@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from sentiment import checkpointing, training
-from sentiment.config import TrainArgs, flag, parse_args
+from sentiment.config import TrainArgs, parse_args
 from sentiment.demo_data import demo_reviews
-from sentiment.errors import SentimentError
+from sentiment.errors import SentimentError, flag
 from sentiment.modeling import load_tokenizer, tiny_config
 from sentiment.outputs import log_line, write_atomically
 from sentiment.predictor import Predictor
