@@ -23,6 +23,7 @@ from safetensors import safe_open
 
 from .config import TrainArgs, invariants
 from .errors import SentimentError, flag
+from .files import fsync_path, fsync_tree
 from .modeling import CONFIG_FILE
 
 STATE_FILE = "trainer_state.json"
@@ -70,20 +71,16 @@ def complete_checkpoints(output_dir):
     return sorted(os.path.dirname(path) for path in found)
 
 
-def fsync_path(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(folder):
-    """Flush every file of `folder` and the folders themselves: a power cut must not leave empty files."""
-    for parent, _, files in os.walk(folder):
-        for name in files:
-            fsync_path(os.path.join(parent, name))
-        fsync_path(parent)
+def remove_leftovers(output_dir):
+    """Remove what killed runs left half-made in `output_dir`'s checkpoints: a checkpoint being saved
+    (`.tmp-`), one being deleted (`.del-`), best weights being written. Each can be as large as a
+    checkpoint, and no later run reuses its name for sure. Only the run holding the folder calls this."""
+    root = checkpoint_root(output_dir)
+    leftovers = glob.glob(os.path.join(root, ".tmp-step-*")) + glob.glob(os.path.join(root, ".del-step-*"))
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    if os.path.exists(best_weights(output_dir) + ".tmp"):
+        os.remove(best_weights(output_dir) + ".tmp")
 
 
 def remove_tree(folder):

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .data import check_text_column
 from .errors import SentimentError
 from .metrics import classification_report
-from .outputs import disk_full, disk_full_error, write_atomically
+from .files import disk_full, disk_full_error, write_atomically
 from .predictor import Predictor
 from .tables import SCANNERS, TableWriter, existing_file, extension, scan_chunks, scanner, writable
 

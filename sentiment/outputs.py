@@ -4,20 +4,18 @@
 refuses to mix a new run into an old one unless told to overwrite or resume. `publish_model`
 writes the model folder beside the old one and moves it in only once it is complete, so after
 `--overwrite` the previous model stays whole and usable until the new one is ready. `log_line`
-and `truncate_log` keep `log.jsonl`; `write_atomically` writes the other small files
-(`metrics.json`, `train_config.json`, the report, `infer.py`'s metrics) whole or not at all.
-`disk_full` recognises a write that failed for want of space, whatever library raised it. The
-training loop itself lives in `training`.
+and `truncate_log` keep `log.jsonl`. Writing any one file safely is `files`' concern; the training
+loop itself lives in `training`.
 """
 
-import errno
 import fcntl
 import json
 import os
 import shutil
 
-from .checkpointing import fsync_path, fsync_tree
+from .checkpointing import remove_leftovers
 from .errors import SentimentError
+from .files import fsync_path, fsync_tree, write_atomically
 from .modeling import LOG_FILE, METRICS_FILE, SETTINGS_FILE, save_model_folder
 
 LOCK_FILE = ".lock"
@@ -48,6 +46,7 @@ def claim(args, accelerator):
         handle.truncate()
         handle.write(str(os.getpid()))
         handle.flush()
+        remove_leftovers(out)
     accelerator.wait_for_everyone()
     busy = [name for name in os.listdir(out) if name != LOCK_FILE]
     if busy and not args.resume and not args.overwrite:
@@ -97,32 +96,3 @@ def truncate_log(path, step):
             if record.get("step", 0) <= step:
                 kept.append(json.dumps(record) + "\n")
     write_atomically(path, "".join(kept))
-
-
-def write_atomically(path, text):
-    """Write `text` to `path` through a temporary file beside it, renamed into place once complete:
-    a crash leaves the old file or the new one, never half of one, and no temporary file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def disk_full_error(folder, err, then):
-    """The one line a command ends with when a write found `folder`'s disk full; `then` says how to go on."""
-    return SentimentError(f"the disk of {folder} is full ({type(err).__name__}: "
-                          f"{str(err).strip().splitlines()[0][:120]}); free some space, then {then}")
-
-
-def disk_full(err):
-    """Whether `err` is a write that failed for want of space, whatever raised it: torch's writer says
-    only 'file write failed'; polars raises an OSError without an errno, or a ComputeError, whose
-    message holds the system's words."""
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return (any(words in str(err) for words in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT)))
-            or isinstance(err, RuntimeError) and "write failed" in str(err))

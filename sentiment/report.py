@@ -17,7 +17,7 @@ import os
 import sys
 
 from .modeling import CONFIG_FILE, LOG_FILE, METRICS_FILE
-from .outputs import write_atomically
+from .files import write_atomically
 
 REPORT_FILE = "report.html"
 INSTALL_HINT = 'pip install -e ".[report]" (matplotlib), then python -m sentiment.report'

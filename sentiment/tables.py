@@ -15,6 +15,7 @@ import shutil
 import polars as pl
 
 from .errors import SentimentError
+from .files import remove_stale_temporaries, temporary
 
 # Every column is read as text: a review of "1984" stays a string, labels stay names.
 SCANNERS = {
@@ -151,8 +152,8 @@ class TableWriter:
         self.ext = extension(path)
         if self.ext not in SCANNERS:
             raise SentimentError(f"--output {path}: unknown file type; use one of {', '.join(SCANNERS)}")
-        folder, name = os.path.split(os.path.abspath(path))
-        self.tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+        remove_stale_temporaries(path)  # what a run killed outright (SIGKILL, out of memory) left
+        self.tmp = temporary(path, hidden=True)
         self.parts = self.tmp + ".parts"
         self.count = 0
         if self.ext == ".parquet":

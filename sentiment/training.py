@@ -27,13 +27,14 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from .batching import Collator, LengthGroupedBatches, TokenizedDataset, by_length, encode
 from .checkpointing import (TrainState, best_weights, check_random_states, find_checkpoint, forget_after,
-                            fsync_path, load_trainer_state, save_checkpoint)
+                            load_trainer_state, save_checkpoint)
 from .data import load_splits
 from .errors import SentimentError
+from .files import disk_full, disk_full_error, fsync_path, write_atomically
 from .metrics import (classification_report, expected_calibration_error, fit_temperature, inverse_frequency_weights,
                       reliability_bins, softmax)
 from .modeling import CONFIG_FILE, LOG_FILE, METRICS_FILE, ModelSettings, check_max_length, load_model, load_tokenizer
-from .outputs import claim, disk_full, disk_full_error, log_line, publish_model, truncate_log, write_atomically
+from .outputs import claim, log_line, publish_model, truncate_log
 from .report import write_report_or_say_how
 
 LOG_EVERY = 10  # optimizer steps between log lines

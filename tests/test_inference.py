@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -179,6 +180,35 @@ def test_a_run_stopped_by_a_signal_keeps_the_old_output_and_leaves_no_temporary_
     assert "Traceback" not in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.csv", "scored.csv"]
     assert (tmp_path / "scored.csv").read_text() == "old\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("output", ["scored.csv", "scored.parquet"])
+def test_what_a_killed_run_left_is_removed_by_the_next_and_a_live_run_s_is_kept(tmp_path, trained_model, output):
+    # SIGKILL (the out-of-memory killer) leaves the hidden temporary output, as large as the part
+    # scored; nothing removed it, so every killed run left one more.
+    demo_reviews(20000, seed=3).write_csv(tmp_path / "big.csv")
+    command = [sys.executable, os.path.join(ROOT, "infer.py"), "--model", str(trained_model),
+               "--input", str(tmp_path / "big.csv"), "--output", str(tmp_path / output), "--chunk-rows", "100"]
+    killed = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not any(".tmp-" in p.name for p in tmp_path.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # some chunks written
+    killed.kill()
+    killed.wait()
+    assert any(".tmp-" in p.name for p in tmp_path.iterdir())
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        another_run = tmp_path / f".{output}.tmp-{socket.gethostname()}-{live.pid}"
+        another_run.write_text("a run still writing")  # a process that is alive: its file is not touched
+        run_script("infer.py", "--model", str(trained_model), "--input", str(tmp_path / "big.csv"),
+                   "--output", str(tmp_path / output), "--chunk-rows", "5000")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["big.csv", output, another_run.name])
+    finally:
+        live.kill()
+        live.wait()
+    assert len(tables.scanner(str(tmp_path / output)).collect()) == 20000
 
 
 @pytest.mark.parametrize("where, message", [

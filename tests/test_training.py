@@ -22,7 +22,8 @@ from sentiment.config import TrainArgs, parse_args
 from sentiment.demo_data import demo_reviews
 from sentiment.errors import SentimentError, flag
 from sentiment.modeling import load_tokenizer, tiny_config
-from sentiment.outputs import log_line, write_atomically
+from sentiment.files import write_atomically
+from sentiment.outputs import log_line
 from sentiment.predictor import Predictor
 
 
@@ -415,7 +416,7 @@ def test_data_edited_since_the_checkpoint_is_refused_on_resume(tmp_path, monkeyp
     assert "resumed from" in run_script("train.py", *flags, "--resume", "latest").stdout
 
 
-def test_a_kill_while_rotating_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+def test_a_kill_while_rotating_leaves_no_half_deleted_checkpoint_and_the_next_run_clears_it(tmp_path, monkeypatch):
     real_rmtree = shutil.rmtree
 
     def killed_midway(path, *args, **kwargs):
@@ -427,10 +428,18 @@ def test_a_kill_while_rotating_leaves_no_half_deleted_checkpoint(tmp_path, monke
     data = tmp_path / "reviews.csv"
     demo_reviews(400, seed=19).write_csv(data)
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    flags = ["--data", str(data), *TINY, "--checkpoint-every", "5", "--keep-checkpoints", "1",
+             "--output-dir", str(tmp_path / "out")]
     with pytest.raises(KeyboardInterrupt):
-        training.train(parse_args(TrainArgs, "", ["--data", str(data), *TINY, "--checkpoint-every", "5",
-                                                  "--keep-checkpoints", "1", "--output-dir", str(tmp_path / "out")]))
+        training.train(parse_args(TrainArgs, "", flags))
     assert [checkpointing.step_of(c) for c in checkpointing.complete_checkpoints(tmp_path / "out")] == [10]
+    # The half-deleted checkpoint (a whole checkpoint's size, optimizer state included) was never
+    # removed: later rotations delete other steps. The next run into the folder clears it.
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", real_rmtree)
+    (tmp_path / "out" / "checkpoints" / ".tmp-step-00000007").mkdir()  # as a kill during a save leaves
+    training.train(parse_args(TrainArgs, "", [*flags, "--resume", "latest"]))
+    left = os.listdir(tmp_path / "out" / "checkpoints")
+    assert not [name for name in left if name.startswith(".")], left
 
 
 def test_a_full_disk_is_one_line_that_says_so(tmp_path, monkeypatch):

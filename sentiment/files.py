@@ -1,0 +1,92 @@
+"""Writing files so that no crash, kill or full disk leaves half of one behind.
+
+A file is written under a temporary name beside it (`temporary`) and renamed into place once
+complete (`write_atomically` for small files); what a process killed outright (SIGKILL, the
+out-of-memory killer, a power cut) left under such a name is removed by the next writer of the
+same path (`remove_stale_temporaries`). `fsync_path` and `fsync_tree` put data on disk before a
+rename makes it look complete. `disk_full` recognises a write that failed for want of space,
+whatever library raised it.
+"""
+
+import errno
+import os
+import re
+import shutil
+import socket
+
+from .errors import SentimentError
+
+
+def temporary(path, hidden=False):
+    """A name beside `path` to write it under, this process's own. The machine's name is part of it:
+    a folder may be shared between machines, and process ids only mean something on one."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f"{'.' if hidden else ''}{name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path):
+    """Remove the temporary files (and folders) of `path` left by processes of this machine that are
+    gone; those of live processes, another run writing the same path, are left alone."""
+    folder, name = os.path.split(os.path.abspath(path))
+    own = re.compile(rf"\.?{re.escape(name)}\.tmp-{re.escape(socket.gethostname())}-(\d+)(\..*)?")
+    for entry in os.listdir(folder):
+        found = own.fullmatch(entry)
+        if found and int(found[1]) != os.getpid() and not process_alive(int(found[1])):
+            stale = os.path.join(folder, entry)
+            shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else os.remove(stale)
+
+
+def write_atomically(path, text):
+    """Write `text` to `path` through a temporary file beside it, renamed into place once complete:
+    a crash leaves the old file or the new one, never half of one."""
+    remove_stale_temporaries(path)
+    tmp = temporary(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder):
+    """Flush every file of `folder` and the folders themselves: a power cut must not leave empty files."""
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            fsync_path(os.path.join(parent, name))
+        fsync_path(parent)
+
+
+def disk_full_error(folder, err, then):
+    """The one line a command ends with when a write found `folder`'s disk full; `then` says how to go on."""
+    return SentimentError(f"the disk of {folder} is full ({type(err).__name__}: "
+                          f"{str(err).strip().splitlines()[0][:120]}); free some space, then {then}")
+
+
+def disk_full(err):
+    """Whether `err` is a write that failed for want of space, whatever raised it: torch's writer says
+    only 'file write failed'; polars raises an OSError without an errno, or a ComputeError, whose
+    message holds the system's words."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return (any(words in str(err) for words in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT)))
+            or isinstance(err, RuntimeError) and "write failed" in str(err))
