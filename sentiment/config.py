@@ -199,6 +199,9 @@ class ServeSettings:
     max_wait_ms: float = 5.0  # longest wait for a batch to fill, under load
     queue_size: int = 256  # texts waiting at most; beyond it, 503 at once
     max_body_bytes: int = 1 << 20  # larger bodies get 413
+    # Bytes of bodies held while they arrive and are parsed, all requests together; beyond it, 503
+    # at once: many slow large bodies must not take the memory every request needs.
+    max_body_bytes_total: int = 64 << 20
     max_texts: int = 64  # most texts in one request
     max_chars: int = 20000  # longest text accepted
     request_timeout_s: float = 30.0  # then 504
@@ -223,11 +226,15 @@ class ServeSettings:
         return cls(**values)
 
     def __post_init__(self):
-        for name in ("queue_size", "max_body_bytes", "max_texts", "max_chars", "request_timeout_s", "body_timeout_s",
-                     "head_timeout_s", "max_batch_size", "max_batch_tokens", "threads"):
+        for name in ("queue_size", "max_body_bytes", "max_body_bytes_total", "max_texts", "max_chars",
+                     "request_timeout_s", "body_timeout_s", "head_timeout_s", "max_batch_size", "max_batch_tokens",
+                     "threads"):
             value = getattr(self, name)
             if value is not None and not value > 0:  # `not >` also refuses NaN
                 raise ValueError(f"SENTIMENT_{name.upper()} must be above 0, got {value}")
+        if self.max_body_bytes_total < self.max_body_bytes:
+            raise ValueError(f"SENTIMENT_MAX_BODY_BYTES_TOTAL must be at least SENTIMENT_MAX_BODY_BYTES "
+                             f"({self.max_body_bytes}), got {self.max_body_bytes_total}")
         if not self.max_wait_ms >= 0:
             raise ValueError(f"SENTIMENT_MAX_WAIT_MS must not be negative, got {self.max_wait_ms}")
         for name in ("max_wait_ms", "request_timeout_s", "body_timeout_s", "head_timeout_s"):

@@ -3,12 +3,13 @@
 Two request shapes are accepted: ours, `{"text": "…"}` or `{"texts": ["…", …]}`, and the Hugging
 Face inference request, `{"inputs": "…" | ["…", …], "parameters": {"top_k", "function_to_apply"}}`,
 so that `huggingface_hub.InferenceClient(URL).text_classification(text)` works unchanged.
-`read_request` reads the body under a deadline and a size limit and checks every text before it
-reaches a batch; each failure is a `BadRequest` with its HTTP status. Nothing here touches the
-model or the queue.
+`read_request` reads the body under a deadline and a size limit, within a `BodyBudget` shared by
+every request, and checks every text before it reaches a batch; each failure is a `BadRequest`
+with its HTTP status. Nothing here touches the model or the queue.
 """
 
 import asyncio
+import contextlib
 import json
 from dataclasses import dataclass
 
@@ -21,9 +22,39 @@ FUNCTIONS = ("softmax",)  # the scores are calibrated probabilities; raw logits 
 
 
 class BadRequest(Exception):
-    def __init__(self, status, kind, message):
+    def __init__(self, status, kind, message, headers=None):
         super().__init__(message)
-        self.status, self.kind, self.message = status, kind, message
+        self.status, self.kind, self.message, self.headers = status, kind, message, headers
+
+
+class BodyBudget:
+    """The bytes of request bodies the service holds at once, all requests together
+    (SENTIMENT_MAX_BODY_BYTES_TOTAL): bytes are counted as they arrive and given back once the body
+    is parsed or abandoned, so slow large bodies cannot take the memory every request needs."""
+
+    def __init__(self, limit):
+        self.limit, self.held = limit, 0
+
+    @contextlib.contextmanager
+    def reserve(self):
+        """A reservation for one body: `take(n)` as bytes arrive; all of it given back on leaving."""
+        reservation = Reservation(self)
+        try:
+            yield reservation
+        finally:
+            self.held -= reservation.taken
+
+
+class Reservation:
+    def __init__(self, budget):
+        self.budget, self.taken = budget, 0
+
+    def take(self, size):
+        if self.budget.held + size > self.budget.limit:
+            raise BadRequest(503, "overloaded", "the service holds as many request bodies as it may "
+                                                "(SENTIMENT_MAX_BODY_BYTES_TOTAL); retry shortly", {"Retry-After": "1"})
+        self.budget.held += size
+        self.taken += size
 
 
 @dataclass
@@ -51,8 +82,8 @@ def media_type(request):
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def read_body(request, settings):
-    """The body, within SENTIMENT_MAX_BODY_BYTES and SENTIMENT_BODY_TIMEOUT_S."""
+async def read_body(request, settings, reservation):
+    """The body, within SENTIMENT_MAX_BODY_BYTES, SENTIMENT_BODY_TIMEOUT_S and the body budget."""
     too_large = BadRequest(413, "body_too_large", f"the body is over {settings.max_body_bytes} bytes "
                                                   f"(SENTIMENT_MAX_BODY_BYTES)")
     declared = request.headers.get("content-length")
@@ -62,6 +93,7 @@ async def read_body(request, settings):
     async def read():
         body = bytearray()
         async for chunk in request.stream():
+            reservation.take(len(chunk))
             body += chunk
             if len(body) > settings.max_body_bytes:
                 raise too_large
@@ -76,14 +108,15 @@ async def read_body(request, settings):
         raise BadRequest(499, "client_disconnected", "the client went away") from None
 
 
-async def read_request(request, settings):
+async def read_request(request, settings, budget):
     """The checked `Request` of a /predict body, or `BadRequest` naming what is wrong with it."""
     if media_type(request) != "application/json":
         raise BadRequest(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
-    body = await read_body(request, settings)
-    if len(body) > PARSE_OFF_LOOP_BYTES:  # a large body must not hold up the event loop
-        return await asyncio.to_thread(parse, body, settings)
-    return parse(body, settings)
+    with budget.reserve() as reservation:
+        body = await read_body(request, settings, reservation)
+        if len(body) > PARSE_OFF_LOOP_BYTES:  # a large body must not hold up the event loop
+            return await asyncio.to_thread(parse, body, settings)
+        return parse(body, settings)
 
 
 def parse(body, settings):

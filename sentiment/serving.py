@@ -32,7 +32,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from .batcher import MicroBatcher, ModelError, QueueFull, model_thread
 from .config import ServeSettings
 from .predictor import Predictor
-from .protocol import BadRequest, read_request
+from .protocol import BadRequest, BodyBudget, read_request
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -53,6 +53,8 @@ class ServiceMetrics:
         self.batch_sizes = Histogram("sentiment_batch_size", "Texts per model call.", buckets=BATCH_BUCKETS,
                                      registry=self.registry)
         self.queue_depth = Gauge("sentiment_queue_depth", "Texts waiting for the model.", registry=self.registry)
+        self.body_bytes = Gauge("sentiment_body_bytes_held", "Bytes of request bodies held while they arrive "
+                                "and are parsed.", registry=self.registry)
         self.texts_scored = Counter("sentiment_texts_scored", "Texts the model has scored.", registry=self.registry)
 
     def count_request(self, status, seconds):
@@ -136,9 +138,9 @@ async def answer(request):
     if batcher.room() < 1:
         return overloaded()
     try:
-        parsed = await read_request(request, settings)
+        parsed = await read_request(request, settings, state.body_budget)
     except BadRequest as bad:
-        return error(bad.status, bad.kind, bad.message)
+        return error(bad.status, bad.kind, bad.message, bad.headers)
     scoring = asyncio.ensure_future(asyncio.wait_for(batcher.submit(parsed.texts), settings.request_timeout_s))
     gone = asyncio.ensure_future(client_gone(request))
     await asyncio.wait({scoring, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -184,6 +186,7 @@ async def ready(request):
 async def prometheus(request):
     state = request.app.state
     state.metrics.queue_depth.set(state.batcher.queue.qsize() if state.batcher else 0)
+    state.metrics.body_bytes.set(state.body_budget.held)
     return Response(prometheus_client.generate_latest(state.metrics.registry),
                     media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
@@ -251,6 +254,7 @@ def create_app(settings=None, predictor_factory=None):
     app.state.settings = settings or ServeSettings.from_env()
     app.state.predictor_factory = predictor_factory or load_predictor
     app.state.metrics = ServiceMetrics()
+    app.state.body_budget = BodyBudget(app.state.settings.max_body_bytes_total)
     app.state.batcher = None
     app.state.load_error = None
     return app

@@ -157,6 +157,38 @@ def test_bodies_that_never_finish_hold_no_slot_get_408_and_do_not_block_shutdown
         sock.close()
 
 
+def test_bodies_on_their_way_are_held_within_one_memory_budget(serve):
+    # Every body was held whole while it arrived, with no limit across requests: 500 connections
+    # sending 1 MB bodies but for their last bytes grew the service by 640 MB; a few thousand
+    # would have it killed for want of memory, every client's request with it.
+    server = serve(max_body_bytes=100_000, max_body_bytes_total=250_000, body_timeout_s=30)
+    held = [slow_body(server.port, promised=100_000, sent=0) for _ in range(2)]
+    for sock in held:
+        sock.sendall(b'{"text": "' + b"a" * 90_000)  # 180,000 bytes held of 250,000
+    time.sleep(0.5)
+    over = slow_body(server.port, promised=100_000, sent=0)
+    over.sendall(b'{"text": "' + b"a" * 90_000)  # would be 270,000
+    assert read_status(over, 10) == 503
+    small = httpx.post(server.url + "/predict", json={"text": GOOD}, timeout=30)  # still fits
+    assert small.status_code == 200
+    assert server.metrics()[("sentiment_body_bytes_held", ())] >= 180_000
+
+    def chunks():  # no Content-Length: counted as it comes
+        for _ in range(4):
+            yield b" " * 30_000
+
+    chunked = httpx.post(server.url + "/predict", content=chunks(), headers={"content-type": "application/json"},
+                         timeout=30)
+    assert chunked.status_code == 503 and chunked.json()["error"]["type"] == "overloaded"
+    assert chunked.headers["retry-after"] == "1"
+    for sock in held + [over]:
+        sock.close()
+    time.sleep(0.5)  # the server sees them go and gives their bytes back
+    assert server.metrics()[("sentiment_body_bytes_held", ())] == 0
+    large = httpx.post(server.url + "/predict", json={"text": GOOD, "padding": "a" * 90_000}, timeout=30)
+    assert large.status_code == 200
+
+
 def closes_within(sock, seconds):
     """Whether the server closes `sock` (reads reach end of file) within `seconds`."""
     deadline = time.monotonic() + seconds

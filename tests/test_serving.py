@@ -313,3 +313,6 @@ def test_settings_come_from_the_environment_and_bad_ones_are_named():
     for name, raw in (("REQUEST_TIMEOUT_S", "nan"), ("MAX_WAIT_MS", "inf"), ("MAX_BATCH_SIZE", "0")):
         with pytest.raises(ValueError, match=f"SENTIMENT_{name} must"):
             ServeSettings.from_env({f"SENTIMENT_{name}": raw})
+    # The bodies of all requests together must have room for one of the largest.
+    with pytest.raises(ValueError, match="SENTIMENT_MAX_BODY_BYTES_TOTAL must be at least SENTIMENT_MAX_BODY_BYTES"):
+        ServeSettings.from_env({"SENTIMENT_MAX_BODY_BYTES": "1000", "SENTIMENT_MAX_BODY_BYTES_TOTAL": "999"})
