@@ -148,6 +148,9 @@ def load_model(name, labels, vocab_size, attention_dropout=None):
 
 
 def model_error(name, err):
+    if os.path.isfile(name):
+        return SentimentError(f"--model {name} is a file; pass its folder, a Hub id, or --model tiny to train a "
+                              f"small model offline")
     where = "folder" if os.path.isdir(name) else "Hub id"
     return SentimentError(f"--model {name}: could not load this {where} ({str(err).strip().splitlines()[0]}); "
                           f"pass a local model folder, or --model tiny to train a small model offline")

@@ -31,6 +31,8 @@ def claim(args, accelerator):
     """Lock `--output-dir` for this run (main process) and check it may be written; returns the lock."""
     out, handle = args.output_dir, None
     if accelerator.is_main_process:
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise SentimentError(f"--output-dir {out} is a file; name a folder")
         try:
             os.makedirs(out, exist_ok=True)
             handle = open(os.path.join(out, LOCK_FILE), "a+")

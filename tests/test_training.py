@@ -205,10 +205,22 @@ def test_no_number_flag_takes_a_value_that_is_not_finite(value):
             parse_args(TrainArgs, "", ["--data", "demo", f"{flag(name)}=-0.5"])
 
 
-def test_an_output_dir_that_cannot_be_made_is_one_line(tmp_path, reviews_csv):
-    result = run_script("train.py", "--data", str(reviews_csv), "--model", "tiny",
-                        "--output-dir", str(reviews_csv / "out"), check=False)
-    assert result.returncode == 2 and "cannot write there (Not a directory)" in result.stderr
+@pytest.mark.parametrize("where, message", [
+    ("inside a file", "cannot write there (Not a directory)"),
+    ("a file", "is a file; name a folder"),
+])
+def test_an_output_dir_that_cannot_be_made_is_one_line(tmp_path, reviews_csv, where, message):
+    out = reviews_csv / "out" if where == "inside a file" else reviews_csv
+    result = run_script("train.py", "--data", str(reviews_csv), "--model", "tiny", "--output-dir", str(out),
+                        check=False)
+    assert result.returncode == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_model_that_is_a_file_is_named_as_one(tmp_path, reviews_csv):
+    result = run_script("train.py", "--data", str(reviews_csv), "--model", str(reviews_csv),
+                        "--output-dir", str(tmp_path / "out"), check=False)
+    assert result.returncode == 2 and f"--model {reviews_csv} is a file; pass its folder" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
