@@ -138,6 +138,7 @@ class FineTuneRecipe:
                        "num_processes": self.accelerator.num_processes}
         self.log_path = os.path.join(args.output_dir, LOG_FILE)
         self.signals = []  # Ctrl-C / SIGTERM received: stop at the next step, with a checkpoint
+        self.finite_step = 0  # the last step at which the loss and weights were seen finite
 
     # setup ----------------------------------------------------------------------------------
 
@@ -265,6 +266,7 @@ class FineTuneRecipe:
                 last = accelerator.gradient_state.end_of_dataloader or state.step == self.total_steps
                 # log
                 if state.step % LOG_EVERY == 0 or state.step == self.total_steps:
+                    self.check_finite(running_loss)
                     self.log_train(running_loss.item() / loss_batches, bar)
                     running_loss.zero_()
                     loss_batches = 0
@@ -322,6 +324,7 @@ class FineTuneRecipe:
     def evaluate_and_keep_best(self):
         """Validate; keep the weights if they are the best so far; True when early stopping ends the run."""
         state, accelerator, patience = self.state, self.accelerator, self.args.early_stopping_patience
+        self.check_finite()  # weights of NaN could score "best" on a skewed validation split
         figures = self.validate()
         if figures is None:
             return False
@@ -354,7 +357,29 @@ class FineTuneRecipe:
         inductor`): its weights carry the model's own names, so a run with or without compiling can load them."""
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
+    def check_finite(self, running_loss=None):
+        """Stop the run once its loss or weights are NaN or infinite: a diverged run would go on for
+        hours, and its checkpoints would rotate the good ones away. Checked where the loop syncs
+        anyway (logging, evaluation, checkpoints), all processes together."""
+        if running_loss is not None:  # NaN weights make the next loss NaN: the loss is enough here
+            finite = self.accelerator.reduce(running_loss.detach().clone(), reduction="sum").isfinite()
+        else:
+            finite = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all()
+        if finite.item():
+            self.finite_step = self.state.step
+            return
+        args = self.args
+        hints = [f"a lower --lr (it is {args.lr:g})"]
+        if not args.max_grad_norm:
+            hints.append("--max-grad-norm above 0")
+        if self.accelerator.mixed_precision == "fp16":
+            hints.append("bf16 rather than fp16 where the hardware has it (fp16 overflows where bf16 does not)")
+        raise SentimentError(f"the run diverged: its loss or weights became NaN or infinite between step "
+                             f"{self.finite_step} and step {self.state.step}; nothing from after step "
+                             f"{self.finite_step} was saved. Train again (--overwrite) with {' and '.join(hints)}")
+
     def save_checkpoint(self):
+        self.check_finite()  # never a checkpoint of NaN weights, which rotation would keep over the good ones
         self.state.train_seconds = self.clock.seconds
         return save_checkpoint(self.accelerator, self.args.output_dir, self.state, self.config, self.tokenizer,
                                self.args.keep_checkpoints)

@@ -454,6 +454,39 @@ def test_a_kill_while_rotating_leaves_no_half_deleted_checkpoint_and_the_next_ru
     assert not [name for name in left if name.startswith(".")], left
 
 
+@pytest.mark.parametrize("found_at, nan_from, flags, finite_until", [
+    ("a log line", 3, [], 0),
+    ("a checkpoint", 7, ["--checkpoint-every", "7"], 0),
+    ("an evaluation", 12, ["--eval-every", "5", "--checkpoint-every", "5"], 10),
+])
+def test_a_run_that_diverges_stops_and_saves_nothing_from_after_it(
+        tmp_path, monkeypatch, found_at, nan_from, flags, finite_until):
+    # A diverged run went on to the end, saving checkpoints of NaN weights that rotation kept over
+    # the good ones, and could keep NaN weights as the best model.
+    real_loss = training.FineTuneRecipe.loss
+
+    def diverging(recipe, batch):
+        loss = real_loss(recipe, batch)
+        return loss * float("nan") if recipe.state.step + 1 >= nan_from else loss
+
+    monkeypatch.setattr(training.FineTuneRecipe, "loss", diverging)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    data, out = tmp_path / "reviews.csv", tmp_path / "out"
+    demo_reviews(400, seed=19).write_csv(data)
+    with pytest.raises(SentimentError, match=f"the run diverged: .* between step {finite_until} and step "
+                                             f"[0-9]+; nothing from after step {finite_until} was saved. "
+                                             f"Train again .--overwrite. with a lower --lr .it is 0.001."):
+        training.train(parse_args(TrainArgs, "", ["--data", str(data), *TINY, "--keep-checkpoints", "1",
+                                                  "--output-dir", str(out), *flags]))
+    saved = [os.path.join(c, "model.safetensors") for c in checkpointing.complete_checkpoints(out)]
+    if os.path.exists(checkpointing.best_weights(out)):
+        saved.append(checkpointing.best_weights(out))
+    assert len(saved) == (2 if found_at == "an evaluation" else 0)
+    for path in saved:
+        assert all(weights.isfinite().all() for weights in load_file(path).values()), path
+    assert not (out / "model.safetensors").exists()
+
+
 def test_a_full_disk_is_one_line_that_says_so(tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 123 vs 456: "
