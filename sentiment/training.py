@@ -362,7 +362,7 @@ class FineTuneRecipe:
         hours, and its checkpoints would rotate the good ones away. Checked where the loop syncs
         anyway (logging, evaluation, checkpoints), all processes together."""
         if running_loss is not None:  # NaN weights make the next loss NaN: the loss is enough here
-            finite = self.accelerator.reduce(running_loss.detach().clone(), reduction="sum").isfinite()
+            finite = self.accelerator.reduce(running_loss.detach(), reduction="sum").isfinite()
         else:
             finite = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all()
         if finite.item():
