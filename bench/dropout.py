@@ -28,7 +28,7 @@ def samples_per_second(ids, attention_dropout, steps, bf16):
     model = load_model(minilm_folder(), ["negative", "positive"], 0, attention_dropout).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     collate = Collator(0)
-    batches = list(LengthGroupedBatches([len(i) for i in ids], 16, seed=0))[:steps + 2]
+    batches = list(LengthGroupedBatches(ids.lengths, 16, seed=0))[:steps + 2]
     for n, batch_idx in enumerate(batches):
         if n == 2:
             start = time.perf_counter()

@@ -110,7 +110,7 @@ class Predictor:
         self.collate = Collator(pad_id)
 
     def encode(self, texts):
-        """Token ids of already cleaned, non-empty texts."""
+        """`TokenIds` of already cleaned, non-empty texts."""
         return encode(self.tokenizer, texts, self.max_length, self.settings.truncation)
 
     def batches(self, lengths):
@@ -135,8 +135,8 @@ class Predictor:
 
     @torch.inference_mode()
     def logits(self, ids):
-        """Raw logits (float32 numpy, one row per text, input order) of token id lists."""
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        """Raw logits (float32 numpy, one row per text, input order) of `TokenIds`."""
+        lengths = ids.lengths
         out = np.empty((len(ids), len(self.labels)), dtype=np.float32)
         on_gpu = self.device.type != "cpu"
         done = []  # on a GPU the logits stay there until the end: no wait for the device after each batch

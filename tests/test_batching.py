@@ -27,9 +27,10 @@ def test_encode_adds_special_tokens_around_the_truncated_text(tokenizer):
     long_text = " ".join(f"word{i}" for i in range(100))
     full = tokenizer(long_text, add_special_tokens=False)["input_ids"]
     ids = encode(tokenizer, [long_text, "another"], 16, "head+tail")
-    assert len(ids[0]) == 16
-    assert ids[0] == prefix + full[:3] + full[-11:] + suffix
-    assert ids[1] == prefix + tokenizer("another", add_special_tokens=False)["input_ids"] + suffix
+    assert ids.lengths.tolist() == [16, len(tokenizer("another")["input_ids"])]
+    assert ids[0].tolist() == prefix + full[:3] + full[-11:] + suffix
+    assert ids[1].tolist() == prefix + tokenizer("another", add_special_tokens=False)["input_ids"] + suffix
+    assert ids.tokens.dtype == np.int32 and len(encode(tokenizer, [], 16, "head")) == 0
 
 
 def test_length_grouped_batches_cover_every_index_once_with_little_padding():
