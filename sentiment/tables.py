@@ -10,6 +10,7 @@ and their polars options are written here once:
 import codecs
 import json
 import os
+import re
 import shutil
 
 import polars as pl
@@ -54,7 +55,20 @@ def scanner(path):
     ext = extension(path)
     if ext not in SCANNERS:
         raise SentimentError(f"{path}: unknown file type {ext or '(none)'}; use one of {', '.join(SCANNERS)}")
-    return SCANNERS[ext](existing_file(path))
+    scan = SCANNERS[ext](existing_file(path))
+    if ext in (".csv", ".tsv"):
+        refuse_repeated_columns(path, scan)
+    return scan
+
+
+def refuse_repeated_columns(path, scan):
+    """A header that names a column twice: polars renames the second to NAME_duplicated_0, and which of
+    the two holds the texts or labels would be a guess."""
+    names = scan.collect_schema().names()
+    repeated = sorted({m[1] for m in (re.fullmatch(r"(.+)_duplicated_\d+", n) for n in names) if m and m[1] in names})
+    if repeated:
+        raise SentimentError(f"{path}: the header names {', '.join(map(repr, repeated))} more than once; give "
+                             f"each column its own name")
 
 
 def existing_file(path):

@@ -125,6 +125,7 @@ def test_imdb_offline_says_to_pass_a_local_file(monkeypatch):
     ("few", "too few rows"),
     ("extension", "unknown file type .xlsx"),
     ("ids as labels", "different labels in 32 rows, fewer than two rows a label: is 'sentiment' the label column?"),
+    ("repeated column", "the header names 'review' more than once; give each column its own name"),
 ])
 def test_bad_data_errors_name_the_problem(tmp_path, problem, match):
     path = tmp_path / ("d.xlsx" if problem == "extension" else "d.csv")
@@ -139,6 +140,8 @@ def test_bad_data_errors_name_the_problem(tmp_path, problem, match):
         frame = frame.with_columns(sentiment=pl.int_range(len(frame)).cast(pl.String))
     if problem != "missing":
         frame.write_csv(path)
+    if problem == "repeated column":  # polars silently took the first 'review'
+        path.write_text(path.read_text().replace("review,sentiment", "review,sentiment,review", 1))
     with pytest.raises(SentimentError, match=match):
         splits_of(path)
 
