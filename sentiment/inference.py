@@ -224,6 +224,9 @@ def run(args):
     with stopped_by_signals(args.output):
         try:
             score_and_report(args)
+        except BrokenPipeError:  # `infer.py … | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the flush at exit fails again
+            raise SystemExit(128 + signal.SIGPIPE) from None  # as a tool that SIGPIPE ended
         except Exception as err:
             if not disk_full(err):
                 raise

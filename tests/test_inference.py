@@ -60,6 +60,20 @@ def test_plain_text_from_stdin_and_empty_lines(trained_model):
     assert "empty text" in lines[1]["error"] and "1 rows had no text" in result.stderr
 
 
+def test_a_reader_that_stops_early_ends_the_run_quietly(tmp_path, trained_model):
+    # `infer.py … | head -1` ended in a BrokenPipeError traceback.
+    (tmp_path / "lines.txt").write_text("\n".join(demo_reviews(3000, seed=5)["review"].to_list()) + "\n")
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "infer.py"), "--model", str(trained_model),
+                                "--input", str(tmp_path / "lines.txt"), "--chunk-rows", "100"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert json.loads(process.stdout.readline())["label"] in ("negative", "positive")
+    process.stdout.close()  # the reader has what it wanted
+    with process.stderr:
+        stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 128 + signal.SIGPIPE, stderr[-2000:]
+    assert "Traceback" not in stderr and "Broken pipe" not in stderr
+
+
 def test_a_file_larger_than_one_chunk_is_scored_like_one_chunk(tmp_path, trained_model):
     demo_reviews(230, seed=22).write_csv(tmp_path / "in.csv")
     for chunk in ("7", "10000"):
