@@ -7,8 +7,9 @@ cannot hold back one that comes after it), up to the Predictor's batch size and 
 held back), drops texts whose client has gone, and runs the `Predictor` on the model thread so
 the event loop keeps accepting requests. If a batch fails, its texts are scored one by one, so only a text that
 fails alone fails its request. `room()` tells the app whether a request can fit before its body
-is read; the slots are taken when the texts are queued. It knows nothing of HTTP: routes and
-error statuses live in `serving`.
+is read; the slots are taken when the texts are queued. `stalled()` tells it when the batcher can
+no longer answer: a model call that never returns (a hung GPU), or a batching task that ended.
+It knows nothing of HTTP: routes and error statuses live in `serving`.
 """
 
 import asyncio
@@ -66,6 +67,11 @@ class ModelError(Exception):
     """The model failed on a text (the detail is logged, not sent to the client)."""
 
 
+def log_end(task):
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the batching task ended; /health and /ready now answer 503", exc_info=task.exception())
+
+
 def score_one_by_one(predictor, texts):
     """Each text's probabilities, or the exception scoring it alone raised."""
     results = []
@@ -97,7 +103,18 @@ class MicroBatcher:
         self.metrics = metrics
         self.queue = FairQueue(settings.queue_size)
         self.heavy = False  # the last batch had company: worth waiting a moment for more
+        self.busy_since = None  # when the model call under way began
         self.task = asyncio.create_task(self.run())
+        self.task.add_done_callback(log_end)
+
+    def stalled(self, limit_s):
+        """Why the batcher can no longer answer, or None while it can."""
+        if self.task.done():
+            return "the batching task has ended; the log says why"
+        if self.busy_since is not None and time.monotonic() - self.busy_since > limit_s:
+            return (f"a model call has run for {time.monotonic() - self.busy_since:.0f} s, over "
+                    f"SENTIMENT_STALL_TIMEOUT_S ({limit_s:g} s)")
+        return None
 
     def room(self):
         return self.queue.maxsize - self.queue.qsize()
@@ -148,21 +165,31 @@ class MicroBatcher:
                 continue
             self.metrics.batch_sizes.observe(len(batch))
             texts, start = [text for text, _, _ in batch], time.perf_counter()
+            self.busy_since = time.monotonic()
             try:
                 results = await loop.run_in_executor(self.executor, self.predictor.probabilities, texts)
             except Exception as err:  # one bad text must not fail the others: score them alone
                 log.error("model error on a batch of %d texts; scoring them one by one", len(texts), exc_info=err)
                 results = await loop.run_in_executor(self.executor, score_one_by_one, self.predictor, texts)
+            finally:
+                self.busy_since = None
             seconds = time.perf_counter() - start
             for (_, future, queued), result in zip(batch, results):
-                if future.done():
-                    continue
-                if isinstance(result, Exception):
-                    log.error("model error on one text", exc_info=result)
-                    future.set_exception(ModelError(type(result).__name__))
-                else:
-                    self.metrics.texts_scored.inc()
-                    future.set_result((self.predictor.answer(result), start - queued, seconds))
+                if not future.done():
+                    self.deliver(future, result, start - queued, seconds)
+
+    def deliver(self, future, result, queued_s, model_s):
+        """A text's answer, or its error: nothing about one text may end the batching task."""
+        try:
+            if isinstance(result, Exception):
+                raise result
+            answer = self.predictor.answer(result)
+        except Exception as err:
+            log.error("model error on one text", exc_info=err)
+            future.set_exception(ModelError(type(err).__name__))
+            return
+        self.metrics.texts_scored.inc()
+        future.set_result((answer, queued_s, model_s))
 
     async def drain(self):
         """Finish what is queued, then stop the batching task."""

@@ -207,6 +207,7 @@ class ServeSettings:
     request_timeout_s: float = 30.0  # then 504
     body_timeout_s: float = 10.0  # the whole body must arrive within this; then 408
     head_timeout_s: float = 10.0  # the request line and headers must arrive within this (`--http app:HTTP`)
+    stall_timeout_s: float = 60.0  # a model call running longer makes /health and /ready answer 503 (a hung GPU)
     device: str = "auto"  # cpu, cuda, cuda:1, …
     threads: typing.Optional[int] = None  # CPU threads for the model; unset: PyTorch's choice
     precision: str = "auto"  # auto, fp32, bf16 (on a CPU: AVX512-BF16 or AMX) or fp16 (GPUs without bf16)
@@ -227,8 +228,8 @@ class ServeSettings:
 
     def __post_init__(self):
         for name in ("queue_size", "max_body_bytes", "max_body_bytes_total", "max_texts", "max_chars",
-                     "request_timeout_s", "body_timeout_s", "head_timeout_s", "max_batch_size", "max_batch_tokens",
-                     "threads"):
+                     "request_timeout_s", "body_timeout_s", "head_timeout_s", "stall_timeout_s", "max_batch_size",
+                     "max_batch_tokens", "threads"):
             value = getattr(self, name)
             if value is not None and not value > 0:  # `not >` also refuses NaN
                 raise ValueError(f"SENTIMENT_{name.upper()} must be above 0, got {value}")
@@ -237,7 +238,7 @@ class ServeSettings:
                              f"({self.max_body_bytes}), got {self.max_body_bytes_total}")
         if not self.max_wait_ms >= 0:
             raise ValueError(f"SENTIMENT_MAX_WAIT_MS must not be negative, got {self.max_wait_ms}")
-        for name in ("max_wait_ms", "request_timeout_s", "body_timeout_s", "head_timeout_s"):
+        for name in ("max_wait_ms", "request_timeout_s", "body_timeout_s", "head_timeout_s", "stall_timeout_s"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"SENTIMENT_{name.upper()} must be a finite number, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:

@@ -167,20 +167,31 @@ async def client_gone(request):
         pass
 
 
+def stalled(state):
+    """503 once the batcher can no longer answer (a model call that never returns, as on a hung GPU):
+    an orchestrator's liveness probe then restarts the process. None while it can answer."""
+    reason = state.batcher.stalled(state.settings.stall_timeout_s) if state.batcher else None
+    return error(503, "stalled", reason) if reason else None
+
+
 async def health(request):
-    """Liveness: 200 while the process can serve or is getting ready; 503 once the model failed to load."""
+    """Liveness: 200 while the process can serve or is getting ready; 503 once the model failed to
+    load or the batcher stalled."""
     state = request.app.state
     if state.load_error:
         return not_ready(state)
-    return JSONResponse({"status": "ok" if state.batcher else "loading", "model": state.settings.model})
+    return stalled(state) or JSONResponse({"status": "ok" if state.batcher else "loading",
+                                           "model": state.settings.model})
 
 
 async def ready(request):
-    """Readiness: 503 until the model is loaded and warm, then 200 with the model and its labels."""
+    """Readiness: 503 until the model is loaded and warm, and while the batcher is stalled; then 200
+    with the model and its labels."""
     state = request.app.state
     if state.batcher is None:
         return not_ready(state)
-    return JSONResponse({"status": "ok", "model": state.settings.model, "labels": state.batcher.predictor.labels})
+    return stalled(state) or JSONResponse({"status": "ok", "model": state.settings.model,
+                                           "labels": state.batcher.predictor.labels})
 
 
 async def prometheus(request):

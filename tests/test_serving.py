@@ -120,6 +120,43 @@ def test_a_failing_batch_is_retried_text_by_text_so_only_the_guilty_request_fail
     assert any(r.name == "sentiment.batcher" and r.levelname == "ERROR" for r in caplog.records)  # logged
 
 
+def test_a_model_call_that_never_returns_fails_health_and_readiness():
+    # /health said "ok" while every request timed out behind a model call that never returned (a
+    # hung GPU): a liveness probe never restarted the process.
+    gate = threading.Event()
+    gate.set()  # the warm-up passes
+    with client_for(FakePredictor(gate=gate), stall_timeout_s=0.5) as client:
+        wait_ready(client)
+        gate.clear()  # the next model call hangs (for 10 s at most)
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(client.post, "/predict", json={"text": "good"})
+            time.sleep(1.0)
+            health, readiness = client.get("/health"), client.get("/ready")
+            gate.set()
+            assert waiting.result().status_code == 200
+    for answer in (health, readiness):
+        assert answer.status_code == 503 and answer.json()["error"]["type"] == "stalled"
+        message = answer.json()["error"]["message"]
+        assert message == "a model call has run for 1 s, over SENTIMENT_STALL_TIMEOUT_S (0.5 s)"
+
+
+def test_an_answer_that_cannot_be_made_fails_its_request_and_not_the_batcher():
+    # An error while making one text's answer ended the batching task: that request and every one
+    # after it waited for its timeout, and /health still said "ok".
+    class OddAnswers(FakePredictor):
+        def answer(self, probs):
+            if probs[0] == 0.8:  # not a "good" text
+                raise ValueError("no answer")
+            return super().answer(probs)
+
+    with client_for(OddAnswers(), request_timeout_s=3) as client:
+        wait_ready(client)
+        failed = client.post("/predict", json={"text": "dull"})
+        assert failed.status_code == 500 and failed.json()["error"]["type"] == "model_error"
+        assert client.post("/predict", json={"text": "good"}).status_code == 200
+        assert client.get("/health").status_code == 200
+
+
 def test_a_request_that_waits_too_long_gets_504():
     with client_for(FakePredictor(delay=1.0), request_timeout_s=0.2) as client:
         wait_ready(client)
