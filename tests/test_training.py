@@ -93,6 +93,47 @@ def test_pipeline_on_the_model_folder_strips_markup_and_keeps_the_end_of_long_te
     assert marked == plain
 
 
+def killed_when(command, seen, seconds=120):
+    """Run `command`, SIGKILL it the moment `seen()` is true; whether it was killed (not finished first)."""
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    deadline = time.monotonic() + seconds
+    while process.poll() is None and time.monotonic() < deadline:
+        if seen():
+            process.kill()
+            break
+    return process.wait() == -signal.SIGKILL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["saving a checkpoint", "deleting an old checkpoint", "training",
+                                    "publishing the model"])
+def test_a_run_killed_at_any_moment_resumes_to_the_same_model(tmp_path, moment):
+    # SIGKILL (the out-of-memory killer, a preempted machine) runs no cleanup at all.
+    data = tmp_path / "reviews.csv"
+    demo_reviews(600, seed=31).write_csv(data)
+    flags = ["train.py", "--data", str(data), *TINY, "--checkpoint-every", "3", "--keep-checkpoints", "2",
+             "--eval-every", "5"]
+    run_script(*flags, "--output-dir", str(tmp_path / "whole"))
+    out = tmp_path / "killed"
+    checkpoints = out / "checkpoints"
+
+    def names(prefix):
+        return [n for n in os.listdir(checkpoints) if n.startswith(prefix)] if checkpoints.is_dir() else []
+
+    seen = {"saving a checkpoint": lambda: names("step-") and names(".tmp-step-"),
+            "deleting an old checkpoint": lambda: names(".del-step-"),
+            "training": lambda: len(names("step-")) == 2,
+            "publishing the model": lambda: (out / ".tmp-model").is_dir()}[moment]
+    assert killed_when([sys.executable, *flags, "--output-dir", str(out)], seen), f"never caught it {moment}"
+    run_script(*flags, "--output-dir", str(out), "--resume", "latest")
+    whole, resumed = (load_file(str(folder / "model.safetensors")) for folder in (tmp_path / "whole", out))
+    assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+    assert json.loads((out / "metrics.json").read_text())["test"] == \
+        json.loads((tmp_path / "whole" / "metrics.json").read_text())["test"]
+    assert not names(".") and not (out / ".tmp-model").exists()
+
+
 def test_resume_after_a_crash_matches_the_uninterrupted_run(tmp_path, monkeypatch):
     data = tmp_path / "reviews.csv"
     demo_reviews(400, seed=12).write_csv(data)
