@@ -18,17 +18,6 @@ import polars as pl
 from .errors import SentimentError
 from .files import remove_stale_temporaries, temporary
 
-# Every column is read as text: a review of "1984" stays a string, labels stay names.
-SCANNERS = {
-    ".csv": lambda path: pl.scan_csv(path, infer_schema=False),
-    ".tsv": lambda path: pl.scan_csv(path, separator="\t", infer_schema=False, quote_char=None),
-    ".parquet": pl.scan_parquet,
-    ".jsonl": pl.scan_ndjson,
-    ".ndjson": pl.scan_ndjson,
-    ".json": lambda path: scan_json(path),
-}
-TEXT_FORMATS = (".csv", ".tsv", ".jsonl", ".ndjson", ".json")  # read as UTF-8
-
 
 def scan_json(path):
     """A `.json` file: one JSON array of objects (read whole), or JSON lines (streamed)."""
@@ -40,6 +29,19 @@ def scan_json(path):
 def starts_with_bracket(path):
     with open(path, "rb") as f:
         return f.read(4096).lstrip(codecs.BOM_UTF8 + b" \t\r\n").startswith(b"[")
+
+
+# Every column is read as text: a review of "1984" stays a string, labels stay names.
+SCANNERS = {
+    ".csv": lambda path: pl.scan_csv(path, infer_schema=False),
+    ".tsv": lambda path: pl.scan_csv(path, separator="\t", infer_schema=False, quote_char=None),
+    ".parquet": pl.scan_parquet,
+    ".jsonl": pl.scan_ndjson,
+    ".ndjson": pl.scan_ndjson,
+    ".json": scan_json,
+}
+JSON_FORMATS = (".jsonl", ".ndjson", ".json")
+TEXT_FORMATS = (".csv", ".tsv", *JSON_FORMATS)  # read as UTF-8
 
 
 def extension(path):
@@ -87,11 +89,11 @@ def where_broken(path, err):
         problem = not_utf8(path)
         if problem:
             return problem
-    if extension(path) in (".jsonl", ".ndjson", ".json") and starts_with_bracket(path):
+    if extension(path) in JSON_FORMATS and starts_with_bracket(path):
         if extension(path) == ".json":
             return first_line(err)
         return "it is one JSON array, not JSON lines (one object a line); name it .json, or convert it (jq -c '.[]')"
-    if extension(path) in (".jsonl", ".ndjson", ".json"):
+    if extension(path) in JSON_FORMATS:
         with open(path, encoding="utf-8", errors="replace") as f:
             for number, line in enumerate(f, 1):
                 if line.strip():
