@@ -90,7 +90,12 @@ def where_broken(path, err):
         if problem:
             return problem
     if extension(path) in JSON_FORMATS and starts_with_bracket(path):
-        if extension(path) == ".json":
+        if extension(path) == ".json":  # polars says "Syntax at character 0" wherever the array breaks
+            try:
+                with open(path, encoding="utf-8-sig") as f:
+                    json.load(f)
+            except ValueError as bad:
+                return f"line {bad.lineno}, column {bad.colno} is not valid JSON ({bad.msg})"
             return first_line(err)
         return "it is one JSON array, not JSON lines (one object a line); name it .json, or convert it (jq -c '.[]')"
     if extension(path) in JSON_FORMATS:

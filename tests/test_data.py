@@ -176,6 +176,15 @@ def test_a_broken_json_lines_file_names_its_line(tmp_path):
         splits_of(tmp_path / "d.jsonl")
 
 
+def test_a_broken_json_array_names_its_line_and_column(tmp_path):
+    # polars said "Syntax at character 0" wherever the array broke.
+    records = [f'  {{"review": "text {i}", "sentiment": "positive"}},' for i in range(30)]
+    records[16] = '  {"review": "text 16", "sentiment": },'
+    (tmp_path / "d.json").write_text("[\n" + "\n".join(records)[:-1] + "\n]\n")
+    with pytest.raises(SentimentError, match=r"could not read it as JSON: line 18, column 38 is not valid JSON"):
+        splits_of(tmp_path / "d.json")
+
+
 @pytest.mark.parametrize("encode, match", [
     (lambda text: text.encode("latin-1"), "line 4 is not valid UTF-8; convert the file"),
     (lambda text: text.encode("utf-16"), "it is UTF-16 text; save it as UTF-8"),
