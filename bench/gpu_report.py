@@ -4,7 +4,9 @@
 """
 
 import argparse
+import importlib.metadata
 import json
+import platform
 
 GOALS = [  # (figure, goal, at least)
     ("MFU of ours (measured bf16 matmul rate)", "mfu", 0.35),
@@ -27,6 +29,14 @@ def figures(train, score):
             "vs_per_request": serving["ours"]["req_s"] / serving["per-request"]["req_s"]}
 
 
+def software():
+    """The versions the check ran with: the GPU machine has its own, not the project's pins."""
+    import torch
+    names = ("torch", "transformers", "accelerate", "tokenizers", "polars", "starlette", "uvicorn")
+    found = {name: importlib.metadata.version(name) for name in names}
+    return {"python": platform.python_version(), "cuda": torch.version.cuda, **found}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("train")
@@ -37,7 +47,8 @@ def main():
         train = json.load(f)
     with open(args.score) as f:
         score = json.load(f)
-    values = figures(train, score)
+    values, versions = figures(train, score), software()
+    print("software: " + ", ".join(f"{name} {version}" for name, version in versions.items()))
     print(f"card: {train['card']}, {train['precision']}; matmul {train['matmul_flops'] / 1e12:.0f} TFLOP/s measured, "
           f"{train['datasheet_flops'] / 1e12:.0f} data sheet")
     print("| figure | measured | goal | met |\n|---|---:|---:|---|")
@@ -52,7 +63,7 @@ def main():
               f"{r['mfu_datasheet']:.1%} | {r['epoch_25k_s']:.1f} | {steady} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"train": train, "score": score, "figures": values}, f, indent=2)
+            json.dump({"train": train, "score": score, "figures": values, "software": versions}, f, indent=2)
 
 
 if __name__ == "__main__":
