@@ -33,13 +33,21 @@ else
   export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"  # one GPU, as the goals are stated
   train_size=() score_size=()
 fi
+# Every step runs whatever the steps before it did: the GPU machine is lent for minutes, and a
+# failing test must not cost the figures. The check fails at the end if any step failed.
+failed=()
+step() {  # step NAME COMMAND…
+  echo "== $1"
+  "${@:2}" || { echo "== step failed: $1"; failed+=("$1"); }
+}
 {
-  echo "== 1. GPU tests"
-  "$py" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
-  echo "== 2. training"
-  "$py" -m bench.gpu_train "${train_size[@]}" --keep-model "$work/model" --json "$out/train.json"
-  echo "== 3-4. scoring and serving"
-  "$py" -m bench.gpu_score --model "$work/model" "${score_size[@]}" --json "$out/score.json"
-  echo "== table"
-  "$py" -m bench.gpu_report "$out/train.json" "$out/score.json" --json "$out/gpu_check.json"
+  step "1. GPU tests" "$py" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
+  step "2. training" "$py" -m bench.gpu_train "${train_size[@]}" --keep-model "$work/model" --json "$out/train.json"
+  step "3-4. scoring and serving" "$py" -m bench.gpu_score --model "$work/model" "${score_size[@]}" \
+      --json "$out/score.json"
+  step "table" "$py" -m bench.gpu_report "$out/train.json" "$out/score.json" --json "$out/gpu_check.json"
+  if [ "${#failed[@]}" -gt 0 ]; then
+    echo "== failed steps: ${failed[*]}"
+    exit 1
+  fi
 } 2>&1 | tee "$out/gpu_check.log"
