@@ -165,7 +165,9 @@ def test_bodies_on_their_way_are_held_within_one_memory_budget(serve):
     held = [slow_body(server.port, promised=100_000, sent=0) for _ in range(2)]
     for sock in held:
         sock.sendall(b'{"text": "' + b"a" * 90_000)  # 180,000 bytes held of 250,000
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while server.metrics()[("sentiment_body_bytes_held", ())] < 180_000 and time.monotonic() < deadline:
+        time.sleep(0.05)
     over = slow_body(server.port, promised=100_000, sent=0)
     over.sendall(b'{"text": "' + b"a" * 90_000)  # would be 270,000
     assert read_status(over, 10) == 503
