@@ -208,7 +208,6 @@ def test_what_a_killed_run_left_is_removed_by_the_next_and_a_live_run_s_is_kept(
     deadline = time.monotonic() + 60
     while not any(".tmp-" in p.name for p in tmp_path.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(0.5)  # some chunks written
     killed.kill()
     killed.wait()
     assert any(".tmp-" in p.name for p in tmp_path.iterdir())
