@@ -111,9 +111,9 @@ class MicroBatcher:
         """Why the batcher can no longer answer, or None while it can."""
         if self.task.done():
             return "the batching task has ended; the log says why"
-        if self.busy_since is not None and time.monotonic() - self.busy_since > limit_s:
-            return (f"a model call has run for {time.monotonic() - self.busy_since:.0f} s, over "
-                    f"SENTIMENT_STALL_TIMEOUT_S ({limit_s:g} s)")
+        busy_s = time.monotonic() - self.busy_since if self.busy_since is not None else 0.0
+        if busy_s > limit_s:
+            return f"a model call has run for {busy_s:.0f} s, over SENTIMENT_STALL_TIMEOUT_S ({limit_s:g} s)"
         return None
 
     def room(self):
