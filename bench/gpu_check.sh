@@ -10,6 +10,7 @@
 # and prints the table for BENCHMARKS.md.
 #
 #   bash bench/gpu_wheels.sh              # first, on a machine with the package registry
+#   bash bench/gpu_rehearsal.sh           # then, there: this check at toy size in the GPU machine's software
 #   bash bench/gpu_check.sh               # on the GPU machine, with .whl carried along
 #   bash bench/gpu_check.sh --cpu-smoke   # anywhere: every step at toy size on the CPU, in under 3 minutes
 set -euo pipefail

@@ -2,7 +2,8 @@
 # The wheels the GPU machine lacks, for its Python (3.12, x86-64), into .whl/ (git-ignored).
 # Run it here, where the package registry is reachable; the device call then carries .whl and
 # bench/gpu_check.sh installs them. That machine already has torch, transformers, accelerate,
-# tokenizers, numpy, tqdm, prometheus-client, anyio, click, h11, httpx and pytest.
+# tokenizers, numpy, tqdm, prometheus-client, anyio, click, h11, httpx and pytest; not httpx2,
+# which Starlette's TestClient wants (its huggingface_hub is a release that uses httpx).
 #
 #   bash bench/gpu_wheels.sh
 set -euo pipefail
@@ -11,5 +12,6 @@ rm -rf .whl
 mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-    "polars==2.1.0" "polars-runtime-32==2.1.0" "starlette>=0.40" "uvicorn>=0.30"
+    "polars==2.1.0" "polars-runtime-32==2.1.0" "starlette>=0.40" "uvicorn>=0.30" \
+    "httpx2>=2.0" "httpcore2>=2.0" "truststore>=0.10"
 du -ch .whl/*.whl | tail -n 1

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The GPU check rehearsed here, in the software the GPU machine has, before its minutes are spent:
+# a fresh virtual environment with that machine's packages and versions (torch is this machine's
+# CPU wheel: the GPU machine's CUDA build is gigabytes), the wheels of bench/gpu_wheels.sh in .whl/
+# as the device call will carry them, then `bench/gpu_check.sh --cpu-smoke` installing them as it
+# will there. A package the check needs that neither brings fails here, not on the lent GPU.
+#
+#   bash bench/gpu_rehearsal.sh     # about 3 minutes; OUT=DIR keeps the check's report and log
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# What the GPU machine's Python 3.12 has (the device tool's notes); update these with it.
+gpu_machine=("transformers==5.17.0" "accelerate==1.15.0" tokenizers numpy tqdm prometheus-client pytest httpx)
+venv="$(mktemp -d)"
+trap 'rm -rf "$venv"' EXIT
+python3 -m venv "$venv"
+"$venv/bin/python" -m pip install -q "torch==${REHEARSAL_TORCH:-2.13.0}" "${gpu_machine[@]}"
+bash bench/gpu_wheels.sh
+PATH="$venv/bin:$PATH" PYTHON="$venv/bin/python" bash bench/gpu_check.sh --cpu-smoke
