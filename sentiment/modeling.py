@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import stat
 from dataclasses import asdict, dataclass, fields
 
 import tokenizers
@@ -177,6 +178,13 @@ def save_model_folder(folder, model, tokenizer, settings):
     tokenizer.save_pretrained(folder)
     make_tokenizer_standalone(folder, settings)
     settings.save(folder)
+    # safetensors 0.8 writes its files owner-only (0600) whatever the umask: a service running as
+    # another user (a container's, a system account) could read every file of the folder but the
+    # weights. Give them the mode the plainly written files have.
+    mode = stat.S_IMODE(os.stat(os.path.join(folder, SETTINGS_FILE)).st_mode)
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            os.chmod(os.path.join(folder, name), mode)
 
 
 def make_tokenizer_standalone(folder, settings):
@@ -269,5 +277,7 @@ def loading(where, part, advice="copy the model folder again, or train it again"
         raise
     except Exception as err:
         detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if isinstance(err, PermissionError):
+            advice = "this user may not read it: make the folder's files readable (chmod -R a+rX FOLDER)"
         raise SentimentError(f"{where}: could not load the {part} ({type(err).__name__}: {detail[:200]}); "
                              f"{advice}") from None

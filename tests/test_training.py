@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from sentiment import checkpointing, training
 from sentiment.config import TrainArgs, parse_args
 from sentiment.demo_data import demo_reviews
 from sentiment.errors import SentimentError, flag
-from sentiment.modeling import load_tokenizer, tiny_config
+from sentiment.modeling import load_model_folder, load_tokenizer, loading, save_model_folder, tiny_config
 from sentiment.files import write_atomically
 from sentiment.outputs import log_line
 from sentiment.predictor import Predictor
@@ -287,6 +288,32 @@ def test_pretrained_weights_saved_in_bf16_train_in_fp32(tmp_path):
     model.to(torch.bfloat16).save_pretrained(folder)
     model = load_model(str(folder), ["a", "b"], 100)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def file_mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_the_model_folder_is_as_readable_as_the_umask_allows(tmp_path, trained_model, umask):
+    # safetensors 0.8 writes its files 0600 whatever the umask: a service running as another user
+    # could read the folder's configuration and tokenizer, but not its weights. As train.py
+    # publishes it, then as saved under two umasks:
+    assert file_mode(trained_model / "model.safetensors") == file_mode(trained_model / "config.json")
+    model, tokenizer, settings = load_model_folder(str(trained_model))
+    previous = os.umask(umask)
+    try:
+        save_model_folder(str(tmp_path / "saved"), model, tokenizer, settings)
+    finally:
+        os.umask(previous)
+    modes = {name: file_mode(tmp_path / "saved" / name) for name in os.listdir(tmp_path / "saved")}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_a_model_file_this_user_may_not_read_says_so():
+    with pytest.raises(SentimentError, match="this user may not read it.*chmod"):
+        with loading("/models/m/model.safetensors", "weights"):
+            raise PermissionError(13, "Permission denied")
 
 
 def test_a_pretrained_folder_without_tokenizer_files_is_refused(tmp_path, trained_model):
