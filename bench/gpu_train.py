@@ -15,6 +15,7 @@ and the time of one 25,000-review epoch, with the card's name. Part of bench/gpu
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -115,11 +116,14 @@ def run_trainer(frame, folder, batch_size, steps, precision, grouped=False):
     labels = (frame["sentiment"] == "positive").cast(int).to_list()
     rows = [{"input_ids": i, "attention_mask": m, "labels": y}
             for i, m, y in zip(enc["input_ids"], enc["attention_mask"], labels)]
+    # Length grouping is `train_sampling_strategy` in recent transformers, `group_by_length` before.
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    sampling = ({"train_sampling_strategy": "group_by_length" if grouped else "random"}
+                if "train_sampling_strategy" in fields else {"group_by_length": grouped})
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch_size,
                              num_train_epochs=1, max_steps=steps or -1, bf16=precision == "bf16",
                              save_strategy="no", report_to=[], disable_tqdm=True, logging_strategy="no",
-                             use_cpu=not torch.cuda.is_available(),
-                             train_sampling_strategy="group_by_length" if grouped else "random")
+                             use_cpu=not torch.cuda.is_available(), **sampling)
     model = AutoModelForSequenceClassification.from_pretrained(folder)
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=DataCollatorWithPadding(tokenizer))
     result = trainer.train()
