@@ -12,6 +12,6 @@ rm -rf .whl
 mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-    "polars==2.1.0" "polars-runtime-32==2.1.0" "starlette>=0.40" "uvicorn>=0.30" \
+    "polars==2.1.0" "polars-runtime-32==2.1.0" "starlette>=0.40" "uvicorn>=0.36" \
     "httpx2>=2.0" "httpcore2>=2.0" "truststore>=0.10"
 du -ch .whl/*.whl | tail -n 1

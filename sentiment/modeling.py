@@ -246,6 +246,7 @@ def load_model_folder(folder, dtype=torch.float32):
                              f"sequence-classification folder")
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise SentimentError(f"{folder}: not a model folder (no config.json)")
+    check_readable(folder)
     with loading(os.path.join(folder, "config.json"), "model configuration"):
         config = AutoConfig.from_pretrained(folder)
     if not any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
@@ -256,6 +257,18 @@ def load_model_folder(folder, dtype=torch.float32):
     with loading(folder, "weights"):
         model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype)
     return model.eval(), tokenizer, settings
+
+
+def check_readable(folder):
+    """Name the files of the model this user may not read: safetensors reports a weights file it may
+    not open as missing ("No such file or directory")."""
+    loaded = {"config.json", "tokenizer_config.json", "special_tokens_map.json", SETTINGS_FILE, *TOKENIZER_FILES}
+    unreadable = sorted(name for name in os.listdir(folder)
+                        if (name in loaded or name.endswith((".safetensors", ".bin")))
+                        and not os.access(os.path.join(folder, name), os.R_OK))
+    if unreadable:
+        raise SentimentError(f"{folder}: this user may not read {', '.join(unreadable)}; make the files readable "
+                             f"(chmod a+r) or run as the user that wrote them")
 
 
 def folder_tokenizer(folder):
@@ -277,7 +290,5 @@ def loading(where, part, advice="copy the model folder again, or train it again"
         raise
     except Exception as err:
         detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        if isinstance(err, PermissionError):
-            advice = "this user may not read it: make the folder's files readable (chmod -R a+rX FOLDER)"
         raise SentimentError(f"{where}: could not load the {part} ({type(err).__name__}: {detail[:200]}); "
                              f"{advice}") from None
