@@ -31,6 +31,11 @@ TINY_VOCAB = 1000
 # builds a tokenizer of special tokens alone that turns every word into [UNK], without a word.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
                    "tokenizer.model")
+# Files a Hugging Face model folder may hold (sharded weights aside).
+MODEL_FILES = {"config.json", WEIGHTS_FILE, "model.safetensors.index.json", "pytorch_model.bin",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+               "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+               "chat_template.jinja", SETTINGS_FILE}
 
 
 @dataclass
@@ -262,9 +267,8 @@ def load_model_folder(folder, dtype=torch.float32):
 def check_readable(folder):
     """Name the files of the model this user may not read: safetensors reports a weights file it may
     not open as missing ("No such file or directory")."""
-    loaded = {"config.json", "tokenizer_config.json", "special_tokens_map.json", SETTINGS_FILE, *TOKENIZER_FILES}
     unreadable = sorted(name for name in os.listdir(folder)
-                        if (name in loaded or name.endswith((".safetensors", ".bin")))
+                        if (name in MODEL_FILES or name in TOKENIZER_FILES or name.endswith((".safetensors", ".bin")))
                         and not os.access(os.path.join(folder, name), os.R_OK))
     if unreadable:
         raise SentimentError(f"{folder}: this user may not read {', '.join(unreadable)}; make the files readable "

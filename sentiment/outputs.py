@@ -16,15 +16,10 @@ import shutil
 from .checkpointing import remove_leftovers
 from .errors import SentimentError
 from .files import fsync_path, fsync_tree, write_atomically
-from .modeling import LOG_FILE, METRICS_FILE, SETTINGS_FILE, save_model_folder
+from .modeling import LOG_FILE, METRICS_FILE, MODEL_FILES, save_model_folder
 
 LOCK_FILE = ".lock"
 STAGING = ".tmp-model"
-# Files a Hugging Face model folder may hold; an old one the new model does not write is removed.
-MODEL_FILES = {"config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-               "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
-               "chat_template.jinja", SETTINGS_FILE}
 
 
 def claim(args, accelerator):
@@ -69,7 +64,7 @@ def publish_model(folder, model, tokenizer, settings):
     save_model_folder(staging, model, tokenizer, settings)
     fsync_tree(staging)
     new = set(os.listdir(staging))
-    for name in MODEL_FILES - new:
+    for name in MODEL_FILES - new:  # an old file the new model does not write
         if os.path.isfile(os.path.join(folder, name)):
             os.remove(os.path.join(folder, name))
     for name in sorted(new):
