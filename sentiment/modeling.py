@@ -267,7 +267,12 @@ def load_model_folder(folder, dtype=torch.float32):
 def check_readable(folder):
     """Name the files of the model this user may not read: safetensors reports a weights file it may
     not open as missing ("No such file or directory")."""
-    unreadable = sorted(name for name in os.listdir(folder)
+    try:
+        names = os.listdir(folder)
+    except PermissionError:  # the tokenizer's loading lists the folder too
+        raise SentimentError(f"{folder}: this user may not list the folder; make it readable (chmod a+rX) "
+                             f"or run as the user that wrote it") from None
+    unreadable = sorted(name for name in names
                         if (name in MODEL_FILES or name in TOKENIZER_FILES or name.endswith((".safetensors", ".bin")))
                         and not os.access(os.path.join(folder, name), os.R_OK))
     if unreadable:

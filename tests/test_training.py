@@ -320,6 +320,20 @@ def test_a_model_file_this_user_may_not_read_is_named(trained_model, monkeypatch
         load_model_folder(str(trained_model))
 
 
+def test_a_model_folder_this_user_may_not_list_is_named(trained_model, monkeypatch):
+    # os.listdir's PermissionError was a traceback.
+    real_listdir = os.listdir
+
+    def listdir(path):
+        if str(path) == str(trained_model):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    with pytest.raises(SentimentError, match=r"may not list the folder; .*chmod a\+rX"):
+        load_model_folder(str(trained_model))
+
+
 def test_a_pretrained_folder_without_tokenizer_files_is_refused(tmp_path, trained_model):
     # transformers would build a vocabulary of special tokens alone and train on [UNK] everywhere
     for name in ("config.json", "model.safetensors"):
