@@ -10,7 +10,9 @@ import contextlib
 import json
 import math
 import os
+import socket
 import stat
+import time
 from dataclasses import asdict, dataclass, fields
 
 import tokenizers
@@ -19,6 +21,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from .batching import TRUNCATIONS
 from .errors import SentimentError, SettingError
+from .files import process_alive
 
 # The files of the model folder, named once: training writes them, inference and reports read them.
 SETTINGS_FILE = "sentiment.json"  # ModelSettings
@@ -26,6 +29,9 @@ WEIGHTS_FILE = "model.safetensors"  # written by save_pretrained
 CONFIG_FILE = "train_config.json"  # every setting of the run (also in each checkpoint)
 METRICS_FILE = "metrics.json"  # the run's final figures
 LOG_FILE = "log.jsonl"  # one line per logged step and per evaluation
+# Present while train.py swaps a new model in, file by file (outputs.publish_model): until it is gone
+# the folder may hold old and new files mixed. It names the writer: host and process id.
+PUBLISHING_FILE = ".publishing"
 TINY_VOCAB = 1000
 # A folder needs one of these for AutoTokenizer to read a vocabulary: without any, transformers
 # builds a tokenizer of special tokens alone that turns every word into [UNK], without a word.
@@ -115,6 +121,9 @@ def load_tokenizer(name, train_texts):
     if name == "tiny":
         return train_tiny_tokenizer(train_texts)
     if os.path.isdir(name):
+        if publication(name) is PUBLISHING:
+            raise SentimentError(f"--model {name}: a training run is moving a new model into this folder; try "
+                                 f"again when it has finished")
         tokenizer = folder_tokenizer(name)
     else:
         try:
@@ -243,15 +252,51 @@ def read_settings(folder, config, tokenizer):
                          truncation="tail" if tokenizer.truncation_side == "left" else "head", clean=False)
 
 
-def load_model_folder(folder, dtype=torch.float32):
+def load_model_folder(folder, dtype=torch.float32, attempts=3):
     """Model (in eval mode, weights in `dtype` whatever the folder was saved in), tokenizer and settings
-    from a model folder; clear errors if it is not one."""
+    from a model folder; clear errors if it is not one. Files are read one after another: if a training
+    run publishes a new model meanwhile, they are read again, so the parts always belong together."""
     if not os.path.isdir(folder):
         raise SentimentError(f"{folder}: no such model folder; train one with train.py or pass a Hugging Face "
                              f"sequence-classification folder")
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise SentimentError(f"{folder}: not a model folder (no config.json)")
     check_readable(folder)
+    for attempt in range(attempts):
+        before = publication(folder)
+        if before is not PUBLISHING:
+            loaded = read_model_folder(folder, dtype)
+            if publication(folder) == before:
+                return loaded
+        time.sleep(1)  # a run is moving its new model in: a matter of milliseconds, or of a slow disk
+    raise SentimentError(f"{folder}: a training run is moving a new model into this folder (see its {PUBLISHING_FILE}"
+                         f" file); try again when it has finished, or if it was stopped, finish it with train.py "
+                         f"--output-dir {folder} --resume latest")
+
+
+PUBLISHING = "publishing"
+
+
+def publication(folder):
+    """Which publication of the model folder is in place: `sentiment.json`'s identity (each publication
+    replaces it), or PUBLISHING while a live run moves a new one in. A run stopped midway is an error."""
+    try:
+        with open(os.path.join(folder, PUBLISHING_FILE)) as f:
+            host, _, pid = f.read().strip().partition(" ")
+    except FileNotFoundError:
+        try:
+            found = os.stat(os.path.join(folder, SETTINGS_FILE))
+        except FileNotFoundError:  # a folder train.py did not write
+            return None
+        return found.st_ino, found.st_mtime_ns, found.st_size
+    if host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid)):
+        raise SentimentError(f"{folder}: the training run that wrote this model folder was stopped while moving the "
+                             f"new model in, so old and new files may be mixed; finish it with train.py "
+                             f"--output-dir {folder} --resume latest (or train again with --overwrite)")
+    return PUBLISHING
+
+
+def read_model_folder(folder, dtype):
     with loading(os.path.join(folder, "config.json"), "model configuration"):
         config = AutoConfig.from_pretrained(folder)
     if not any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):

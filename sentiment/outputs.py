@@ -3,20 +3,21 @@
 `claim` takes the folder for this run (a second run into it stops with a one-line error) and
 refuses to mix a new run into an old one unless told to overwrite or resume. `publish_model`
 writes the model folder beside the old one and moves it in only once it is complete, so after
-`--overwrite` the previous model stays whole and usable until the new one is ready. `log_line`
-and `truncate_log` keep `log.jsonl`. Writing any one file safely is `files`' concern; the training
-loop itself lives in `training`.
+`--overwrite` the previous model stays whole and usable until the new one is ready, and readers
+never take parts of two models for one. `log_line` and `truncate_log` keep `log.jsonl`. Writing
+any one file safely is `files`' concern; the training loop itself lives in `training`.
 """
 
 import fcntl
 import json
 import os
 import shutil
+import socket
 
 from .checkpointing import remove_leftovers
 from .errors import SentimentError
 from .files import fsync_path, fsync_tree, write_atomically
-from .modeling import LOG_FILE, METRICS_FILE, MODEL_FILES, save_model_folder
+from .modeling import LOG_FILE, METRICS_FILE, MODEL_FILES, PUBLISHING_FILE, save_model_folder
 
 LOCK_FILE = ".lock"
 STAGING = ".tmp-model"
@@ -50,19 +51,28 @@ def claim(args, accelerator):
         raise SentimentError(f"--output-dir {out} is not empty; pass --overwrite to replace it, "
                              f"--resume latest to continue it, or choose another folder")
     if accelerator.is_main_process and busy and args.overwrite and not args.resume:
-        for name in ("checkpoints", LOG_FILE, METRICS_FILE, STAGING):  # the old model stays until the new is ready
+        for name in ("checkpoints", LOG_FILE, STAGING):  # the old model (and its metrics) stays until the new is ready
             path = os.path.join(out, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
     accelerator.wait_for_everyone()
     return handle
 
 
-def publish_model(folder, model, tokenizer, settings):
-    """Write the model folder into `folder`: all of it beside the old one first, then moved in."""
+def publish_model(folder, model, tokenizer, settings, metrics):
+    """Write the model folder and its `metrics.json` into `folder`: all of it beside the old one first,
+    then moved in file by file under a PUBLISHING_FILE marker, which readers wait on (a live run) or
+    refuse (a run killed midway, whose files may be mixed; `--resume latest` publishes again)."""
     staging = os.path.join(folder, STAGING)
     shutil.rmtree(staging, ignore_errors=True)
     save_model_folder(staging, model, tokenizer, settings)
+    with open(os.path.join(staging, METRICS_FILE), "w") as f:
+        json.dump(metrics, f, indent=2)
     fsync_tree(staging)
+    marker = os.path.join(folder, PUBLISHING_FILE)
+    with open(marker, "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}\n")
+    fsync_path(marker)
+    fsync_path(folder)
     new = set(os.listdir(staging))
     for name in MODEL_FILES - new:  # an old file the new model does not write
         if os.path.isfile(os.path.join(folder, name)):
@@ -70,6 +80,8 @@ def publish_model(folder, model, tokenizer, settings):
     for name in sorted(new):
         os.replace(os.path.join(staging, name), os.path.join(folder, name))
     os.rmdir(staging)
+    fsync_path(folder)
+    os.remove(marker)
     fsync_path(folder)
 
 

@@ -33,7 +33,7 @@ from .errors import SentimentError
 from .files import disk_full, disk_full_error, fsync_path, write_atomically
 from .metrics import (classification_report, expected_calibration_error, fit_temperature, inverse_frequency_weights,
                       reliability_bins, softmax)
-from .modeling import CONFIG_FILE, LOG_FILE, METRICS_FILE, ModelSettings, check_max_length, load_model, load_tokenizer
+from .modeling import CONFIG_FILE, LOG_FILE, ModelSettings, check_max_length, load_model, load_tokenizer
 from .outputs import claim, log_line, publish_model, truncate_log
 from .report import write_report_or_say_how
 
@@ -415,8 +415,7 @@ class FineTuneRecipe:
                    **self.final_figures()}
         metrics["wall_seconds"] = time.perf_counter() - self.wall_start
         if accelerator.is_main_process:
-            publish_model(args.output_dir, unwrapped, self.tokenizer, self.settings)
-            write_atomically(os.path.join(args.output_dir, METRICS_FILE), json.dumps(metrics, indent=2))
+            publish_model(args.output_dir, unwrapped, self.tokenizer, self.settings, metrics)
             write_report_or_say_how(args.output_dir)
         summary = {k: metrics.get(k) for k in ("val_accuracy", "test_accuracy", "test_macro_f1",
                                                "train_samples_per_second", "wall_seconds", "best_epoch")}

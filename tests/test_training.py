@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -18,13 +19,13 @@ from helpers import ROOT, TINY, run_script
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from sentiment import checkpointing, training
+from sentiment import checkpointing, modeling, training
 from sentiment.config import TrainArgs, parse_args
 from sentiment.demo_data import demo_reviews
 from sentiment.errors import SentimentError, flag
 from sentiment.modeling import load_model_folder, load_tokenizer, save_model_folder, tiny_config
 from sentiment.files import write_atomically
-from sentiment.outputs import log_line
+from sentiment.outputs import log_line, publish_model
 from sentiment.predictor import Predictor
 
 
@@ -136,7 +137,7 @@ def test_a_run_killed_at_any_moment_resumes_to_the_same_model(tmp_path, moment):
     assert all(torch.equal(whole[name], resumed[name]) for name in whole)
     assert json.loads((out / "metrics.json").read_text())["test"] == \
         json.loads((tmp_path / "whole" / "metrics.json").read_text())["test"]
-    assert not names(".") and not (out / ".tmp-model").exists()
+    assert not names(".") and not (out / ".tmp-model").exists() and not (out / ".publishing").exists()
 
 
 def test_resume_after_a_crash_matches_the_uninterrupted_run(tmp_path, monkeypatch):
@@ -332,6 +333,73 @@ def test_a_model_folder_this_user_may_not_list_is_named(trained_model, monkeypat
     monkeypatch.setattr(os, "listdir", listdir)
     with pytest.raises(SentimentError, match=r"may not list the folder; .*chmod a\+rX"):
         load_model_folder(str(trained_model))
+
+
+def another_model(folder):
+    """The model of `folder` with other weights and another temperature: a second publication, told apart."""
+    model, tokenizer, settings = load_model_folder(str(folder))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.25)
+    return model, tokenizer, dataclasses.replace(settings, temperature=settings.temperature * 3)
+
+
+def dead_pid():
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+def test_a_model_folder_left_half_moved_in_is_refused_and_a_live_move_is_waited_for(
+        tmp_path, trained_model, monkeypatch):
+    # The new model is moved in file by file; a kill between two renames left new and old files mixed,
+    # which loaded without a word (new configuration and metrics, old weights and settings).
+    out = tmp_path / "out"
+    shutil.copytree(trained_model, out)
+    real_replace, moved = os.replace, []
+
+    def replace_then_killed(source, target):
+        if len(moved) == 2:
+            raise KeyboardInterrupt  # no cleanup runs after a SIGKILL either
+        moved.append(target)
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        publish_model(str(out), *another_model(out), {"test_accuracy": 0.5})
+    monkeypatch.undo()
+    assert len(moved) == 2
+    marker = out / ".publishing"
+    marker.write_text(f"{socket.gethostname()} {dead_pid()}\n")  # the writer is gone
+    with pytest.raises(SentimentError, match=r"stopped while moving the new model in.*--resume latest"):
+        Predictor(str(out))
+    marker.write_text(f"{socket.gethostname()} {os.getpid()}\n")  # the writer is alive: wait, then say so
+    waits = []
+    monkeypatch.setattr(modeling.time, "sleep", waits.append)
+    with pytest.raises(SentimentError, match=r"a training run is moving a new model into this folder.*try again"):
+        Predictor(str(out))
+    assert len(waits) == 3
+
+
+def test_a_model_published_while_it_loads_is_read_again_whole(tmp_path, trained_model, monkeypatch):
+    # A service starting while train.py publishes into its folder took the old settings and the new weights.
+    out = tmp_path / "out"
+    shutil.copytree(trained_model, out)
+    new_model, tokenizer, new_settings = another_model(out)
+    real_load, loads = modeling.AutoModelForSequenceClassification.from_pretrained, []
+
+    def published_meanwhile(folder, **kwargs):
+        if not loads:
+            publish_model(str(out), new_model, tokenizer, new_settings, {"test_accuracy": 0.5})
+        loads.append(folder)
+        return real_load(folder, **kwargs)
+
+    monkeypatch.setattr(modeling.AutoModelForSequenceClassification, "from_pretrained", published_meanwhile)
+    model, _, settings = load_model_folder(str(out))
+    assert len(loads) == 2 and settings.temperature == new_settings.temperature
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), new_model.state_dict().values()))
+    assert json.loads((out / "metrics.json").read_text()) == {"test_accuracy": 0.5}
+    assert sorted(os.listdir(out)) == sorted(os.listdir(trained_model))  # no marker, no staging left
 
 
 def test_a_pretrained_folder_without_tokenizer_files_is_refused(tmp_path, trained_model):
