@@ -1,10 +1,11 @@
 """From cleaned texts to padded batches: tokenise once, truncate, group by length, pad.
 
 `encode` tokenises a list of texts in batched calls of the fast tokenizer and keeps, for a
-long text, its head, its tail or both (`TRUNCATIONS`); special tokens are added afterwards, so
-any tokenizer's own template (BERT's [CLS] … [SEP], RoBERTa's <s> … </s>) is kept. The ids are
-packed into one array (`TokenIds`). `LengthGroupedBatches`
-yields shuffled batches of similar lengths, so dynamic padding (`Collator`) wastes little.
+long text, its head, its tail or both (`TRUNCATIONS`; of a very long text only the ends are
+tokenised, see `kept_tokens`); special tokens are added afterwards, so any tokenizer's own
+template (BERT's [CLS] … [SEP], RoBERTa's <s> … </s>) is kept. The ids are packed into one array
+(`TokenIds`). `LengthGroupedBatches` yields shuffled batches of similar lengths, so dynamic
+padding (`Collator`) wastes little.
 Training and inference both use these; nothing here knows about models or optimisers.
 """
 
@@ -19,6 +20,10 @@ from .errors import SettingError
 ENCODE_CHUNK = 4096  # texts per tokenizer call: the ids of one call are Python lists, ten times the packed size
 TRUNCATIONS = ("head", "tail", "head+tail")  # which tokens of a long text to keep
 HEAD_SHARE = 0.25  # head+tail keeps this share of the budget from the start (128 of 510, as Sun et al.)
+# A text longer than twice this many characters per kept token (32 kB for 510 tokens; English takes
+# about 4.5 a token) has only its ends tokenised: far beyond any IMDb review (14 kB at most).
+CUT_CHARS_PER_TOKEN = 32
+CUT_MARGIN = 16  # tokens beyond those kept that a cut end must give
 
 
 def special_tokens(tokenizer):
@@ -82,11 +87,57 @@ def encode(tokenizer, texts, max_length, truncation, progress=None):
     quiet = not progress or len(texts) <= ENCODE_CHUNK
     with tqdm(total=len(texts), desc=progress, unit=" texts", disable=quiet) as bar:
         for start in range(0, len(texts), ENCODE_CHUNK):
-            bare = tokenizer(texts[start:start + ENCODE_CHUNK], add_special_tokens=False, return_attention_mask=False,
-                             return_token_type_ids=False, verbose=False)["input_ids"]
-            parts.append(TokenIds.pack([prefix + truncate(one, budget, truncation) + suffix for one in bare]))
-            bar.update(len(bare))
+            kept = kept_tokens(tokenizer, texts[start:start + ENCODE_CHUNK], budget, truncation)
+            parts.append(TokenIds.pack([prefix + one + suffix for one in kept]))
+            bar.update(len(kept))
     return TokenIds.concatenate(parts)
+
+
+def tokenize(tokenizer, texts):
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False,
+                     verbose=False)["input_ids"]
+
+
+def kept_tokens(tokenizer, texts, budget, truncation):
+    """The ids `truncate` keeps of each text's tokens. Only the ends of a very long text are tokenised
+    (`text_ends`): the tokenizer reads a whole text before truncating, and a text of megabytes, of
+    which 510 tokens are kept, cost seconds and gigabytes (bench/long_texts.py). The kept tokens are
+    the whole text's, checked: an end that gives too few tokens for its length is tokenised whole."""
+    if truncation not in TRUNCATIONS:
+        raise SettingError("truncation", f"{truncation!r} is not one of {', '.join(TRUNCATIONS)}")
+    head = {"head": budget, "tail": 0}.get(truncation, int(budget * HEAD_SHARE))
+    tail = budget - head
+    ends = [text_ends(text, budget * CUT_CHARS_PER_TOKEN) for text in texts]
+    pieces = [piece for pair in ends if pair for piece in pair]
+    ids = iter(tokenize(tokenizer, pieces) if pieces else [])
+    kept, whole = [], []
+    for i, pair in enumerate(ends):
+        if pair is None:
+            whole.append(i)
+            kept.append(None)
+            continue
+        first, last = next(ids), next(ids)
+        # Tokens near a cut may differ from the whole text's; a margin keeps them out of what is kept.
+        if (head and len(first) < head + CUT_MARGIN) or (tail and len(last) < tail + CUT_MARGIN):
+            whole.append(i)
+            kept.append(None)
+        else:
+            kept.append(first[:head] + last[len(last) - tail:])
+    for i, one in zip(whole, tokenize(tokenizer, [texts[i] for i in whole]) if whole else []):
+        kept[i] = truncate(one, budget, truncation)
+    return kept
+
+
+def text_ends(text, chars):
+    """The first and last `chars` characters or less of a text over twice as long, each cut at a space
+    (the first before it, the last from it), or None. Tokenizers split words at spaces, so each end
+    tokenises as its part of the whole text, but for the word at the cut."""
+    if len(text) <= 2 * chars:
+        return None
+    first, last = text.rfind(" ", 0, chars), text.find(" ", len(text) - chars)
+    if first <= 0 or last < 0:
+        return None
+    return text[:first], text[last:]
 
 
 class TokenizedDataset(torch.utils.data.Dataset):

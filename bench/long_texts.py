@@ -1,0 +1,70 @@
+"""Tokenising very long texts: `encode` (only a long text's ends are tokenised) against the
+tokenizer's own truncation (`tokenizer(texts, truncation=True, max_length=512)`, as `pipeline` does,
+which reads the whole text first), same texts, in one run. Each measurement runs in a fresh process,
+so its peak memory is its own.
+
+    python -m bench.long_texts            # texts of 1 kB to 10 MB made of IMDb words, about a minute
+"""
+
+import argparse
+import concurrent.futures
+import multiprocessing
+import resource
+import time
+
+import numpy as np
+import polars as pl
+
+from bench.common import DATA, cpu_description, minilm_folder
+
+SIZES = (1_000, 100_000, 1_000_000, 10_000_000)  # characters
+
+
+def long_text(words, chars, seed):
+    rng = np.random.default_rng(seed)
+    text = " ".join(rng.choice(words, chars // 5 + 100))
+    return text[:text.rfind(" ", 0, chars)]
+
+
+def measure(scorer, folder, texts, max_length):
+    """(seconds, peak memory added in MiB, ids) of one way of tokenising `texts`, in this process."""
+    from transformers import AutoTokenizer
+
+    from sentiment.batching import encode
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    if scorer == "ours":
+        ids = encode(tokenizer, texts, max_length, "head")
+        ids = [ids[i].tolist() for i in range(len(ids))]
+    else:
+        ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    seconds = time.perf_counter() - start
+    return seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, ids
+
+
+def in_fresh_process(*args):
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(measure, *args).result()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=DATA, help="The IMDb CSV (Kaggle layout): where the words come from.")
+    parser.add_argument("--max-length", type=int, default=512, help="Tokens kept per text.")
+    parser.add_argument("--texts", type=int, default=4, help="Texts of each size.")
+    args = parser.parse_args()
+    folder = minilm_folder()
+    words = " ".join(pl.read_csv(args.data, n_rows=2000)["review"].to_list()).split()
+    print(f"{cpu_description()}; {args.texts} texts of each size, max length {args.max_length}, head truncation")
+    print(f"{'chars per text':>15} {'ours s':>8} {'peer s':>8} {'peer/ours':>10} {'ours MiB':>9} {'peer MiB':>9}")
+    for size in SIZES:
+        texts = [long_text(words, size, seed) for seed in range(args.texts)]
+        ours = in_fresh_process("ours", folder, texts, args.max_length)
+        peer = in_fresh_process("peer", folder, texts, args.max_length)
+        assert ours[2] == peer[2]  # the same ids
+        print(f"{size:>15,} {ours[0]:>8.3f} {peer[0]:>8.3f} {peer[0] / ours[0]:>9.1f}x {ours[1]:>9.0f} {peer[1]:>9.0f}")
+
+
+if __name__ == "__main__":
+    main()
