@@ -8,6 +8,11 @@
 #   bash bench/gpu_rehearsal.sh     # about 3 minutes; OUT=DIR keeps the check's report and log
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# One rehearsal or wheel download at a time in a checkout: a second would rebuild .whl/ under the
+# first one's install. Both lock bench/gpu_wheels.sh; the wheels step below runs under this lock.
+exec 9<bench/gpu_wheels.sh
+flock -n 9 || { echo "waiting for the other GPU rehearsal or wheel download in this checkout to end" >&2; flock 9; }
+export SENTIMENT_WHEELS_LOCKED=1
 # What the GPU machine's Python 3.12 has (the device tool's notes); update these with it.
 gpu_machine=("transformers==5.17.0" "accelerate==1.15.0" tokenizers numpy tqdm prometheus-client pytest httpx)
 venv="$(mktemp -d)"

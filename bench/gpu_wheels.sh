@@ -8,6 +8,10 @@
 #   bash bench/gpu_wheels.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ -z ${SENTIMENT_WHEELS_LOCKED:-} ]]; then  # one at a time in a checkout (see bench/gpu_rehearsal.sh)
+    exec 9<bench/gpu_wheels.sh
+    flock -n 9 || { echo "waiting for the other GPU rehearsal or wheel download in this checkout to end" >&2; flock 9; }
+fi
 rm -rf .whl
 mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -1,12 +1,15 @@
 """The benchmark scripts still run: the prepared GPU check at toy size on the CPU, rehearsed in the
 GPU machine's software."""
 
+import fcntl
 import json
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from helpers import ROOT
@@ -16,6 +19,28 @@ def gpu_check_smoke(out, **env):
     return subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--cpu-smoke"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OUT": str(out), "PYTHON": sys.executable, **env})
+
+
+def listing(folder):
+    return sorted((entry.name, entry.stat().st_mtime_ns) for entry in os.scandir(folder)) if os.path.isdir(folder) \
+        else None
+
+
+@pytest.mark.parametrize("script", ["gpu_rehearsal.sh", "gpu_wheels.sh"])
+def test_a_second_gpu_rehearsal_waits_for_the_first_and_leaves_its_wheels_alone(script):
+    # Two at once in one checkout: the second deleted and rebuilt .whl/ while the first installed from it.
+    wheels = os.path.join(ROOT, ".whl")
+    before = listing(wheels)
+    with open(os.path.join(ROOT, "bench", "gpu_wheels.sh")) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a rehearsal under way holds it
+        second = subprocess.Popen(["bash", os.path.join(ROOT, "bench", script)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True, start_new_session=True)
+        time.sleep(3)
+        waiting = second.poll() is None
+        os.killpg(second.pid, signal.SIGKILL)
+        _, stderr = second.communicate()
+    assert waiting and "waiting for the other GPU rehearsal or wheel download" in stderr, stderr
+    assert listing(wheels) == before
 
 
 @pytest.mark.slow
