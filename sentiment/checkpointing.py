@@ -108,19 +108,25 @@ def save_checkpoint(accelerator, output_dir, state, config, tokenizer, keep):
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()  # every process's RNG state is in before the rename
+    try:
+        accelerator.save_state(tmp)
+        accelerator.wait_for_everyone()  # every process's RNG state is in before the rename
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(tmp)  # a tiny model's vocabulary exists nowhere else
+            for name, content in ((STATE_FILE, dataclasses.asdict(state)), (CONFIG_FILE, config)):
+                with open(os.path.join(tmp, name), "w") as f:
+                    json.dump(content, f, indent=2)
+            if state.best_step is not None:  # the best model belongs to this checkpoint's past
+                link_or_copy(best_weights(output_dir), os.path.join(tmp, BEST_WEIGHTS))
+            fsync_tree(tmp)
+            if os.path.exists(final):
+                remove_tree(final)
+            os.replace(tmp, final)
+    except BaseException:
+        if accelerator.is_main_process:  # a full disk: give back the space the half checkpoint took
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        tokenizer.save_pretrained(tmp)  # a tiny model's vocabulary exists nowhere else
-        for name, content in ((STATE_FILE, dataclasses.asdict(state)), (CONFIG_FILE, config)):
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(content, f, indent=2)
-        if state.best_step is not None:  # the best model belongs to this checkpoint's past
-            link_or_copy(best_weights(output_dir), os.path.join(tmp, BEST_WEIGHTS))
-        fsync_tree(tmp)
-        if os.path.exists(final):
-            remove_tree(final)
-        os.replace(tmp, final)
         fsync_path(root)
         for old in complete_checkpoints(output_dir)[:-keep]:
             remove_tree(old)

@@ -64,10 +64,14 @@ def publish_model(folder, model, tokenizer, settings, metrics):
     refuse (a run killed midway, whose files may be mixed; `--resume latest` publishes again)."""
     staging = os.path.join(folder, STAGING)
     shutil.rmtree(staging, ignore_errors=True)
-    save_model_folder(staging, model, tokenizer, settings)
-    with open(os.path.join(staging, METRICS_FILE), "w") as f:
-        json.dump(metrics, f, indent=2)
-    fsync_tree(staging)
+    try:
+        save_model_folder(staging, model, tokenizer, settings)
+        with open(os.path.join(staging, METRICS_FILE), "w") as f:
+            json.dump(metrics, f, indent=2)
+        fsync_tree(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a full disk: give back the space the half model took
+        raise
     marker = os.path.join(folder, PUBLISHING_FILE)
     with open(marker, "w") as f:
         f.write(f"{socket.gethostname()} {os.getpid()}\n")

@@ -334,9 +334,13 @@ class FineTuneRecipe:
             if accelerator.is_main_process:  # the next checkpoint takes a copy
                 path = best_weights(self.args.output_dir)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                safetensors.torch.save_model(self.plain_model(), path + ".tmp")
-                fsync_path(path + ".tmp")
-                os.replace(path + ".tmp", path)  # never a half-written best model
+                try:
+                    safetensors.torch.save_model(self.plain_model(), path + ".tmp")
+                    fsync_path(path + ".tmp")
+                    os.replace(path + ".tmp", path)  # never a half-written best model
+                finally:
+                    if os.path.exists(path + ".tmp"):  # a full disk: give its space back
+                        os.remove(path + ".tmp")
         else:
             state.evals_since_best += 1
         accelerator.wait_for_everyone()

@@ -19,7 +19,7 @@ from helpers import ROOT, TINY, run_script
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from sentiment import checkpointing, modeling, training
+from sentiment import checkpointing, modeling, outputs, training
 from sentiment.config import TrainArgs, parse_args
 from sentiment.demo_data import demo_reviews
 from sentiment.errors import SentimentError, flag
@@ -194,7 +194,7 @@ def test_a_crash_while_saving_leaves_no_complete_looking_checkpoint(tmp_path, mo
         training.train(parse_args(TrainArgs, "", ["--data", str(data), *TINY, "--checkpoint-every", "3",
                                                   "--output-dir", str(tmp_path / "out")]))
     assert checkpointing.complete_checkpoints(tmp_path / "out") == []
-    assert os.listdir(tmp_path / "out" / "checkpoints") == [".tmp-step-00000003"]
+    assert os.listdir(tmp_path / "out" / "checkpoints") == []  # the half checkpoint's space given back
     with pytest.raises(Exception, match="no complete checkpoint"):
         checkpointing.find_checkpoint("latest", tmp_path / "out")
 
@@ -657,6 +657,39 @@ def test_a_full_disk_is_one_line_that_says_so(tmp_path, monkeypatch):
     with pytest.raises(SentimentError, match=r"the disk of .* is full .*continue with --resume latest"):
         training.train(parse_args(TrainArgs, "", ["--data", str(data), *TINY, "--checkpoint-every", "3",
                                                   "--output-dir", str(tmp_path / "out")]))
+
+
+def half_written_then_full(path_of):
+    """A writer that writes part of its file (at `path_of(its arguments)`) and then finds the disk full."""
+    def write(*args, **kwargs):
+        path = path_of(*args, **kwargs)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return write
+
+
+@pytest.mark.parametrize("writing", ["a checkpoint", "the best weights", "the model folder"])
+def test_a_full_disk_leaves_no_half_written_file_to_hold_its_space(tmp_path, monkeypatch, writing):
+    # What was written before the disk filled stayed behind (a half checkpoint can be gigabytes),
+    # holding the space the error asks the user to free.
+    weights_in = lambda folder, *rest: os.path.join(folder, "model.safetensors")  # noqa: E731
+    fake = {"a checkpoint": (training.Accelerator, "save_state", lambda self, folder: weights_in(folder)),
+            "the best weights": (training.safetensors.torch, "save_model", lambda model, path: path),
+            "the model folder": (outputs, "save_model_folder", weights_in)}
+    where, name, path_of = fake[writing]
+    monkeypatch.setattr(where, name, half_written_then_full(path_of))
+    data = tmp_path / "reviews.csv"
+    demo_reviews(200, seed=20).write_csv(data)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    out = tmp_path / "out"
+    with pytest.raises(SentimentError, match=r"the disk of .* is full .*continue with --resume latest"):
+        training.train(parse_args(TrainArgs, "", ["--data", str(data), *TINY, "--checkpoint-every", "3",
+                                                  "--eval-every", "2", "--output-dir", str(out)]))
+    left = [os.path.relpath(os.path.join(parent, name), out) for parent, folders, files in os.walk(out)
+            for name in folders + files]
+    assert not [name for name in left if ".tmp" in name], left
 
 
 def test_small_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
