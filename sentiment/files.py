@@ -4,8 +4,8 @@ A file is written under a temporary name beside it (`temporary`) and renamed int
 complete (`write_atomically` for small files); what a process killed outright (SIGKILL, the
 out-of-memory killer, a power cut) left under such a name is removed by the next writer of the
 same path (`remove_stale_temporaries`). `fsync_path` and `fsync_tree` put data on disk before a
-rename makes it look complete. `disk_full` recognises a write that failed for want of space,
-whatever library raised it.
+rename makes it look complete; `replace_durably` is such a rename for one file. `disk_full`
+recognises a write that failed for want of space, whatever library raised it.
 """
 
 import errno
@@ -54,7 +54,7 @@ def write_atomically(path, text):
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -66,6 +66,15 @@ def fsync_path(path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_durably(tmp, path):
+    """Rename the complete file `tmp` onto `path`, its bytes on disk first and the rename after it. A
+    rename reaches the disk before the data it names: without the first fsync a power cut soon after
+    can leave `path` empty, and the old file it replaced gone with it."""
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(os.path.dirname(os.path.abspath(path)))
 
 
 def fsync_tree(folder):

@@ -16,7 +16,7 @@ import shutil
 import polars as pl
 
 from .errors import SentimentError
-from .files import remove_stale_temporaries, temporary
+from .files import remove_stale_temporaries, replace_durably, temporary
 
 
 def scan_json(path):
@@ -198,7 +198,7 @@ class TableWriter:
         if self.ext == ".parquet":
             pl.scan_parquet(os.path.join(self.parts, "*.parquet")).sink_parquet(self.tmp)
             shutil.rmtree(self.parts)
-        os.replace(self.tmp, self.path)
+        replace_durably(self.tmp, self.path)
 
     def abort(self):
         """Remove what an unfinished run wrote (nothing is left after `close`)."""

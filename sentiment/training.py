@@ -30,7 +30,7 @@ from .checkpointing import (TrainState, best_weights, check_random_states, find_
                             load_trainer_state, save_checkpoint)
 from .data import load_splits
 from .errors import SentimentError
-from .files import disk_full, disk_full_error, fsync_path, write_atomically
+from .files import disk_full, disk_full_error, replace_durably, write_atomically
 from .metrics import (classification_report, expected_calibration_error, fit_temperature, inverse_frequency_weights,
                       reliability_bins, softmax)
 from .modeling import CONFIG_FILE, LOG_FILE, ModelSettings, check_max_length, load_model, load_tokenizer
@@ -336,8 +336,7 @@ class FineTuneRecipe:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 try:
                     safetensors.torch.save_model(self.plain_model(), path + ".tmp")
-                    fsync_path(path + ".tmp")
-                    os.replace(path + ".tmp", path)  # never a half-written best model
+                    replace_durably(path + ".tmp", path)  # never a half-written best model
                 finally:
                     if os.path.exists(path + ".tmp"):  # a full disk: give its space back
                         os.remove(path + ".tmp")

@@ -29,6 +29,35 @@ def run_script(*args, check=True, env=None, cwd=ROOT, **kwargs):
     return result
 
 
+def renames_made_durable(monkeypatch):
+    """Watch `os.replace`: the returned dict maps each path a file was renamed onto (real paths) to
+    whether the file's bytes, all of them, were flushed (fsync) before the rename and the folder after
+    it. A rename reaches the disk before the data it names, so without both a power cut can leave an
+    empty file where the old one was."""
+    flushed, waiting, durable = {}, {}, {}
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        real_fsync(fd)
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        flushed[path] = os.fstat(fd).st_size
+        for target in [t for t, folder in waiting.items() if folder == path]:
+            durable[target] = True
+            del waiting[target]
+
+    def replace(source, target):
+        source, target = os.path.realpath(source), os.path.realpath(target)
+        data_flushed = os.path.isfile(source) and flushed.get(source) == os.path.getsize(source)
+        real_replace(source, target)
+        durable[target] = False
+        if data_flushed:
+            waiting[target] = os.path.dirname(target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return durable
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

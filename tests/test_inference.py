@@ -12,7 +12,7 @@ import time
 import numpy as np
 import polars as pl
 import pytest
-from helpers import ROOT, run_script
+from helpers import ROOT, renames_made_durable, run_script
 
 from sentiment import inference, tables
 from sentiment.config import InferArgs, parse_args
@@ -157,6 +157,18 @@ def test_a_full_disk_is_one_line_and_leaves_the_old_output(tmp_path, trained_mod
                                                  "--output", str(tmp_path / "scored.csv")]))
     assert sorted(os.listdir(tmp_path)) == ["reviews.csv", "scored.csv"]  # no temporary file left
     assert (tmp_path / "scored.csv").read_text() == "old\n"
+
+
+@pytest.mark.parametrize("ext", ["csv", "parquet"])
+def test_outputs_are_on_disk_before_they_replace_the_old_ones(tmp_path, trained_model, reviews_csv, monkeypatch, ext):
+    target, metrics = tmp_path / f"scored.{ext}", tmp_path / "metrics.json"
+    target.write_text("old results\n")
+    metrics.write_text("{}")
+    durable = renames_made_durable(monkeypatch)
+    inference.run(parse_args(InferArgs, "", ["--model", str(trained_model), "--input", str(reviews_csv),
+                                             "--output", str(target), "--metrics-out", str(metrics)]))
+    assert durable == {os.path.realpath(target): True, os.path.realpath(metrics): True}
+    assert len(pl.read_csv(target) if ext == "csv" else pl.read_parquet(target)) == len(pl.read_csv(reviews_csv))
 
 
 def test_a_failed_run_leaves_an_existing_output_as_it_was(tmp_path, trained_model):
