@@ -3,7 +3,11 @@ tokenizer's own truncation (`tokenizer(texts, truncation=True, max_length=512)`,
 which reads the whole text first), same texts, in one run. Each measurement runs in a fresh process,
 so its peak memory is its own.
 
-    python -m bench.long_texts            # texts of 1 kB to 10 MB made of IMDb words, about a minute
+    python -m bench.long_texts            # texts of 1 kB to 10 MB, three kinds, about three minutes
+
+The kinds: IMDb words between spaces; the same words between commas (no space anywhere: a list, a
+URL, a table flattened into one cell); Chinese characters (no space, each character a word to
+BERT's tokenizer).
 """
 
 import argparse
@@ -18,12 +22,16 @@ import polars as pl
 from bench.common import DATA, cpu_description, minilm_folder
 
 SIZES = (1_000, 100_000, 1_000_000, 10_000_000)  # characters
+KINDS = ("words", "no spaces", "Chinese")
+CHINESE = "的一是不了人我在有他这为之大来以个中上们到说国和地也子时道出而要于就下得可你年生对"
 
 
-def long_text(words, chars, seed):
+def long_text(kind, words, chars, seed):
     rng = np.random.default_rng(seed)
-    text = " ".join(rng.choice(words, chars // 5 + 100))
-    return text[:text.rfind(" ", 0, chars)]
+    if kind == "Chinese":
+        return "".join(rng.choice(list(CHINESE), chars))
+    text = (" " if kind == "words" else ",").join(rng.choice(words, chars // 5 + 100))
+    return text[:chars]
 
 
 def measure(scorer, folder, texts, max_length):
@@ -57,13 +65,16 @@ def main():
     folder = minilm_folder()
     words = " ".join(pl.read_csv(args.data, n_rows=2000)["review"].to_list()).split()
     print(f"{cpu_description()}; {args.texts} texts of each size, max length {args.max_length}, head truncation")
-    print(f"{'chars per text':>15} {'ours s':>8} {'peer s':>8} {'peer/ours':>10} {'ours MiB':>9} {'peer MiB':>9}")
-    for size in SIZES:
-        texts = [long_text(words, size, seed) for seed in range(args.texts)]
-        ours = in_fresh_process("ours", folder, texts, args.max_length)
-        peer = in_fresh_process("peer", folder, texts, args.max_length)
-        assert ours[2] == peer[2]  # the same ids
-        print(f"{size:>15,} {ours[0]:>8.3f} {peer[0]:>8.3f} {peer[0] / ours[0]:>9.1f}x {ours[1]:>9.0f} {peer[1]:>9.0f}")
+    print(f"{'kind':>10} {'chars per text':>15} {'ours s':>8} {'peer s':>8} {'peer/ours':>10} {'ours MiB':>9} "
+          f"{'peer MiB':>9}")
+    for kind in KINDS:
+        for size in SIZES:
+            texts = [long_text(kind, words, size, seed) for seed in range(args.texts)]
+            ours = in_fresh_process("ours", folder, texts, args.max_length)
+            peer = in_fresh_process("peer", folder, texts, args.max_length)
+            assert ours[2] == peer[2]  # the same ids
+            print(f"{kind:>10} {size:>15,} {ours[0]:>8.3f} {peer[0]:>8.3f} {peer[0] / ours[0]:>9.1f}x "
+                  f"{ours[1]:>9.0f} {peer[1]:>9.0f}", flush=True)
 
 
 if __name__ == "__main__":

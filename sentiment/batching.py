@@ -99,45 +99,52 @@ def tokenize(tokenizer, texts):
 
 
 def kept_tokens(tokenizer, texts, budget, truncation):
-    """The ids `truncate` keeps of each text's tokens. Only the ends of a very long text are tokenised
-    (`text_ends`): the tokenizer reads a whole text before truncating, and a text of megabytes, of
-    which 510 tokens are kept, cost seconds and gigabytes (bench/long_texts.py). The kept tokens are
-    the whole text's, checked: an end that gives too few tokens for its length is tokenised whole."""
+    """The ids `truncate` keeps of each text's tokens. Only the ends of a very long text are tokenised:
+    the tokenizer reads a whole text before truncating, and a text of megabytes, of which 510 tokens
+    are kept, cost seconds and gigabytes (bench/long_texts.py). The kept tokens are the whole text's:
+    each end is cut at a fixed length, anywhere, even inside a word, and it is used only when every
+    token kept of it comes from a word the cut left whole, with another whole word between them and
+    the cut (`clear_of_the_cut`); otherwise the text is tokenised whole."""
     if truncation not in TRUNCATIONS:
         raise SettingError("truncation", f"{truncation!r} is not one of {', '.join(TRUNCATIONS)}")
     head = {"head": budget, "tail": 0}.get(truncation, int(budget * HEAD_SHARE))
     tail = budget - head
-    ends = [text_ends(text, budget * CUT_CHARS_PER_TOKEN) for text in texts]
-    pieces = [piece for pair in ends if pair for piece in pair]
-    ids = iter(tokenize(tokenizer, pieces) if pieces else [])
-    kept, whole = [], []
-    for i, pair in enumerate(ends):
-        if pair is None:
-            whole.append(i)
-            kept.append(None)
-            continue
-        first, last = next(ids), next(ids)
-        # Tokens near a cut may differ from the whole text's; a margin keeps them out of what is kept.
-        if (head and len(first) < head + CUT_MARGIN) or (tail and len(last) < tail + CUT_MARGIN):
-            whole.append(i)
-            kept.append(None)
-        else:
-            kept.append(first[:head] + last[len(last) - tail:])
+    chars = budget * CUT_CHARS_PER_TOKEN
+    # Word ids come with fast tokenizers only; a slow one tokenises every text whole.
+    cut = [i for i, text in enumerate(texts) if len(text) > 2 * chars] if tokenizer.is_fast else []
+    ends = encodings(tokenizer, [piece for i in cut for piece in (texts[i][:chars], texts[i][-chars:])])
+    kept = [None] * len(texts)
+    for i, first, last in zip(cut, ends[::2], ends[1::2]):
+        if clear_of_the_cut(first.word_ids, head, cut_after=True) and clear_of_the_cut(last.word_ids, tail,
+                                                                                       cut_after=False):
+            kept[i] = first.ids[:head] + last.ids[len(last.ids) - tail:]
+    whole = [i for i, one in enumerate(kept) if one is None]
     for i, one in zip(whole, tokenize(tokenizer, [texts[i] for i in whole]) if whole else []):
         kept[i] = truncate(one, budget, truncation)
     return kept
 
 
-def text_ends(text, chars):
-    """The first and last `chars` characters or less of a text over twice as long, each cut at a space
-    (the first before it, the last from it), or None. Tokenizers split words at spaces, so each end
-    tokenises as its part of the whole text, but for the word at the cut."""
-    if len(text) <= 2 * chars:
-        return None
-    first, last = text.rfind(" ", 0, chars), text.find(" ", len(text) - chars)
-    if first <= 0 or last < 0:
-        return None
-    return text[:first], text[last:]
+def encodings(tokenizer, texts):
+    """The fast tokenizer's encodings (ids and word ids) of `texts`."""
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False,
+                     verbose=False).encodings
+
+
+def clear_of_the_cut(word_ids, count, cut_after):
+    """Whether the `count` tokens kept from the far end of a cut piece (its first tokens when the cut is
+    after them, its last when before) all belong to words the cut left whole, with a whole word and
+    CUT_MARGIN tokens between them and the word the cut went through. A word's tokens depend on that
+    word alone, and where words split depends only on the characters beside them, so such tokens are
+    the ones the whole text gives."""
+    if not count:
+        return True
+    if len(word_ids) < count + CUT_MARGIN or None in word_ids:
+        return False
+    if cut_after:
+        return word_ids[count - 1] + 2 <= word_ids[-1]
+    return word_ids[len(word_ids) - count] >= word_ids[0] + 2
 
 
 class TokenizedDataset(torch.utils.data.Dataset):

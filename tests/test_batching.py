@@ -65,6 +65,19 @@ class Recording:
         self.longest = max([self.longest, *map(len, [texts] if isinstance(texts, str) else texts)])
         return self.tokenizer(texts, **kwargs)
 
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def word_across_the_cut(chars, rest, end):
+    """A text whose first (or last) `chars` characters end (or begin) 99 characters into a word of 250:
+    WordPiece makes the whole word one [UNK] (over 100 characters) but its 99 characters many tokens,
+    and the few words beside them (one [UNK] each) leave those tokens among the kept ones."""
+    few = ("x" * 300 + " ") * (chars // 300 + 1)
+    word = "a" * 250
+    near = few[:chars - 100]
+    return near + " " + word + " " + rest if end == "first" else rest + " " + word + " " + near
+
 
 @pytest.mark.parametrize("kind", ["wordpiece", "byte-level BPE", "unigram"])
 def test_only_the_ends_of_a_huge_text_are_tokenised_and_the_kept_tokens_are_the_same(tokenizer, kind):
@@ -74,27 +87,34 @@ def test_only_the_ends_of_a_huge_text_are_tokenised_and_the_kept_tokens_are_the_
     reviews = demo_reviews(200, seed=5)["review"].to_list()
     tok = {"wordpiece": lambda: tokenizer, "byte-level BPE": lambda: byte_level_bpe(reviews),
            "unigram": lambda: metaspace_unigram(reviews)}[kind]()
+    max_length = 40
+    prefix, suffix = special_tokens(tok)
+    budget = max_length - len(prefix) - len(suffix)
     words = " ".join(reviews).split(" ")
     huge = [" ".join(rng.choice(words, 3000)),
             "  ".join(rng.choice(words, 3000)) + ", the end.",  # runs of spaces at the cuts
             " ".join(rng.choice(words, 1500)) + "\n" + " ".join(rng.choice(words, 1500)),
-            " ".join(["x" * 300] * 20),  # few tokens for its length (WordPiece: one [UNK] a word): tokenised whole
+            ",".join(rng.choice(words, 3000)),  # no space at all: words split at the commas
+            "".join(rng.choice(list("好的电影很糟糕演员"), 20000)),  # no space: BERT makes each CJK character a word
+            word_across_the_cut(budget * CUT_CHARS_PER_TOKEN, " ".join(rng.choice(words, 3000)), "first"),
+            word_across_the_cut(budget * CUT_CHARS_PER_TOKEN, " ".join(rng.choice(words, 3000)), "last"),
+            " ".join(["x" * 300] * 20),  # few tokens for its length (WordPiece: one [UNK] a word)
             "short one"]
-    max_length = 40
-    prefix, suffix = special_tokens(tok)
-    budget = max_length - len(prefix) - len(suffix)
     for truncation in TRUNCATIONS:
         ids = encode(tok, huge, max_length, truncation)
         for i, text in enumerate(huge):
             whole = tok(text, add_special_tokens=False)["input_ids"]
             assert ids[i].tolist() == prefix + truncate(whole, budget, truncation) + suffix, (truncation, i)
+        # Where words split without spaces, a text without any is cut as cheaply as one with them.
+        cheap = {"wordpiece": huge[:5], "byte-level BPE": huge[:4], "unigram": huge[:3]}[kind]
         recording = Recording(tok)
-        encode(recording, huge[:3], max_length, truncation)
-        assert recording.longest <= budget * CUT_CHARS_PER_TOKEN < min(map(len, huge[:3])) / 10
-    if kind == "wordpiece":  # the check that sends it whole is what keeps its tokens right
-        recording = Recording(tok)
-        encode(recording, huge[3:4], max_length, "head")
-        assert recording.longest == len(huge[3])
+        encode(recording, cheap, max_length, truncation)
+        assert recording.longest <= budget * CUT_CHARS_PER_TOKEN < min(map(len, cheap)) / 10
+    if kind == "wordpiece":  # the checks that send them whole are what keep their tokens right
+        for text, truncation in zip(huge[5:8], ["head", "tail", "head"]):
+            recording = Recording(tok)
+            encode(recording, [text], max_length, truncation)
+            assert recording.longest == len(text)
 
 
 def test_length_grouped_batches_cover_every_index_once_with_little_padding():
