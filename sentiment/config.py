@@ -120,6 +120,9 @@ class TrainArgs:
             raise SentimentError(f"--max-steps must be at least 1, got {self.max_steps}")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise SentimentError(f"--early-stopping-patience must be at least 1, got {self.early_stopping_patience}")
+        if self.early_stopping_patience and self.val_size == 0 and not self.val_data:
+            raise SentimentError("--early-stopping-patience watches the validation accuracy, but --val-size is 0 and "
+                                 "there is no --val-data; keep some validation rows or drop the flag")
         for name in ("eval_every", "checkpoint_every"):
             value = getattr(self, name)
             if value is not None and value < 0:

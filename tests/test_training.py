@@ -252,6 +252,15 @@ def test_no_number_flag_takes_a_value_that_is_not_finite(value):
             parse_args(TrainArgs, "", ["--data", "demo", f"{flag(name)}=-0.5"])
 
 
+def test_early_stopping_without_validation_rows_is_refused():
+    # It was accepted and did nothing: without validation rows no evaluation runs, so no run stopped early.
+    with pytest.raises(SentimentError, match="--early-stopping-patience watches the validation accuracy, but "
+                                             "--val-size is 0 and there is no --val-data"):
+        parse_args(TrainArgs, "", ["--data", "demo", "--val-size", "0", "--early-stopping-patience", "2"])
+    assert parse_args(TrainArgs, "", ["--data", "demo", "--val-size", "0", "--val-data", "val.csv",
+                                      "--early-stopping-patience", "2"]).early_stopping_patience == 2
+
+
 @pytest.mark.parametrize("where, message", [
     ("inside a file", "cannot write there (Not a directory)"),
     ("a file", "is a file; name a folder"),
