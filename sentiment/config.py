@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from .batching import TRUNCATIONS
 from .errors import SentimentError, flag
+from .modeling import MIN_LENGTH
 from .predictor import CPU_BATCH_SIZE, CPU_BATCH_TOKENS, GPU_BATCH_SIZE, GPU_BATCH_TOKENS, PRECISIONS
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -103,8 +104,8 @@ class TrainArgs:
         for name in ("epochs", "batch_size", "grad_accum", "max_length", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise SentimentError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
-        if self.max_length < 8:
-            raise SentimentError(f"--max-length must be at least 8 tokens, got {self.max_length}")
+        if self.max_length < MIN_LENGTH:
+            raise SentimentError(f"--max-length must be at least {MIN_LENGTH} tokens, got {self.max_length}")
         for name in ("val_size", "test_size"):
             value = getattr(self, name)
             if value < 0 or (value >= 1 and value != int(value)):
@@ -185,7 +186,7 @@ class InferArgs:
                 text.encode("utf-8")
             except UnicodeEncodeError:  # bytes that are not UTF-8 reach Python as lone surrogates
                 raise SentimentError(f"text {number} on the command line is not valid UTF-8") from None
-        for name in ("batch_size", "max_batch_tokens", "chunk_rows"):
+        for name in ("batch_size", "max_batch_tokens", "chunk_rows", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SentimentError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
 

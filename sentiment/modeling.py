@@ -33,6 +33,7 @@ LOG_FILE = "log.jsonl"  # one line per logged step and per evaluation
 # the folder may hold old and new files mixed. It names the writer: host and process id.
 PUBLISHING_FILE = ".publishing"
 TINY_VOCAB = 1000
+MIN_LENGTH = 8  # the shortest max length: a text keeps a few tokens beside the special ones
 # A folder needs one of these for AutoTokenizer to read a vocabulary: without any, transformers
 # builds a tokenizer of special tokens alone that turns every word into [UNK], without a word.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
@@ -62,8 +63,8 @@ class ModelSettings:
         if not (isinstance(self.labels, list) and all(isinstance(x, str) for x in self.labels)
                 and len(self.labels) == num_labels):
             found.append(f"labels must be a list of {num_labels} names, as the model has classes")
-        if not (isinstance(self.max_length, int) and self.max_length >= 8):
-            found.append("max_length must be a whole number of tokens, at least 8")
+        if not (isinstance(self.max_length, int) and self.max_length >= MIN_LENGTH):
+            found.append(f"max_length must be a whole number of tokens, at least {MIN_LENGTH}")
         if self.truncation not in TRUNCATIONS:
             found.append(f"truncation must be one of {', '.join(TRUNCATIONS)}")
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
@@ -177,7 +178,10 @@ def position_limit(config):
 
 
 def check_max_length(max_length, config):
-    """Refuse a max length the model cannot take, before it fails deep inside the embedding layer."""
+    """Refuse a max length the model cannot take, before it fails deep inside the embedding layer, or one
+    that leaves a text too few tokens beside the special ones."""
+    if max_length < MIN_LENGTH:
+        raise SettingError("max_length", f"must be at least {MIN_LENGTH} tokens, got {max_length}")
     limit = position_limit(config)
     if limit and max_length > limit:
         raise SettingError("max_length", f"{max_length} tokens is over this model's limit of {limit} positions; "

@@ -41,9 +41,25 @@ def gpu_has_bf16(device):
 
 
 def pick_device(device):
+    """The device `device` names ('auto': a CUDA GPU when there is one, else the CPU), once it is known to be
+    here: a GPU asked for where there is none, or one past the last, is a one-line error, not a traceback."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise SettingError("device", f"{device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if chosen.type == "cpu":
+        return chosen
+    here = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if here is None or here.type != chosen.type:
+        has = f"its accelerator is {here.type}" if here else "it has only its CPU (or PyTorch was built without GPUs)"
+        raise SettingError("device", f"no {chosen.type} device on this machine: {has}; use auto or cpu")
+    count = torch.accelerator.device_count()
+    if chosen.index is not None and chosen.index >= count:
+        raise SettingError("device", f"there is no {device}: this machine has {count} {chosen.type} device"
+                                     f"{'s' if count > 1 else ''}, numbered from 0")
+    return chosen
 
 
 def half_precision(precision, quantize, device):
@@ -60,7 +76,7 @@ def half_precision(precision, quantize, device):
         raise SettingError("precision", "fp16 runs on a GPU only; on a CPU use bf16 (AVX512-BF16 or AMX) or fp32")
     if precision != "auto":
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    bf16 = not quantize and (cpu_has_bf16() if device.type == "cpu" else gpu_has_bf16(device))
+    bf16 = not quantize and (cpu_has_bf16() if device.type == "cpu" else device.type == "cuda" and gpu_has_bf16(device))
     return torch.bfloat16 if bf16 else None
 
 
@@ -138,12 +154,13 @@ class Predictor:
         """Raw logits (float32 numpy, one row per text, input order) of `TokenIds`."""
         lengths = ids.lengths
         out = np.empty((len(ids), len(self.labels)), dtype=np.float32)
-        on_gpu = self.device.type != "cpu"
         done = []  # on a GPU the logits stay there until the end: no wait for the device after each batch
         for batch in self.batches(lengths):
             padded = self.collate([{"input_ids": ids[i]} for i in batch])
-            if on_gpu:  # pinned host memory lets the copy overlap the previous batch's work
+            if self.device.type == "cuda":  # pinned host memory lets the copy overlap the previous batch's work
                 padded = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in padded.items()}
+            elif self.device.type != "cpu":
+                padded = {k: v.to(self.device) for k, v in padded.items()}
             with torch.autocast("cpu", dtype=torch.bfloat16) if self.cpu_autocast else contextlib.nullcontext():
                 logits = self.model(**padded).logits.float()
             done.append((batch, logits))

@@ -31,6 +31,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .batcher import MicroBatcher, ModelError, QueueFull, model_thread
 from .config import ServeSettings
+from .errors import SentimentError, SettingError
 from .predictor import Predictor
 from .protocol import BadRequest, BodyBudget, read_request
 
@@ -99,6 +100,10 @@ async def load_model(app, executor):
         gc.freeze()
         state.batcher = MicroBatcher(predictor, state.settings, state.metrics, executor)
         print(f"model loaded from {state.settings.model}: labels {predictor.labels}", flush=True)
+    except SentimentError as err:  # a damaged folder or a bad setting: one line that says what to fix
+        state.load_error = f"{type(err).__name__}: {err}"
+        log.error("could not load the model from %s: %s", state.settings.model,
+                  err.as_variable() if isinstance(err, SettingError) else err)
     except Exception as err:
         state.load_error = f"{type(err).__name__}: {err}"
         log.error("could not load the model from %s", state.settings.model, exc_info=err)

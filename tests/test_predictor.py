@@ -166,3 +166,30 @@ def test_auto_precision_asks_the_chosen_gpu_and_ignores_emulated_bf16(monkeypatc
     assert module.half_precision("auto", None, torch.device("cuda:1")) is torch.bfloat16
     assert asked == ["cuda:0", "cuda:1"]
     assert module.half_precision("fp16", None, torch.device("cuda:0")) is torch.float16
+
+
+def test_auto_precision_picks_fp32_on_an_accelerator_that_is_not_cuda(monkeypatch):
+    from sentiment import predictor as module
+    monkeypatch.setattr(module.torch.cuda, "get_device_capability", lambda device: pytest.fail("asked CUDA"))
+    assert module.half_precision("auto", None, torch.device("mps")) is None  # it asked CUDA about an Apple GPU
+
+
+@pytest.mark.parametrize("device, accelerator, message", [
+    ("nonsense", "cuda", "'nonsense' is not a device; use auto, cpu, cuda or cuda:N"),
+    ("cuda", None, "no cuda device on this machine: it has only its CPU"),
+    ("mps", "cuda", "no mps device on this machine: its accelerator is cuda"),
+    ("cuda:5", "cuda", "there is no cuda:5: this machine has 2 cuda devices, numbered from 0"),
+])
+def test_a_device_that_is_not_here_is_named_before_the_model_loads(monkeypatch, device, accelerator, message):
+    # Each was a traceback from deep inside PyTorch (`--device cuda` where there is no GPU: "Torch not
+    # compiled with CUDA enabled", `--device mps` on such a machine too).
+    from sentiment import predictor as module
+    monkeypatch.setattr(module.torch.accelerator, "is_available", lambda: accelerator is not None)
+    monkeypatch.setattr(module.torch.accelerator, "current_accelerator",
+                        lambda *a: torch.device(accelerator) if accelerator else None)
+    monkeypatch.setattr(module.torch.accelerator, "device_count", lambda: 2 if accelerator else 0)
+    with pytest.raises(SettingError, match=re.escape(f"device: {message}")):
+        Predictor("no model is read before the device is known", device=device)
+    if accelerator:
+        assert module.pick_device("cuda:1") == torch.device("cuda:1")
+    assert module.pick_device("cpu") == torch.device("cpu")
