@@ -3,6 +3,9 @@
 #   ./predict_sentiment.sh "What a wonderful film"      or      echo "review" | ./predict_sentiment.sh
 # SENTIMENT_URL says where the service is (default http://localhost:8000).
 set -euo pipefail
+case "${1:-}" in  # a review that is literally "--help" can come on stdin
+  -h|--help) awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; exit 0 ;;
+esac
 url="${SENTIMENT_URL:-http://localhost:8000}"
 body="$(mktemp)"
 err="$(mktemp)"

@@ -21,6 +21,7 @@ while [ $# -gt 0 ]; do
     --data) data="$2"; shift 2 ;;
     --rows) rows="$2"; shift 2 ;;
     --output-dir) out="$2"; shift 2 ;;
+    -h|--help) awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; exit 0 ;;
     *) echo "usage: $0 [--data CSV] [--rows N] [--output-dir DIR]" >&2; exit 2 ;;
   esac
 done

@@ -16,7 +16,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 smoke=0
-if [ "${1:-}" = "--cpu-smoke" ]; then smoke=1; fi
+case "$*" in
+  "") ;;
+  --cpu-smoke) smoke=1 ;;
+  -h|--help) awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; exit 0 ;;
+  *) echo "usage: bash bench/gpu_check.sh [--cpu-smoke]   (--help says more)" >&2; exit 2 ;;
+esac
 out="${OUT:-outputs/gpu-check}"
 mkdir -p "$out"
 work="$(mktemp -d)"

@@ -7,6 +7,11 @@
 #
 #   bash bench/gpu_rehearsal.sh     # about 3 minutes; OUT=DIR keeps the check's report and log
 set -euo pipefail
+case "$*" in
+  "") ;;
+  -h|--help) awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; exit 0 ;;
+  *) echo "usage: bash bench/gpu_rehearsal.sh   (no arguments; OUT=DIR keeps the report and log)" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 # One rehearsal or wheel download at a time in a checkout: a second would rebuild .whl/ under the
 # first one's install. Both lock bench/gpu_wheels.sh; the wheels step below runs under this lock.

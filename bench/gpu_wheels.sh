@@ -7,6 +7,11 @@
 #
 #   bash bench/gpu_wheels.sh
 set -euo pipefail
+case "$*" in
+  "") ;;
+  -h|--help) awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; exit 0 ;;
+  *) echo "usage: bash bench/gpu_wheels.sh   (no arguments)" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 if [[ -z ${SENTIMENT_WHEELS_LOCKED:-} ]]; then  # one at a time in a checkout (see bench/gpu_rehearsal.sh)
     exec 9<bench/gpu_wheels.sh

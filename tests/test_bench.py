@@ -70,3 +70,30 @@ def test_a_failing_step_of_the_gpu_check_costs_none_of_the_others(tmp_path):
     log = (tmp_path / "gpu_check.log").read_text()
     assert "== step failed: 1. GPU tests" in log and log.rstrip().endswith("== failed steps: 1. GPU tests")
     assert json.loads((tmp_path / "gpu_check.json").read_text())["figures"]["vs_trainer"] > 0
+
+
+SHELL_COMMANDS = ["predict_sentiment.sh", "bench/gpu_check.sh", "bench/gpu_rehearsal.sh", "bench/gpu_wheels.sh",
+                  "bench/full_scale.sh"]
+PYTHON_COMMANDS = ["train.py", "infer.py"] + sorted(
+    f"bench.{name[:-3]}" for name in os.listdir(os.path.join(ROOT, "bench"))
+    if name.endswith(".py") and name not in ("__init__.py", "common.py", "pipeline_server.py"))
+
+
+@pytest.mark.parametrize("command", SHELL_COMMANDS + PYTHON_COMMANDS)
+def test_every_command_answers_help_and_does_nothing_else(tmp_path, command):
+    # `bash bench/gpu_wheels.sh --help` deleted and downloaded the wheels, `gpu_check.sh --help` ran the
+    # whole check, and `./predict_sentiment.sh --help` sent "--help" to the service as a review.
+    wheels = listing(os.path.join(ROOT, ".whl"))
+    if command.endswith(".sh"):
+        argv = ["bash", os.path.join(ROOT, command)]
+    else:
+        argv = [sys.executable, *([os.path.join(ROOT, command)] if command.endswith(".py") else ["-m", command])]
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "SENTIMENT_URL": "http://127.0.0.1:9"}
+    result = subprocess.run([*argv, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) >= 2 and "error" not in result.stderr.lower()
+    assert listing(os.path.join(ROOT, ".whl")) == wheels and not (tmp_path / "out").exists()
+    if command.startswith("bench/gpu_"):  # a mistyped flag (--cpu-smok) ran the full check on the CPU
+        mistyped = subprocess.run([*argv, "--cpu-smok"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                                  env=env)
+        assert mistyped.returncode == 2 and mistyped.stderr.startswith("usage: bash " + command)
