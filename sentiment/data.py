@@ -21,6 +21,7 @@ IMDB_FILES = {"train": "plain_text/train-00000-of-00001.parquet",
               "test": "plain_text/test-00000-of-00001.parquet"}
 IMDB_LABELS = {0: "negative", 1: "positive"}
 SHOWN_ROWS = 5  # how many bad row numbers an error message lists
+RARE_CLASS_ROWS = 20  # a class with fewer training rows is named in a warning
 
 
 MARKUP = r"<[^>]*>"  # HTML tags such as `<br />`, which IMDb reviews are full of
@@ -234,6 +235,11 @@ def load_splits(args):
     if len(labels) < 2:
         raise SentimentError(f"{args.data}: the training rows hold a single class ({labels[0] if labels else 'none'}); "
                              f"a classifier needs two or more")
+    rare = sorted((label, n) for label, n in train["label"].value_counts().iter_rows() if n < RARE_CLASS_ROWS)
+    if rare:
+        shown = ", ".join(f"{label!r} ({count})" for label, count in rare[:5])
+        print(f"warning: few training rows for {shown}: a class needs some dozens to be learnt, and figures for "
+              f"it from so few validation and test rows mean little", file=sys.stderr)
     for split, frame in (("validation", val), ("test", test)):
         unknown = sorted(set(frame["label"].to_list()) - set(labels))
         if unknown:

@@ -55,11 +55,23 @@ def test_every_table_format_reads_the_same(tmp_path, ext):
     assert loaded["text"].to_list()[:5] == clean_texts(frame["review"].head(5).to_list())
 
 
-def test_multiclass_labels_are_sorted_names(tmp_path):
+def test_multiclass_labels_are_sorted_names(tmp_path, capsys):
     path = tmp_path / "m.csv"
     pl.DataFrame({"review": [f"text number {i}" for i in range(90)],
                   "sentiment": ["neutral", "positive", "negative"] * 30}).write_csv(path)
     assert splits_of(path).labels == ["negative", "neutral", "positive"]
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_class_of_few_training_rows_is_named_in_a_warning(tmp_path, capsys):
+    # One 'mixed' review among 300 trained a three-class model without a word about it.
+    path = tmp_path / "rare.csv"
+    pl.concat([demo_reviews(300, seed=8), pl.DataFrame({"review": ["A middling film, neither good nor bad."],
+                                                        "sentiment": ["mixed"]})]).write_csv(path)
+    assert splits_of(path, val_size=0, test_size=0).labels == ["mixed", "negative", "positive"]
+    err = capsys.readouterr().err
+    assert "warning: few training rows for 'mixed' (1): a class needs some dozens" in err
+    assert "negative" not in err and "positive" not in err
 
 
 def test_separate_val_and_test_files_use_all_training_rows_and_drop_overlap(tmp_path):
