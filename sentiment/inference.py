@@ -32,11 +32,12 @@ from .tables import SCANNERS, TableWriter, existing_file, extension, scan_chunks
 
 
 def text_lines(stream, name, column, chunk_rows):
-    """Frames of the lines of a binary stream, each decoded as UTF-8 (a bad one is named, not replaced)."""
+    """Frames of the lines of a binary stream, each decoded as UTF-8 (a bad one is named, not replaced;
+    a byte-order mark, which Windows editors put at the start of UTF-8 text, is dropped)."""
     chunk = []
     for number, raw in enumerate(stream, 1):
         try:
-            chunk.append(raw.decode("utf-8").rstrip("\r\n"))
+            chunk.append(raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n"))
         except UnicodeDecodeError:
             raise SentimentError(f"{name}: line {number} is not valid UTF-8; convert the text to UTF-8 "
                                  f"(e.g. iconv -f latin1 -t utf-8)") from None

@@ -60,6 +60,18 @@ def test_plain_text_from_stdin_and_empty_lines(trained_model):
     assert "empty text" in lines[1]["error"] and "1 rows had no text" in result.stderr
 
 
+def test_a_text_file_saved_by_a_windows_editor_scores_as_plain_text(tmp_path, trained_model):
+    # Its byte-order mark stayed at the start of the first review, and came back in the output.
+    source = tmp_path / "reviews.txt"
+    source.write_bytes("\ufeffI loved it. The acting was superb.\r\nThe plot was awful. I hated it.\r\n".encode())
+    for args, stdin in ((["--input", str(source)], None), (["--input", "-"], source.read_bytes())):
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), "--model", str(trained_model), *args],
+                                input=stdin, capture_output=True, check=True)
+        lines = [json.loads(line) for line in result.stdout.decode().splitlines()]
+        assert [r["text"] for r in lines] == ["I loved it. The acting was superb.", "The plot was awful. I hated it."]
+        assert [r["label"] for r in lines] == ["positive", "negative"]
+
+
 def test_a_reader_that_stops_early_ends_the_run_quietly(tmp_path, trained_model):
     # `infer.py … | head -1` ended in a BrokenPipeError traceback.
     (tmp_path / "lines.txt").write_text("\n".join(demo_reviews(3000, seed=5)["review"].to_list()) + "\n")
