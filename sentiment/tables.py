@@ -99,6 +99,10 @@ def where_broken(path, err):
             return first_line(err)
         return "it is one JSON array, not JSON lines (one object a line); name it .json, or convert it (jq -c '.[]')"
     if extension(path) in JSON_FORMATS:
+        with open(path, "rb") as f:
+            if f.read(3) == codecs.BOM_UTF8:  # as Windows editors save UTF-8; polars reads JSON lines without
+                return (f"it starts with a byte-order mark, which JSON lines may not; save it as UTF-8 without one "
+                        f"(e.g. sed -i '1s/^\\xEF\\xBB\\xBF//' {path})")
         with open(path, encoding="utf-8", errors="replace") as f:
             for number, line in enumerate(f, 1):
                 if line.strip():

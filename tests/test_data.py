@@ -1,3 +1,4 @@
+import codecs
 import json
 
 import numpy as np
@@ -185,6 +186,14 @@ def test_a_broken_json_lines_file_names_its_line(tmp_path):
     lines[17] = '{"review": "text'
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(SentimentError, match="line 18 is not valid JSON"):
+        splits_of(tmp_path / "d.jsonl")
+
+
+def test_json_lines_that_start_with_a_byte_order_mark_say_so(tmp_path):
+    # It was "line 1 is not valid JSON (Unexpected UTF-8 BOM (decode using utf-8-sig))": no line is wrong.
+    lines = [f'{{"review": "text {i}", "sentiment": "{("positive", "negative")[i % 2]}"}}' for i in range(30)]
+    (tmp_path / "d.jsonl").write_bytes(codecs.BOM_UTF8 + "\n".join(lines).encode())
+    with pytest.raises(SentimentError, match=r"d.jsonl: could not read it as JSONL: it starts with a byte-order mark"):
         splits_of(tmp_path / "d.jsonl")
 
 
