@@ -256,6 +256,17 @@ def read_settings(folder, config, tokenizer):
                          truncation="tail" if tokenizer.truncation_side == "left" else "head", clean=False)
 
 
+def what_it_is(folder):
+    """What a folder without config.json holds, when it is part of a training run: said after the error."""
+    if not os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+        return ""
+    if os.path.isfile(os.path.join(folder, "trainer_state.json")):  # a checkpoint (checkpointing.STATE_FILE)
+        run = os.path.dirname(os.path.dirname(os.path.abspath(folder)))
+        return f"; it is a training checkpoint: the model is written to its run's folder, {run}, when the run ends"
+    return (f"; it is a training run's folder without a model yet, written when the run ends: wait for it, or "
+            f"continue a stopped run with train.py --output-dir {folder} --resume latest")
+
+
 def load_model_folder(folder, dtype=torch.float32, attempts=3):
     """Model (in eval mode, weights in `dtype` whatever the folder was saved in), tokenizer and settings
     from a model folder; clear errors if it is not one. Files are read one after another: if a training
@@ -264,7 +275,7 @@ def load_model_folder(folder, dtype=torch.float32, attempts=3):
         raise SentimentError(f"{folder}: no such model folder; train one with train.py or pass a Hugging Face "
                              f"sequence-classification folder")
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise SentimentError(f"{folder}: not a model folder (no config.json)")
+        raise SentimentError(f"{folder}: not a model folder (no config.json){what_it_is(folder)}")
     check_readable(folder)
     for attempt in range(attempts):
         before = publication(folder)

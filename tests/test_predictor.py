@@ -100,6 +100,23 @@ def test_a_damaged_model_folder_is_one_error_naming_the_part(tmp_path, trained_m
         Predictor(str(folder))
 
 
+def test_a_training_run_or_one_of_its_checkpoints_is_named_as_such(tmp_path, trained_model):
+    # Both were "not a model folder (no config.json)", with no word of where the model is or will be.
+    checkpoint = sorted((trained_model / "checkpoints").glob("step-*"))[-1]
+    with pytest.raises(SentimentError, match=re.escape(f"it is a training checkpoint: the model is written to its "
+                                                       f"run's folder, {trained_model}, when the run ends")):
+        Predictor(str(checkpoint))
+    run = tmp_path / "run"
+    shutil.copytree(trained_model / "checkpoints", run / "checkpoints")
+    shutil.copy(trained_model / "train_config.json", run)
+    with pytest.raises(SentimentError, match=re.escape(f"it is a training run's folder without a model yet, written "
+                                                       f"when the run ends: wait for it, or continue a stopped run "
+                                                       f"with train.py --output-dir {run} --resume latest")):
+        Predictor(str(run))
+    with pytest.raises(SentimentError, match=r"not a model folder \(no config.json\)$"):
+        Predictor(str(tmp_path))
+
+
 def test_int8_quantisation_scores_like_the_full_model(trained_model):
     texts = demo_reviews(60, seed=24)["review"].to_list()
     full = Predictor(str(trained_model)).probabilities(texts)
