@@ -14,9 +14,9 @@ import html
 import io
 import json
 import os
-import sys
 
 from .modeling import CONFIG_FILE, LOG_FILE, METRICS_FILE
+from .errors import SentimentError, exit_on_user_error
 from .files import write_atomically
 
 REPORT_FILE = "report.html"
@@ -141,17 +141,18 @@ def write_report_or_say_how(folder):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Rebuild report.html of a model folder from log.jsonl and "
-                                                 "metrics.json.")
+    parser = argparse.ArgumentParser(prog="python -m sentiment.report", description="Rebuild report.html of a "
+                                     "model folder from log.jsonl and metrics.json.")
     parser.add_argument("folder", help="A model folder written by train.py.")
     args = parser.parse_args(argv)
-    for name in (LOG_FILE, METRICS_FILE):
-        if not os.path.isfile(os.path.join(args.folder, name)):
-            sys.exit(f"error: {args.folder}: no {name}; name a model folder written by train.py")
-    try:
-        print(write_report(args.folder))
-    except ImportError:
-        sys.exit(f"error: the report needs matplotlib: {INSTALL_HINT} {args.folder}")
+    with exit_on_user_error():  # exit status 2, as train.py and infer.py
+        for name in (LOG_FILE, METRICS_FILE):
+            if not os.path.isfile(os.path.join(args.folder, name)):
+                raise SentimentError(f"{args.folder}: no {name}; name a model folder written by train.py")
+        try:
+            print(write_report(args.folder))
+        except ImportError:
+            raise SentimentError(f"the report needs matplotlib: {INSTALL_HINT} {args.folder}") from None
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def test_a_failing_step_of_the_gpu_check_costs_none_of_the_others(tmp_path):
 
 SHELL_COMMANDS = ["predict_sentiment.sh", "bench/gpu_check.sh", "bench/gpu_rehearsal.sh", "bench/gpu_wheels.sh",
                   "bench/full_scale.sh"]
-PYTHON_COMMANDS = ["train.py", "infer.py"] + sorted(
+PYTHON_COMMANDS = ["train.py", "infer.py", "sentiment.report"] + sorted(
     f"bench.{name[:-3]}" for name in os.listdir(os.path.join(ROOT, "bench"))
     if name.endswith(".py") and name not in ("__init__.py", "common.py", "pipeline_server.py"))
 

@@ -827,3 +827,6 @@ def test_the_report_shows_every_plot_and_training_says_how_to_get_it_without_mat
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the extra were not installed
     report.write_report_or_say_how(str(folder))
     assert 'report.html not written: pip install -e ".[report]"' in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:  # a user's mistake ends as train.py's and infer.py's do
+        report.main([str(tmp_path)])
+    assert exited.value.code == 2 and f"error: {tmp_path}: no log.jsonl" in capsys.readouterr().err
