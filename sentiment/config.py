@@ -95,6 +95,9 @@ class TrainArgs:
     def __post_init__(self):
         if not self.data:
             raise SentimentError("--data is required: a table file, 'imdb' or 'demo'")
+        if self.text_column == self.label_column:
+            raise SentimentError(f"--text-column and --label-column are both {self.text_column!r}; name the column "
+                                 f"of texts and the column of labels")
         for f in dataclasses.fields(self):  # argparse's float() takes 'nan' and 'inf'
             if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name)):
                 raise SentimentError(f"{flag(f.name)} must be a finite number, got {getattr(self, f.name)}")
@@ -181,6 +184,9 @@ class InferArgs:
     def __post_init__(self):
         if bool(self.texts) == bool(self.input):
             raise SentimentError("give texts to score as arguments, or --input FILE, but not both")
+        if self.text_column == self.label_column:
+            raise SentimentError(f"--text-column and --label-column are both {self.text_column!r}; name the column "
+                                 f"of texts and the column of labels")
         for number, text in enumerate(self.texts or [], 1):
             try:
                 text.encode("utf-8")

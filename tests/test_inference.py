@@ -106,6 +106,8 @@ def test_a_file_larger_than_one_chunk_is_scored_like_one_chunk(tmp_path, trained
     (["--max-length", "1024", "hello"], "--max-length: 1024 tokens is over this model's limit of 512 positions"),
     (["--max-length", "1", "hello"], "--max-length: must be at least 8 tokens, got 1"),  # kept all but one token
     (["--threads", "-1", "hello"], "--threads must be at least 1, got -1"),  # a traceback from PyTorch
+    (["--input", "{data}", "--text-column", "sentiment", "--label-column", "sentiment"],
+     "--text-column and --label-column are both 'sentiment'"),  # scored the labels against themselves
     (["--device", "nonsense", "hello"], "--device: 'nonsense' is not a device"),  # a traceback from PyTorch
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, trained_model, reviews_csv, flags, message):

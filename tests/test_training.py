@@ -225,6 +225,7 @@ def test_two_processes_evaluate_the_same_samples_as_one(tmp_path):
     ("over the position limit", ["--max-length", "1024"], "--max-length: 1024 tokens is over this model's limit of "
                                                           "512 positions"),
     ("busy output", [], "is not empty; pass --overwrite"),
+    ("one column for both", ["--text-column", "sentiment"], "--text-column and --label-column are both 'sentiment'"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, reviews_csv, problem, flags, message):
     out = tmp_path / "out"
