@@ -98,6 +98,10 @@ class TrainArgs:
         if self.text_column == self.label_column:
             raise SentimentError(f"--text-column and --label-column are both {self.text_column!r}; name the column "
                                  f"of texts and the column of labels")
+        for name in ("val_data", "test_data"):  # its rows would all be taken out of the training rows
+            if getattr(self, name) and same_file(getattr(self, name), self.data):
+                raise SentimentError(f"{flag(name)} is the --data file, {self.data}; held-out rows must be other "
+                                     f"rows (leave {flag(name)} out to carve them from --data)")
         for f in dataclasses.fields(self):  # argparse's float() takes 'nan' and 'inf'
             if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name)):
                 raise SentimentError(f"{flag(f.name)} must be a finite number, got {getattr(self, f.name)}")
@@ -131,6 +135,12 @@ class TrainArgs:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise SentimentError(f"{flag(name)} must be 0 or more, got {value}")
+
+
+def same_file(a, b):
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.abspath(a) == os.path.abspath(b)
 
 
 def build_parser(cls, description):

@@ -218,8 +218,11 @@ def load_splits(args):
     counts = {split: 0 if split in held_out else split_count(getattr(args, f"{split}_size"), len(data))
               for split in ("test", "val")}
     if counts["test"] + counts["val"] >= len(data) or len(data) - counts["test"] - counts["val"] < 2:
-        raise SentimentError(f"{args.data}: too few rows ({len(data)} after cleaning) for {counts['val']} validation "
-                             f"and {counts['test']} test rows; lower --val-size / --test-size or add data")
+        removed = [f"{reports[split]['removed_from_train']} that --{split}-data holds too" for split in held_out
+                   if reports[split]["removed_from_train"]]
+        raise SentimentError(f"{args.data}: too few rows ({len(data)} after cleaning, deduplicating"
+                             f"{' and removing ' + ' and '.join(removed) if removed else ''}) for {counts['val']} "
+                             f"validation and {counts['test']} test rows; lower --val-size / --test-size or add data")
     test_idx, rest = order[:counts["test"]], order[counts["test"]:]
     val_idx, train_idx = rest[:counts["val"]], rest[counts["val"]:]
     carved = {"test": data[np.sort(test_idx)], "val": data[np.sort(val_idx)]}

@@ -88,6 +88,21 @@ def test_separate_val_and_test_files_use_all_training_rows_and_drop_overlap(tmp_
     assert len(splits.train) == len(set(clean_texts(train["review"].to_list())) - set(splits.val["text"]))
 
 
+def test_held_out_rows_that_leave_too_few_training_rows_are_named(tmp_path):
+    # The --data file given again as --val-data took every row out of training; the error spoke only
+    # of "0 after cleaning" and blamed --val-size.
+    reviews = demo_reviews(100, seed=9)
+    reviews.write_csv(tmp_path / "train.csv")
+    with pytest.raises(SentimentError, match="--val-data is the --data file"):
+        TrainArgs(data=str(tmp_path / "train.csv"), val_data=str(tmp_path / "train.csv"))
+    reviews.head(99).write_csv(tmp_path / "val.csv")
+    kept = len(set(clean_texts(reviews["review"].to_list())))
+    removed = len(set(clean_texts(reviews.head(99)["review"].to_list())))
+    with pytest.raises(SentimentError, match=rf"too few rows \({kept - removed} after cleaning, deduplicating and "
+                                             rf"removing {removed} that --val-data holds too\)"):
+        splits_of(tmp_path / "train.csv", val_data=str(tmp_path / "val.csv"))
+
+
 def test_bad_rows_stop_with_row_numbers_or_are_skipped(tmp_path):
     path = tmp_path / "bad.csv"
     frame = demo_reviews(50, seed=7).with_row_index()
