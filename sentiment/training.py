@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 
 import safetensors.torch
 import torch
@@ -117,10 +118,20 @@ def make_accelerator(args):
     # over gloo only when Accelerate is told it runs on the CPU. The scheduler is stepped by hand
     # once per optimizer step, so its length is in optimizer steps whatever the process count.
     multi_cpu = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(cpu=multi_cpu, mixed_precision=args.mixed_precision,
-                              gradient_accumulation_steps=args.grad_accum, step_scheduler_with_optimizer=False,
-                              log_with=args.report_to, project_dir=args.output_dir,
-                              dataloader_config=DataLoaderConfiguration(non_blocking=True))  # with pinned batches
+    try:
+        with warnings.catch_warnings():  # a tracker that is not installed: said below, in one line
+            warnings.simplefilter("ignore")
+            accelerator = Accelerator(cpu=multi_cpu, mixed_precision=args.mixed_precision,
+                                      gradient_accumulation_steps=args.grad_accum, step_scheduler_with_optimizer=False,
+                                      log_with=args.report_to, project_dir=args.output_dir,
+                                      dataloader_config=DataLoaderConfiguration(non_blocking=True))  # pinned batches
+    except ValueError as err:
+        if args.report_to and "logging capability" in str(err):
+            raise SentimentError(f"--report-to {args.report_to}: {err}") from None
+        raise
+    if args.report_to and not accelerator.log_with:  # Accelerate drops it with a warning, and nothing is logged
+        raise SentimentError(f"--report-to {args.report_to}: it is not installed here; install it (pip install "
+                             f"{args.report_to}) or leave --report-to out")
     if accelerator.device.type == "cuda" and accelerator.mixed_precision == "no":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: fp32 training at tensor-core speed
     return accelerator

@@ -226,6 +226,9 @@ def test_two_processes_evaluate_the_same_samples_as_one(tmp_path):
                                                           "512 positions"),
     ("busy output", [], "is not empty; pass --overwrite"),
     ("one column for both", ["--text-column", "sentiment"], "--text-column and --label-column are both 'sentiment'"),
+    # A tracker that is not installed trained without logging, after a warning lost in the output;
+    # one Accelerate does not know was a traceback.
+    ("unknown tracker", ["--report-to", "no_such_tracker"], "--report-to no_such_tracker: Unsupported logging"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, reviews_csv, problem, flags, message):
     out = tmp_path / "out"
@@ -251,6 +254,18 @@ def test_no_number_flag_takes_a_value_that_is_not_finite(value):
     for name in ("weight_decay", "max_grad_norm"):  # AdamW refuses the one with a traceback, clipping ignores the other
         with pytest.raises(SentimentError, match=f"{flag(name)} must be 0 or more, got -0.5"):
             parse_args(TrainArgs, "", ["--data", "demo", f"{flag(name)}=-0.5"])
+
+
+def test_a_tracker_that_is_not_installed_is_refused(monkeypatch, tmp_path):
+    # Accelerate dropped it with a warning lost in the output, and the run logged nothing to it.
+    import accelerate.tracking
+    from accelerate.utils import LoggerType
+    args = parse_args(TrainArgs, "", ["--data", "demo", "--report-to", "tensorboard", "--output-dir", str(tmp_path)])
+    monkeypatch.setattr(accelerate.tracking, "_available_trackers", [])
+    with pytest.raises(SentimentError, match=r"--report-to tensorboard: it is not installed here; install it"):
+        training.make_accelerator(args)
+    monkeypatch.setattr(accelerate.tracking, "_available_trackers", [LoggerType.TENSORBOARD])
+    assert training.make_accelerator(args).log_with == [LoggerType.TENSORBOARD]
 
 
 def test_early_stopping_without_validation_rows_is_refused():
