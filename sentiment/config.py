@@ -194,6 +194,9 @@ class InferArgs:
     def __post_init__(self):
         if bool(self.texts) == bool(self.input):
             raise SentimentError("give texts to score as arguments, or --input FILE, but not both")
+        if self.texts and self.metrics_out:
+            raise SentimentError("--metrics-out needs true labels, from a label column of an --input file; texts on "
+                                 "the command line have none")
         if self.text_column == self.label_column:
             raise SentimentError(f"--text-column and --label-column are both {self.text_column!r}; name the column "
                                  f"of texts and the column of labels")

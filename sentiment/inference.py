@@ -147,6 +147,9 @@ def label_column_of(args, frame):
         column = "sentiment"
     if column and column not in frame.columns:
         raise SentimentError(f"{args.input}: no label column {column!r}; it has {', '.join(map(repr, frame.columns))}")
+    if not column and args.metrics_out:  # found before any scoring, not after it
+        raise SentimentError(f"--metrics-out needs true labels, and {args.input} has no label column ('sentiment', "
+                             f"or one named with --label-column); it has {', '.join(map(repr, frame.columns))}")
     return column
 
 
@@ -253,3 +256,5 @@ def score_and_report(args):
               f"{report['confusion_matrix']['rows_true_columns_predicted']}", file=sys.stderr)
         if args.metrics_out:
             write_atomically(args.metrics_out, json.dumps(report, indent=2))
+    elif args.metrics_out and state.is_main_process:  # no row had a label the model knows (said above)
+        raise SentimentError(f"--metrics-out {args.metrics_out} not written: no row has a label the model knows")

@@ -108,10 +108,14 @@ def test_a_file_larger_than_one_chunk_is_scored_like_one_chunk(tmp_path, trained
     (["--threads", "-1", "hello"], "--threads must be at least 1, got -1"),  # a traceback from PyTorch
     (["--input", "{data}", "--text-column", "sentiment", "--label-column", "sentiment"],
      "--text-column and --label-column are both 'sentiment'"),  # scored the labels against themselves
+    # --metrics-out that could not be written was left unwritten without a word, exit status 0.
+    (["--metrics-out", "m.json", "hello"], "--metrics-out needs true labels, from a label column of an --input"),
+    (["--input", "{text}", "--metrics-out", "m.json"], "--metrics-out needs true labels, and "),
     (["--device", "nonsense", "hello"], "--device: 'nonsense' is not a device"),  # a traceback from PyTorch
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, trained_model, reviews_csv, flags, message):
-    flags = [f.format(data=reviews_csv) for f in flags]
+    (tmp_path / "texts.txt").write_text("good film\n")
+    flags = [f.format(data=reviews_csv, text=tmp_path / "texts.txt") for f in flags]
     if "--model" not in flags:
         flags = ["--model", str(trained_model), *flags]
     result = run_script("infer.py", *flags, check=False, cwd=tmp_path)
@@ -313,9 +317,12 @@ def test_rows_left_out_of_the_accuracy_are_counted_and_numeric_labels_do_not_cra
     numeric = frame.with_columns(pl.Series("stars", list(range(40))))
     numeric.write_parquet(tmp_path / "n.parquet")
     result = run_script("infer.py", "--model", str(trained_model), "--input", str(tmp_path / "n.parquet"),
-                        "--label-column", "stars", "--output", str(tmp_path / "n.csv"))
+                        "--label-column", "stars", "--output", str(tmp_path / "n.csv"), "--metrics-out",
+                        str(tmp_path / "n.json"), check=False)
     assert "40 rows have labels the model does not know" in result.stderr
     assert len(pl.read_csv(tmp_path / "n.csv")) == 40
+    assert result.returncode == 2 and "n.json not written: no row has a label the model knows" in result.stderr
+    assert not (tmp_path / "n.json").exists()
 
 
 def test_a_folder_without_our_settings_scores_as_the_pipeline_does(tmp_path, trained_model):
