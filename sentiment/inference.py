@@ -30,6 +30,8 @@ from .files import disk_full, disk_full_error, write_atomically
 from .predictor import Predictor
 from .tables import SCANNERS, TableWriter, existing_file, extension, scan_chunks, scanner, writable
 
+PREDICTED = "predicted_"  # before the added columns' names where the input has a column of one of them
+
 
 def text_lines(stream, name, column, chunk_rows):
     """Frames of the lines of a binary stream, each decoded as UTF-8 (a bad one is named, not replaced;
@@ -66,14 +68,29 @@ def read_chunks(path, column, chunk_rows):
         yield from scan_chunks(path, chunk_rows)
 
 
-def scored_columns(frame, labels, answers):
-    """The input frame with label, score, score_<label> and error columns added."""
+def scored_columns(frame, labels, answers, prefix=""):
+    """The input frame with label, score, score_<label> and error columns added, each name after `prefix`."""
     columns = {"label": [a["label"] for a in answers], "score": [a["score"] for a in answers]}
     for name in labels:
         columns[f"score_{name}"] = [a["scores"][name] if a["scores"] else None for a in answers]
     columns["error"] = [a.get("error") for a in answers]
-    return frame.with_columns(pl.Series(k, v, dtype=pl.Float64 if k.startswith("score") else pl.String)
+    return frame.with_columns(pl.Series(prefix + k, v, dtype=pl.Float64 if k.startswith("score") else pl.String)
                               for k, v in columns.items())
+
+
+def added_columns_prefix(columns, labels, source):
+    """'' when the input has none of the columns scoring adds; else PREDICTED, so that an input column
+    such as a true `label` is kept, not overwritten with the predictions."""
+    added = ["label", "score", *(f"score_{name}" for name in labels), "error"]
+    clash = [name for name in added if name in columns]
+    if not clash:
+        return ""
+    if any(PREDICTED + name in columns for name in added):
+        raise SentimentError(f"{source} already has columns named as the scores (such as {clash[0]!r} and "
+                             f"{PREDICTED + clash[0]!r}); rename them")
+    print(f"{source} has a column named {clash[0]!r}: the scores go in {PREDICTED}label, {PREDICTED}score, … "
+          f"and it is kept as it is", file=sys.stderr)
+    return PREDICTED
 
 
 def make_predictor(args, device):
@@ -113,16 +130,16 @@ class LabelTally:
         self.column, self.index = column, {name: i for i, name in enumerate(labels)}
         self.y_true, self.y_pred, self.missing, self.unknown = [], [], 0, {}
 
-    def add(self, out):
-        truth = out[self.column].cast(pl.String).to_list()
-        for value, predicted, err in zip(truth, out["label"].to_list(), out["error"].to_list()):
+    def add(self, frame, answers):
+        """The input rows of a chunk (their true labels) and the Predictor's answers for them."""
+        for value, answer in zip(frame[self.column].cast(pl.String).to_list(), answers):
             if value is None or not value.strip():
                 self.missing += 1
-            elif err is not None:
+            elif answer.get("error") is not None:
                 continue
             elif value in self.index:
                 self.y_true.append(self.index[value])
-                self.y_pred.append(self.index[predicted])
+                self.y_pred.append(self.index[answer["label"]])
             else:
                 self.unknown[value] = self.unknown.get(value, 0) + 1
 
@@ -160,7 +177,7 @@ def score_file(args, state):
     if state.num_processes > 1 and args.input == "-":
         chunks = shared_chunks(state, chunks)
     writer = TableWriter(args.output) if args.output and state.is_main_process else None
-    tally, errors = None, 0
+    tally, errors, prefix = None, 0, ""
     bar = tqdm(desc="scoring", unit=" rows", disable=not state.is_main_process or not args.output)
     try:
         for number, frame in enumerate(chunks):
@@ -168,17 +185,23 @@ def score_file(args, state):
             if number == 0:
                 column = label_column_of(args, frame)
                 tally = LabelTally(column, predictor.labels) if column else None
+                if writer:
+                    prefix = added_columns_prefix(frame.columns, predictor.labels, args.input)
             answers = score_chunk(predictor, state, frame[args.text_column].cast(pl.String).to_list())
             if answers is None:  # not the main process
                 continue
-            out = scored_columns(frame, predictor.labels, answers)
-            errors += out["error"].is_not_null().sum()
+            errors += sum(answer.get("error") is not None for answer in answers)
             if tally:
-                tally.add(out)
-            writer.write(out) if writer else print_answers(frame[args.text_column].to_list(), answers)
+                tally.add(frame, answers)
+            if writer:
+                writer.write(scored_columns(frame, predictor.labels, answers, prefix))
+            else:
+                print_answers(frame[args.text_column].to_list(), answers)
             bar.update(len(frame))
         if writer and writer.count == 0:
-            writer.write(scored_columns(empty_input(args.input, args.text_column), predictor.labels, []))
+            empty = empty_input(args.input, args.text_column)
+            prefix = added_columns_prefix(empty.columns, predictor.labels, args.input)
+            writer.write(scored_columns(empty, predictor.labels, [], prefix))
         if writer:
             writer.close()
     finally:
@@ -186,7 +209,7 @@ def score_file(args, state):
         if writer:
             writer.abort()  # after close() there is nothing left to remove
     if state.is_main_process and errors:
-        print(f"{errors} rows had no text to score; their 'error' column says so", file=sys.stderr)
+        print(f"{errors} rows had no text to score; their '{prefix}error' column says so", file=sys.stderr)
     return tally.report(predictor.labels) if tally and state.is_main_process else None
 
 

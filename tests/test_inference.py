@@ -325,6 +325,24 @@ def test_rows_left_out_of_the_accuracy_are_counted_and_numeric_labels_do_not_cra
     assert not (tmp_path / "n.json").exists()
 
 
+def test_an_input_column_named_as_a_score_is_kept_and_the_accuracy_is_against_it(tmp_path, trained_model):
+    # True labels in a column named "label" were overwritten with the predictions, in the output and
+    # in the accuracy: half the labels wrong on purpose still scored 1.0000.
+    frame = demo_reviews(60, seed=28).rename({"sentiment": "label"})
+    flipped = ["positive" if i < 20 else label for i, label in enumerate(frame["label"].to_list())]
+    frame = frame.with_columns(pl.Series("label", flipped), pl.lit("kept").alias("error"))
+    frame.write_csv(tmp_path / "in.csv")
+    result = run_script("infer.py", "--model", str(trained_model), "--input", str(tmp_path / "in.csv"),
+                        "--label-column", "label", "--output", str(tmp_path / "out.csv"),
+                        "--metrics-out", str(tmp_path / "m.json"))
+    assert "has a column named 'label': the scores go in predicted_label" in result.stderr
+    out = pl.read_csv(tmp_path / "out.csv")
+    assert out["label"].to_list() == flipped and out["error"].to_list() == ["kept"] * 60
+    assert {"predicted_label", "predicted_score", "predicted_score_positive", "predicted_error"} <= set(out.columns)
+    accuracy = json.loads((tmp_path / "m.json").read_text())["accuracy"]
+    assert accuracy == pytest.approx((out["predicted_label"] == out["label"]).mean()) and accuracy < 0.9
+
+
 def test_a_folder_without_our_settings_scores_as_the_pipeline_does(tmp_path, trained_model):
     import shutil
 
