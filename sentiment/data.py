@@ -92,6 +92,15 @@ def load_labelled(path, text_column, label_column, skip_bad_rows=False, frame=No
     frame = frame.join(bad.select("row"), on="row", how="anti", maintain_order="left")
     deduped = frame.unique(subset="text", keep="first", maintain_order=True)
     report = {"rows": len(frame) + len(bad), "bad_rows": len(bad), "duplicates": len(frame) - len(deduped)}
+    # The same text under two labels: the first is kept, and the data's owner should know.
+    clashes = (frame.group_by("text", maintain_order=True).agg(pl.col("row"), pl.col("label").n_unique())
+               .filter(pl.col("label") > 1))
+    if len(clashes):
+        report["duplicates_with_other_labels"] = len(clashes)
+        shown = "; ".join(" and ".join(map(str, rows[:3])) for rows in clashes["row"].head(SHOWN_ROWS).to_list())
+        print(f"warning: {path}: {len(clashes)} texts appear more than once with different labels (data rows "
+              f"{shown}{' …' if len(clashes) > SHOWN_ROWS else ''}); each keeps the label of its first row",
+              file=sys.stderr)
     return deduped.drop("row"), report
 
 

@@ -88,6 +88,20 @@ def test_separate_val_and_test_files_use_all_training_rows_and_drop_overlap(tmp_
     assert len(splits.train) == len(set(clean_texts(train["review"].to_list())) - set(splits.val["text"]))
 
 
+def test_a_text_under_two_labels_is_named_in_a_warning(tmp_path, capsys):
+    # Deduplication kept the first label of such a text without a word.
+    frame = demo_reviews(60, seed=10)
+    texts, labels = frame["review"].to_list(), frame["sentiment"].to_list()
+    extra = pl.DataFrame({"review": [texts[3], texts[7], texts[9]],
+                          "sentiment": [{"positive": "negative", "negative": "positive"}[labels[3]], labels[7],
+                                        labels[9]]})
+    pl.concat([frame, extra]).write_csv(tmp_path / "d.csv")
+    data, report = load_labelled(str(tmp_path / "d.csv"), "review", "sentiment")
+    assert report["duplicates"] >= 3 and report["duplicates_with_other_labels"] == 1
+    assert "1 texts appear more than once with different labels (data rows 4 and 61)" in capsys.readouterr().err
+    assert data.filter(pl.col("text") == clean_texts([texts[3]])[0])["label"].to_list() == [labels[3]]
+
+
 def test_held_out_rows_that_leave_too_few_training_rows_are_named(tmp_path):
     # The --data file given again as --val-data took every row out of training; the error spoke only
     # of "0 after cleaning" and blamed --val-size.
