@@ -98,8 +98,8 @@ def load_labelled(path, text_column, label_column, skip_bad_rows=False, frame=No
     if len(clashes):
         report["duplicates_with_other_labels"] = len(clashes)
         shown = "; ".join(" and ".join(map(str, rows[:3])) for rows in clashes["row"].head(SHOWN_ROWS).to_list())
-        print(f"warning: {path}: {len(clashes)} texts appear more than once with different labels (data rows "
-              f"{shown}{' …' if len(clashes) > SHOWN_ROWS else ''}); each keeps the label of its first row",
+        print(f"warning: {path}: texts that appear more than once with different labels: {len(clashes)} (data "
+              f"rows {shown}{' …' if len(clashes) > SHOWN_ROWS else ''}); each keeps the label of its first row",
               file=sys.stderr)
     return deduped.drop("row"), report
 

@@ -98,7 +98,7 @@ def test_a_text_under_two_labels_is_named_in_a_warning(tmp_path, capsys):
     pl.concat([frame, extra]).write_csv(tmp_path / "d.csv")
     data, report = load_labelled(str(tmp_path / "d.csv"), "review", "sentiment")
     assert report["duplicates"] >= 3 and report["duplicates_with_other_labels"] == 1
-    assert "1 texts appear more than once with different labels (data rows 4 and 61)" in capsys.readouterr().err
+    assert "texts that appear more than once with different labels: 1 (data rows 4 and 61)" in capsys.readouterr().err
     assert data.filter(pl.col("text") == clean_texts([texts[3]])[0])["label"].to_list() == [labels[3]]
 
 
