@@ -132,8 +132,8 @@ class LabelTally:
 
     def add(self, frame, answers):
         """The input rows of a chunk (their true labels) and the Predictor's answers for them."""
-        for value, answer in zip(frame[self.column].cast(pl.String).to_list(), answers):
-            if value is None or not value.strip():
+        for value, answer in zip(frame[self.column].cast(pl.String).str.strip_chars().to_list(), answers):
+            if not value:  # spaces around a label are dropped, as in training
                 self.missing += 1
             elif answer.get("error") is not None:
                 continue
@@ -148,8 +148,8 @@ class LabelTally:
             print(f"{self.missing} rows have no label in {self.column!r}; left out of the accuracy", file=sys.stderr)
         if self.unknown:
             shown = ", ".join(f"{v!r} ({n})" for v, n in sorted(self.unknown.items())[:5])
-            near = {label.lower() for label in labels} & {v.strip().lower() for v in self.unknown}
-            hint = "; some differ from them only in case or spaces" if near else ""
+            near = {label.lower() for label in labels} & {v.lower() for v in self.unknown}
+            hint = "; some differ from them only in case" if near else ""
             print(f"{sum(self.unknown.values())} rows have labels the model does not know ({shown}); left out of "
                   f"the accuracy. The model's labels: {', '.join(labels)}{hint}", file=sys.stderr)
         if not self.y_true:

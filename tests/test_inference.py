@@ -307,12 +307,13 @@ def test_rows_left_out_of_the_accuracy_are_counted_and_numeric_labels_do_not_cra
     labels = frame["sentiment"].to_list()
     labels[:5] = [None] * 5
     labels[5:10] = ["Positive"] * 5
+    labels[10:12] = [f" {labels[10]}", f"{labels[11]}\t"]  # spaces around a label: dropped, as in training
     frame.with_columns(pl.Series("sentiment", labels)).write_csv(tmp_path / "in.csv")
     result = run_script("infer.py", "--model", str(trained_model), "--input", str(tmp_path / "in.csv"),
                         "--output", str(tmp_path / "out.csv"), "--metrics-out", str(tmp_path / "m.json"))
     assert "5 rows have no label in 'sentiment'" in result.stderr
     assert "5 rows have labels the model does not know ('Positive' (5))" in result.stderr
-    assert "differ from them only in case or spaces" in result.stderr
+    assert "differ from them only in case" in result.stderr
     assert json.loads((tmp_path / "m.json").read_text())["examples"] == 30
     numeric = frame.with_columns(pl.Series("stars", list(range(40))))
     numeric.write_parquet(tmp_path / "n.parquet")
