@@ -120,7 +120,7 @@ def make_accelerator(args):
     multi_cpu = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available()
     try:
         with warnings.catch_warnings():  # a tracker that is not installed: said below, in one line
-            warnings.simplefilter("ignore")
+            warnings.filterwarnings("ignore", message=".*`log_with=")
             accelerator = Accelerator(cpu=multi_cpu, mixed_precision=args.mixed_precision,
                                       gradient_accumulation_steps=args.grad_accum, step_scheduler_with_optimizer=False,
                                       log_with=args.report_to, project_dir=args.output_dir,
