@@ -130,8 +130,9 @@ def make_accelerator(args):
             raise SentimentError(f"--report-to {args.report_to}: {err}") from None
         raise
     if args.report_to and not accelerator.log_with:  # Accelerate drops it with a warning, and nothing is logged
-        raise SentimentError(f"--report-to {args.report_to}: it is not installed here; install it (pip install "
-                             f"{args.report_to}) or leave --report-to out")
+        install = "one (pip install tensorboard, say)" if args.report_to == "all" else f"it (pip install {args.report_to})"
+        raise SentimentError(f"--report-to {args.report_to}: no such tracker is installed here; install {install} "
+                             f"or leave --report-to out")
     if accelerator.device.type == "cuda" and accelerator.mixed_precision == "no":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: fp32 training at tensor-core speed
     return accelerator

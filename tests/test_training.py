@@ -262,7 +262,8 @@ def test_a_tracker_that_is_not_installed_is_refused(monkeypatch, tmp_path):
     from accelerate.utils import LoggerType
     args = parse_args(TrainArgs, "", ["--data", "demo", "--report-to", "tensorboard", "--output-dir", str(tmp_path)])
     monkeypatch.setattr(accelerate.tracking, "_available_trackers", [])
-    with pytest.raises(SentimentError, match=r"--report-to tensorboard: it is not installed here; install it"):
+    with pytest.raises(SentimentError, match=r"--report-to tensorboard: no such tracker is installed here; install it "
+                                             r"\(pip install tensorboard\)"):
         training.make_accelerator(args)
     monkeypatch.setattr(accelerate.tracking, "_available_trackers", [LoggerType.TENSORBOARD])
     assert training.make_accelerator(args).log_with == [LoggerType.TENSORBOARD]
