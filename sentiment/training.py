@@ -130,7 +130,8 @@ def make_accelerator(args):
             raise SentimentError(f"--report-to {args.report_to}: {err}") from None
         raise
     if args.report_to and not accelerator.log_with:  # Accelerate drops it with a warning, and nothing is logged
-        install = "one (pip install tensorboard, say)" if args.report_to == "all" else f"it (pip install {args.report_to})"
+        install = (f"it (pip install {args.report_to})" if args.report_to != "all"
+                   else "one (pip install tensorboard, say)")
         raise SentimentError(f"--report-to {args.report_to}: no such tracker is installed here; install {install} "
                              f"or leave --report-to out")
     if accelerator.device.type == "cuda" and accelerator.mixed_precision == "no":
