@@ -100,7 +100,10 @@ def make_predictor(args, device):
 
 
 def print_answers(texts, answers):
-    """One JSON line per text: the text, its label, score and every label's score (or its error)."""
+    """One JSON line per text: the text, its label, score and every label's score (or its error). JSON
+    lines are UTF-8 whatever the terminal's encoding: under a Latin-1 locale a Chinese review crashed."""
+    if sys.stdout.encoding.lower().replace("-", "") != "utf8" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(encoding="utf-8")
     for text, answer in zip(texts, answers):
         print(json.dumps({"text": text, **answer}, ensure_ascii=False))
 

@@ -27,6 +27,10 @@ def test_infer_prints_json_lines_for_texts(trained_model):
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(r["text"], r["label"]) for r in lines] == [(TEXTS[0], "positive"), (TEXTS[1], "negative")]
     assert set(lines[0]["scores"]) == {"negative", "positive"}
+    # JSON lines are UTF-8 whatever the terminal says: under a Latin-1 one this was a UnicodeEncodeError.
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), "--model", str(trained_model), "好 film"],
+                            capture_output=True, env={**os.environ, "PYTHONIOENCODING": "latin-1"}, check=True)
+    assert json.loads(result.stdout.decode("utf-8"))["text"] == "好 film"
 
 
 @pytest.mark.parametrize("ext", ["csv", "tsv", "parquet", "jsonl", "json"])
