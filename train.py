@@ -3,10 +3,13 @@
 All options: `python train.py --help`. The work is done by `sentiment.training.train`.
 """
 
+import sys
+
 from sentiment.config import TrainArgs, parse_args
 from sentiment.errors import exit_on_user_error
 from sentiment.training import train
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(errors="backslashreplace")  # a label the terminal cannot show must not end the run
     with exit_on_user_error():
         train(parse_args(TrainArgs, __doc__.splitlines()[0]))

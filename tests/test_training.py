@@ -269,6 +269,15 @@ def test_a_tracker_that_is_not_installed_is_refused(monkeypatch, tmp_path):
     assert training.make_accelerator(args).log_with == [LoggerType.TENSORBOARD]
 
 
+def test_labels_the_terminal_cannot_show_do_not_end_the_run(tmp_path):
+    # Under a Latin-1 locale, Chinese label names ended the run with a UnicodeEncodeError as it printed them.
+    frame = demo_reviews(200, seed=31)
+    frame.with_columns(pl.col("sentiment").replace({"positive": "积极", "negative": "消极"})).write_csv(tmp_path / "d.csv")
+    run_script("train.py", "--data", str(tmp_path / "d.csv"), *TINY, "--max-steps", "2", "--output-dir",
+               str(tmp_path / "out"), env={"PYTHONIOENCODING": "latin-1"})
+    assert json.loads((tmp_path / "out" / "sentiment.json").read_text(encoding="utf-8"))["labels"] == ["消极", "积极"]
+
+
 def test_early_stopping_without_validation_rows_is_refused():
     # It was accepted and did nothing: without validation rows no evaluation runs, so no run stopped early.
     with pytest.raises(SentimentError, match="--early-stopping-patience watches the validation accuracy, but "
