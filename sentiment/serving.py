@@ -99,7 +99,8 @@ async def load_model(app, executor):
         gc.collect()
         gc.freeze()
         state.batcher = MicroBatcher(predictor, state.settings, state.metrics, executor)
-        print(f"model loaded from {state.settings.model}: labels {predictor.labels}", flush=True)
+        # JSON's escapes: a label the log's encoding cannot show must not count as a failed load.
+        print(f"model loaded from {state.settings.model}: labels {json.dumps(predictor.labels)}", flush=True)
     except SentimentError as err:  # a damaged folder or a bad setting: one line that says what to fix
         state.load_error = f"{type(err).__name__}: {err}"
         log.error("could not load the model from %s: %s", state.settings.model,

@@ -301,6 +301,19 @@ def test_a_model_that_will_not_load_is_not_described_to_clients(serve, tmp_path,
     assert f"could not load the model from {broken}: " in log and logged in log and "Traceback" not in log
 
 
+def test_labels_the_log_cannot_show_do_not_fail_the_service(serve, tmp_path, trained_model, monkeypatch):
+    # Under a Latin-1 locale the line saying which labels were loaded raised UnicodeEncodeError, which
+    # counted as a failed load: /health answered 503, and a liveness probe would restart it for ever.
+    folder = tmp_path / "model"
+    shutil.copytree(trained_model, folder)
+    settings = json.loads((folder / "sentiment.json").read_text())
+    (folder / "sentiment.json").write_text(json.dumps({**settings, "labels": ["消极", "积极"]}))
+    monkeypatch.setenv("PYTHONIOENCODING", "latin-1")
+    server = serve(model=folder)
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.post(server.url + "/predict", json={"text": GOOD}).json()["label"] == "积极"
+
+
 @pytest.mark.parametrize("name, value", [("REQUEST_TIMEOUT_S", "nan"), ("MAX_WAIT_MS", "inf")])
 def test_settings_that_are_not_finite_stop_the_service_at_start(trained_model, name, value):
     server = Server(trained_model, **{name.lower(): value})
