@@ -95,9 +95,7 @@ class TrainArgs:
     def __post_init__(self):
         if not self.data:
             raise SentimentError("--data is required: a table file, 'imdb' or 'demo'")
-        if self.text_column == self.label_column:
-            raise SentimentError(f"--text-column and --label-column are both {self.text_column!r}; name the column "
-                                 f"of texts and the column of labels")
+        refuse_one_column_for_both(self.text_column, self.label_column)
         for name in ("val_data", "test_data"):  # its rows would all be taken out of the training rows
             if getattr(self, name) and same_file(getattr(self, name), self.data):
                 raise SentimentError(f"{flag(name)} is the --data file, {self.data}; held-out rows must be other "
@@ -135,6 +133,12 @@ class TrainArgs:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise SentimentError(f"{flag(name)} must be 0 or more, got {value}")
+
+
+def refuse_one_column_for_both(text_column, label_column):
+    if text_column == label_column:
+        raise SentimentError(f"--text-column and --label-column are both {text_column!r}; name the column of texts "
+                             f"and the column of labels")
 
 
 def same_file(a, b):
@@ -197,9 +201,7 @@ class InferArgs:
         if self.texts and self.metrics_out:
             raise SentimentError("--metrics-out needs true labels, from a label column of an --input file; texts on "
                                  "the command line have none")
-        if self.text_column == self.label_column:
-            raise SentimentError(f"--text-column and --label-column are both {self.text_column!r}; name the column "
-                                 f"of texts and the column of labels")
+        refuse_one_column_for_both(self.text_column, self.label_column)
         for number, text in enumerate(self.texts or [], 1):
             try:
                 text.encode("utf-8")
