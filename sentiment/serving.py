@@ -101,13 +101,13 @@ async def load_model(app, executor):
         state.batcher = MicroBatcher(predictor, state.settings, state.metrics, executor)
         # JSON's escapes: a label the log's encoding cannot show must not count as a failed load.
         print(f"model loaded from {state.settings.model}: labels {json.dumps(predictor.labels)}", flush=True)
-    except SentimentError as err:  # a damaged folder or a bad setting: one line that says what to fix
-        state.load_error = f"{type(err).__name__}: {err}"
-        log.error("could not load the model from %s: %s", state.settings.model,
-                  err.as_variable() if isinstance(err, SettingError) else err)
     except Exception as err:
         state.load_error = f"{type(err).__name__}: {err}"
-        log.error("could not load the model from %s", state.settings.model, exc_info=err)
+        if isinstance(err, SentimentError):  # a damaged folder or a bad setting: one line that says what to fix
+            log.error("could not load the model from %s: %s", state.settings.model,
+                      err.as_variable() if isinstance(err, SettingError) else err)
+        else:
+            log.error("could not load the model from %s", state.settings.model, exc_info=err)
 
 
 @contextlib.asynccontextmanager
