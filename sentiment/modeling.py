@@ -163,6 +163,27 @@ def load_model(name, labels, vocab_size, attention_dropout=None):
                                                               dtype=torch.float32)
 
 
+def padding_id(tokenizer, config):
+    """The token id batches are padded with, made the same in the tokenizer and the model's config.
+
+    Decoder classifiers (GPT-2, Llama, …) read each text's class at its last token that is not the
+    config's padding id, and refuse batches without one; their tokenizers often have no padding
+    token. Such a tokenizer pads with the config's id, else with its end-of-text token (the usual
+    choice). Both are saved with the model folder, so `transformers.pipeline` pads the same way.
+    """
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = getattr(config, "pad_token_id", None)
+        if pad is None:
+            pad = tokenizer.eos_token_id
+        if pad is None:
+            raise SentimentError(f"{tokenizer.name_or_path}: the tokenizer has no padding or end-of-text token to pad "
+                                 f"batches with; add one (tokenizer.add_special_tokens) and save it with the model")
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
+    config.pad_token_id = pad
+    return pad
+
+
 def model_error(name, err):
     if os.path.isfile(name):
         return SentimentError(f"--model {name} is a file; pass its folder, a Hub id, or --model tiny to train a "
@@ -321,6 +342,7 @@ def read_model_folder(folder, dtype):
     settings = read_settings(folder, config, tokenizer)
     with loading(folder, "weights"):
         model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype)
+    padding_id(tokenizer, model.config)
     return model.eval(), tokenizer, settings
 
 

@@ -122,8 +122,7 @@ class Predictor:
         self.batch_size = batch_size or (GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE)
         self.max_batch_tokens = max(max_batch_tokens or (GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS),
                                     self.max_length)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.collate = Collator(pad_id)
+        self.collate = Collator(self.tokenizer.pad_token_id)  # set for every folder by load_model_folder
 
     def encode(self, texts):
         """`TokenIds` of already cleaned, non-empty texts."""

@@ -34,7 +34,8 @@ from .errors import SentimentError
 from .files import disk_full, disk_full_error, replace_durably, write_atomically
 from .metrics import (classification_report, expected_calibration_error, fit_temperature, inverse_frequency_weights,
                       reliability_bins, softmax)
-from .modeling import CONFIG_FILE, LOG_FILE, ModelSettings, check_max_length, load_model, load_tokenizer
+from .modeling import (CONFIG_FILE, LOG_FILE, ModelSettings, check_max_length, load_model, load_tokenizer,
+                       padding_id)
 from .outputs import claim, log_line, publish_model, truncate_log
 from .report import write_report_or_say_how
 
@@ -185,7 +186,8 @@ class FineTuneRecipe:
         self.train_set, self.val_set, self.test_set = (self.dataset(self.splits.train, "train"),
                                                        self.dataset(self.splits.val, "val"),
                                                        self.dataset(self.splits.test, "test"))
-        self.collate = Collator(self.tokenizer.pad_token_id, multiple_of=8 if accelerator.device.type == "cuda" else 1)
+        self.collate = Collator(padding_id(self.tokenizer, self.model.config),
+                                multiple_of=8 if accelerator.device.type == "cuda" else 1)
         self.batches = LengthGroupedBatches(self.train_set.lengths, args.batch_size, args.seed)
         self.train_dl = make_loader(self.train_set, self.collate, batch_sampler=self.batches)
         self.val_dl, self.test_dl = self.eval_loader(self.val_set), self.eval_loader(self.test_set)

@@ -210,3 +210,52 @@ def test_a_device_that_is_not_here_is_named_before_the_model_loads(monkeypatch, 
     if accelerator:
         assert module.pick_device("cuda:1") == torch.device("cuda:1")
     assert module.pick_device("cpu") == torch.device("cpu")
+
+
+def decoder_classifier_folder(folder, texts):
+    """A tiny GPT-2 classifier as such folders come: a byte-level BPE tokenizer with an end-of-text token
+    and no padding token, and no padding id in the config."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", model_max_length=64)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2, num_labels=2,
+                        id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert tokenizer.pad_token is None and config.pad_token_id is None
+
+
+def test_a_decoder_whose_tokenizer_cannot_pad_trains_and_scores_in_batches(tmp_path, reviews_csv):
+    from helpers import run_script
+    from transformers import pipeline
+    texts = demo_reviews(200, seed=5)["review"].to_list()
+    decoder_classifier_folder(tmp_path / "gpt2", texts)
+    # Scoring the folder as it is: texts of one length share a batch, which GPT-2 refuses without a padding id;
+    # texts of other lengths are padded, and each must still be read at its own last token.
+    same = ["a good film", "a bad movie", "a fine plot"]
+    texts = same + ["It was " + "really " * 8 + "good.", "bad"]
+    predictor = Predictor(str(tmp_path / "gpt2"), batch_size=8, precision="fp32")
+    alone = np.concatenate([predictor.probabilities([t]) for t in texts])
+    np.testing.assert_allclose(predictor.probabilities(texts), alone, atol=1e-5)
+
+    out = tmp_path / "trained"
+    run_script("train.py", "--data", str(reviews_csv), "--model", str(tmp_path / "gpt2"), "--output-dir", str(out),
+               "--epochs", "1", "--batch-size", "8", "--max-length", "64", "--lr", "1e-3")
+    config = json.loads((out / "config.json").read_text())
+    tokens = json.loads((out / "tokenizer_config.json").read_text())
+    assert (config["pad_token_id"], tokens["pad_token"]) == (config["eos_token_id"], "<|endoftext|>")
+    predictor = Predictor(str(out), batch_size=8, precision="fp32")
+    alone = np.concatenate([predictor.probabilities([t]) for t in texts])
+    np.testing.assert_allclose(predictor.probabilities(texts), alone, atol=1e-5)
+    # The folder alone is enough for transformers' own batched pipeline too (which knows nothing of the
+    # calibration temperature: the same labels, not the same probabilities).
+    classify = pipeline("text-classification", model=str(out), batch_size=4)
+    piped = [answer["label"] for answer in classify(texts)]
+    assert piped == [answer["label"] for t in texts for answer in classify([t], batch_size=1)]
+    assert piped == [predictor.labels[i] for i in alone.argmax(axis=1)]
