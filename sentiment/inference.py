@@ -61,11 +61,17 @@ def read_chunks(path, column, chunk_rows):
                 yield from text_lines(f, path, column, chunk_rows)
         except OSError as err:
             raise SentimentError(f"{path}: could not read it ({err.strerror})") from None
-    elif extension(path) not in SCANNERS:
-        raise SentimentError(f"{path}: unknown file type {extension(path) or '(none)'}; use .txt or one of "
-                             f"{', '.join(SCANNERS)}")
     else:
         yield from scan_chunks(path, chunk_rows)
+
+
+def check_input(path):
+    """Refuse a missing input, or one of a type we cannot read, before the model loads (seconds on a GPU)."""
+    if path != "-":
+        existing_file(path)
+        if extension(path) != ".txt" and extension(path) not in SCANNERS:
+            raise SentimentError(f"{path}: unknown file type {extension(path) or '(none)'}; use .txt or one of "
+                                 f"{', '.join(SCANNERS)}")
 
 
 def scored_columns(frame, labels, answers, prefix=""):
@@ -267,9 +273,14 @@ def run(args):
 def score_and_report(args):
     # Several CPU processes (`accelerate launch` without a GPU) talk over gloo.
     state = PartialState(cpu=int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available())
+    if args.input:
+        check_input(args.input)
     for path, flag in ((args.output, "--output"), (args.metrics_out, "--metrics-out")):
         if path:
             writable(path, flag, source=args.input, model=args.model)
+    if args.output and extension(args.output) not in SCANNERS:
+        raise SentimentError(f"--output {args.output}: unknown file type; use one of {', '.join(SCANNERS)} (without "
+                             f"--output, the rows go to standard output as JSON lines)")
     if args.output and args.metrics_out and os.path.abspath(args.output) == os.path.abspath(args.metrics_out):
         raise SentimentError(f"--output and --metrics-out are both {args.output}; name two files")
     report = score_texts(args, state) if args.texts else score_file(args, state)

@@ -174,9 +174,7 @@ class TableWriter:
 
     def __init__(self, path):
         self.path = path
-        self.ext = extension(path)
-        if self.ext not in SCANNERS:
-            raise SentimentError(f"--output {path}: unknown file type; use one of {', '.join(SCANNERS)}")
+        self.ext = extension(path)  # one of SCANNERS: checked before the model loads (inference.score_and_report)
         remove_stale_temporaries(path)  # what a run killed outright (SIGKILL, out of memory) left
         self.tmp = temporary(path, hidden=True)
         self.parts = self.tmp + ".parts"

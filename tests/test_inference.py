@@ -102,10 +102,14 @@ def test_a_file_larger_than_one_chunk_is_scored_like_one_chunk(tmp_path, trained
 
 @pytest.mark.parametrize("flags, message", [
     (["--model", "nowhere", "hello"], "nowhere: no such model folder"),
-    (["--input", "missing.csv"], "missing.csv: no such file"),
+    # Inputs and outputs that cannot work are named before the model loads (a missing model would be named first).
+    (["--model", "nowhere", "--input", "missing.csv"], "missing.csv: no such file"),
+    (["--model", "nowhere", "--input", "reviews.csv.gz"], "reviews.csv.gz: unknown file type .gz"),
+    (["--model", "nowhere", "--input", "{data}", "--output", "out.xlsx"], "out.xlsx: unknown file type"),
+    (["--model", "nowhere", "--input", "{data}", "--output", "/dev/stdout"],
+     "without --output, the rows go to standard output as JSON lines"),
     (["--input", "{data}", "--text-column", "body"], "no column 'body'"),
     (["--input", "{data}", "--label-column", "stars"], "no label column 'stars'"),
-    (["--input", "{data}", "--output", "out.xlsx"], "unknown file type"),
     ([], "give texts to score"),
     (["--max-length", "1024", "hello"], "--max-length: 1024 tokens is over this model's limit of 512 positions"),
     (["--max-length", "1", "hello"], "--max-length: must be at least 8 tokens, got 1"),  # kept all but one token
@@ -119,6 +123,7 @@ def test_a_file_larger_than_one_chunk_is_scored_like_one_chunk(tmp_path, trained
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, trained_model, reviews_csv, flags, message):
     (tmp_path / "texts.txt").write_text("good film\n")
+    (tmp_path / "reviews.csv.gz").write_bytes(b"")
     flags = [f.format(data=reviews_csv, text=tmp_path / "texts.txt") for f in flags]
     if "--model" not in flags:
         flags = ["--model", str(trained_model), *flags]
