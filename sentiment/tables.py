@@ -8,6 +8,7 @@ and their polars options are written here once:
 """
 
 import codecs
+import csv
 import json
 import os
 import re
@@ -89,6 +90,10 @@ def where_broken(path, err):
         problem = not_utf8(path)
         if problem:
             return problem
+    if extension(path) in (".csv", ".tsv"):
+        problem = ragged_row(path)
+        if problem:
+            return problem
     if extension(path) in JSON_FORMATS and starts_with_bracket(path):
         if extension(path) == ".json":  # polars says "Syntax at character 0" wherever the array breaks
             try:
@@ -111,6 +116,28 @@ def where_broken(path, err):
                     except ValueError as bad:
                         return f"line {number} is not valid JSON ({bad.msg})"
     return first_line(err)
+
+
+def ragged_row(path):
+    """The first row of a CSV or TSV file with more fields than its header, or whose quotes do not close
+    where they should (polars names neither); None when there is none."""
+    tsv = extension(path) == ".tsv"
+    advice = ("a text may not hold a tab in TSV (it has no quoting); replace its tabs with spaces" if tsv
+              else "put a text that holds a comma in double quotes")
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter="\t" if tsv else ",", strict=True,
+                            quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+        width, row, line = len(next(reader, [])), 0, reader.line_num + 1
+        try:
+            for row, fields in enumerate(reader, 1):
+                if len(fields) > width:
+                    return (f"data row {row} (line {line}) has {len(fields)} fields where the header has {width}; "
+                            f"{advice}")
+                line = reader.line_num + 1
+        except csv.Error as bad:
+            return (f"data row {row + 1} (from line {line}) has a quote that does not close where it should ({bad}); "
+                    f"a quote inside a quoted text is written twice (\"\")")
+    return None
 
 
 def not_utf8(path):

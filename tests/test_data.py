@@ -263,3 +263,27 @@ def test_a_json_array_named_as_json_lines_says_what_it_is(tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps(demo_reviews(40, seed=5).to_dicts(), indent=2))
     with pytest.raises(SentimentError, match=r"it is one JSON array, not JSON lines .*name it \.json"):
         splits_of(tmp_path / "d.jsonl")
+
+
+@pytest.mark.parametrize("name, bad_line, match", [
+    ("d.csv", 'A film, good and long,positive', r"data row 7 \(line 9\) has 3 fields where the header has 2; put a "
+                                                r"text that holds a comma in double quotes"),
+    ("d.csv", '"A film" I loved,positive', r"data row 7 \(from line 9\) has a quote that does not close where it "
+                                           r"should"),
+    ("d.tsv", 'A film\tgood\tpositive', r"data row 7 \(line 8\) has 3 fields where the header has 2; a text may "
+                                        r"not hold a tab in TSV \(it has no quoting\)"),
+])
+def test_a_row_with_a_stray_comma_or_quote_names_its_row_and_line(tmp_path, name, bad_line, match):
+    """polars says only 'found more fields than defined in Schema' or quotes a page of the file."""
+    from sentiment.tables import scan_chunks
+    separator = "\t" if name.endswith(".tsv") else ","
+    rows = [f"review{separator}sentiment"] + [f"Review number {i}{separator}positive" for i in range(1, 41)]
+    if separator == ",":
+        rows[3] = '"A review over\ntwo lines",negative'  # a quoted line break: rows and lines part ways
+    rows[7] = bad_line
+    path = tmp_path / name
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(SentimentError, match=match):
+        splits_of(path)  # training reads the table whole
+    with pytest.raises(SentimentError, match=match):
+        list(scan_chunks(str(path), 10))  # infer.py reads it in chunks
