@@ -57,8 +57,14 @@ def only_markup(text):
 def check_columns(frame, path, *columns):
     for column in columns:
         if column not in frame.columns:
+            # A header of one column holding ';' or '|' is a file separated by them (European spreadsheets).
+            separator = next((c for c in ";|\t," if len(frame.columns) == 1 and c in frame.columns[0]), None)
+            fixes = {",": "name it .csv", "\t": "name it .tsv"}
+            fix = fixes.get(separator, "save it with commas (.csv) or tabs (.tsv)")
+            advice = (f"The file seems separated by {separator!r}; {fix}" if separator
+                      else "Name the right one with --text-column / --label-column")
             raise SentimentError(f"{path}: no column {column!r}; it has {', '.join(map(repr, frame.columns))}. "
-                                 f"Name the right one with --text-column / --label-column")
+                                 f"{advice}")
 
 
 def check_text_column(frame, path, column):

@@ -168,9 +168,12 @@ def test_imdb_offline_says_to_pass_a_local_file(monkeypatch):
     ("extension", "unknown file type .xlsx"),
     ("ids as labels", "different labels in 32 rows, fewer than two rows a label: is 'sentiment' the label column?"),
     ("repeated column", "the header names 'review' more than once; give each column its own name"),
+    ("semicolons", r"no column 'review'; it has 'review;sentiment'. The file seems separated by ';'; save it with "
+                   r"commas \(.csv\) or tabs \(.tsv\)"),
+    ("commas in a .tsv", r"The file seems separated by ','; name it .csv"),
 ])
 def test_bad_data_errors_name_the_problem(tmp_path, problem, match):
-    path = tmp_path / ("d.xlsx" if problem == "extension" else "d.csv")
+    path = tmp_path / {"extension": "d.xlsx", "commas in a .tsv": "d.tsv"}.get(problem, "d.csv")
     frame = demo_reviews(40, seed=10)
     if problem == "column":
         frame = frame.rename({"review": "text"})
@@ -181,7 +184,7 @@ def test_bad_data_errors_name_the_problem(tmp_path, problem, match):
     if problem == "ids as labels":
         frame = frame.with_columns(sentiment=pl.int_range(len(frame)).cast(pl.String))
     if problem != "missing":
-        frame.write_csv(path)
+        frame.write_csv(path, separator=";" if problem == "semicolons" else ",")
     if problem == "repeated column":  # polars silently took the first 'review'
         path.write_text(path.read_text().replace("review,sentiment", "review,sentiment,review", 1))
     with pytest.raises(SentimentError, match=match):
