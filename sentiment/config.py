@@ -59,7 +59,8 @@ class TrainArgs:
     model: str = fixed("distilbert-base-uncased", "Hub id or local folder of a pretrained model, or 'tiny' for a "
                                                   "small random model with a tokenizer trained on the data.")
     output_dir: str = arg("outputs/model", "Where the model folder, metrics and checkpoints go.")
-    overwrite: bool = arg(False, "Allow writing into a non-empty --output-dir (its contents are replaced).")
+    overwrite: bool = arg(False, "Replace the training run in a non-empty --output-dir (a folder of other files is "
+                                 "refused).")
     max_length: int = fixed(512, "Longest input in tokens, special tokens included (at most the model's "
                                  "position limit, 512 for BERT and DistilBERT).")
     truncation: str = fixed("head+tail", "Which tokens of a long text to keep: the first, the last, or the first "

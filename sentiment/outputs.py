@@ -17,7 +17,7 @@ import socket
 from .checkpointing import remove_leftovers
 from .errors import SentimentError
 from .files import fsync_path, fsync_tree, write_atomically
-from .modeling import LOG_FILE, METRICS_FILE, MODEL_FILES, PUBLISHING_FILE, save_model_folder
+from .modeling import CONFIG_FILE, LOG_FILE, METRICS_FILE, MODEL_FILES, PUBLISHING_FILE, save_model_folder
 
 LOCK_FILE = ".lock"
 STAGING = ".tmp-model"
@@ -29,6 +29,11 @@ def claim(args, accelerator):
     if accelerator.is_main_process:
         if os.path.exists(out) and not os.path.isdir(out):
             raise SentimentError(f"--output-dir {out} is a file; name a folder")
+        if args.overwrite and not args.resume and not_a_run(out):
+            # --overwrite replaces a run's checkpoints, log and model files: in another folder they would be
+            # the user's own (a project's config.json, a folder named checkpoints).
+            raise SentimentError(f"--output-dir {out} holds files that are not a training run's (it has no "
+                                 f"{CONFIG_FILE}), which --overwrite would replace; choose a new or empty folder")
         try:
             os.makedirs(out, exist_ok=True)
             handle = open(os.path.join(out, LOCK_FILE), "a+")
@@ -56,6 +61,12 @@ def claim(args, accelerator):
             shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
     accelerator.wait_for_everyone()
     return handle
+
+
+def not_a_run(folder):
+    """Whether `folder` holds files, and no run's settings: not the folder of a training run."""
+    return (os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, CONFIG_FILE))
+            and any(name != LOCK_FILE for name in os.listdir(folder)))
 
 
 def publish_model(folder, model, tokenizer, settings, metrics):

@@ -511,6 +511,19 @@ def test_overwrite_keeps_the_old_model_whole_until_the_new_one_is_ready(tmp_path
     assert Predictor(str(out)).predict(["The acting was superb. I loved it."]) == before  # was an IndexError
 
 
+def test_overwrite_into_a_folder_that_is_not_a_run_s_is_refused_and_its_files_kept(tmp_path):
+    out = tmp_path / "project"
+    (out / "checkpoints").mkdir(parents=True)
+    files = {"config.json": '{"mine": 1}', "log.jsonl": "my log", "checkpoints/notes.txt": "keep me"}
+    for name, text in files.items():
+        (out / name).write_text(text)
+    result = run_script("train.py", "--data", "demo", *TINY, "--output-dir", str(out), "--overwrite", check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "holds files that are not a training run's (it has no train_config.json)" in result.stderr
+    assert {name: (out / name).read_text() for name in files} == files  # were deleted or replaced by the model's
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "log.jsonl"]
+
+
 @pytest.mark.slow
 def test_two_runs_into_one_folder_the_second_is_refused(tmp_path):
     data = tmp_path / "reviews.csv"
