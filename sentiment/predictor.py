@@ -8,6 +8,7 @@ the order the texts came in. It knows nothing of files or HTTP.
 """
 
 import contextlib
+import sys
 import warnings
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 
 from .batching import Collator, by_length, encode
 from .data import clean_texts
-from .errors import SettingError
+from .errors import SentimentError, SettingError
 from .metrics import softmax
 from .modeling import check_max_length, load_model_folder
 
@@ -155,17 +156,45 @@ class Predictor:
         out = np.empty((len(ids), len(self.labels)), dtype=np.float32)
         done = []  # on a GPU the logits stay there until the end: no wait for the device after each batch
         for batch in self.batches(lengths):
-            padded = self.collate([{"input_ids": ids[i]} for i in batch])
-            if self.device.type == "cuda":  # pinned host memory lets the copy overlap the previous batch's work
-                padded = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in padded.items()}
-            elif self.device.type != "cpu":
-                padded = {k: v.to(self.device) for k, v in padded.items()}
-            with torch.autocast("cpu", dtype=torch.bfloat16) if self.cpu_autocast else contextlib.nullcontext():
-                logits = self.model(**padded).logits.float()
-            done.append((batch, logits))
+            done += self.fitted(ids, batch)
         for batch, logits in done:
             out[batch] = logits.cpu().numpy()
         return out
+
+    def fitted(self, ids, batch):
+        """[(indices, logits)] of one batch. Where the device has no memory for it (a GPU shared with other
+        work, a budget set too high), the token budget is halved and the rest of the batch cut to it (and
+        so are later batches); a single text that does not fit is a one-line error."""
+        done, pending = [], [batch]
+        while pending:
+            part = pending.pop(0)
+            try:
+                done.append((part, self.forward(ids, part)))
+                continue
+            except torch.OutOfMemoryError:
+                width = int(ids.lengths[part].max())
+                if len(part) == 1:
+                    raise SentimentError(f"{self.device} ran out of memory scoring one text of {width} tokens; lower "
+                                         f"--max-length, score in bf16 or fp16 (--precision), or free the device"
+                                         ) from None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # give the failed batch's blocks back before the smaller ones ask
+            self.max_batch_tokens = len(part) // 2 * width
+            print(f"warning: {self.device} ran out of memory on {len(part)} texts of {width} tokens; batches are now "
+                  f"at most {self.max_batch_tokens} tokens (--max-batch-tokens)", file=sys.stderr)
+            rest, size = [i for p in [part, *pending] for i in p], len(part) // 2
+            pending = [rest[i:i + size] for i in range(0, len(rest), size)]
+        return done
+
+    def forward(self, ids, batch):
+        """The logits (float32, on the device) of the texts `batch` indexes."""
+        padded = self.collate([{"input_ids": ids[i]} for i in batch])
+        if self.device.type == "cuda":  # pinned host memory lets the copy overlap the previous batch's work
+            padded = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in padded.items()}
+        elif self.device.type != "cpu":
+            padded = {k: v.to(self.device) for k, v in padded.items()}
+        with torch.autocast("cpu", dtype=torch.bfloat16) if self.cpu_autocast else contextlib.nullcontext():
+            return self.model(**padded).logits.float()
 
     def probabilities(self, texts):
         """Calibrated class probabilities of raw texts, one row each; a row of NaN for a text with nothing to score."""

@@ -486,6 +486,13 @@ def train(args):
             recipe.setup()
             recipe.train()
             return recipe.cleanup()
+    except torch.OutOfMemoryError:  # in the first step, as the longest batch comes first
+        state = getattr(recipe, "state", None)
+        when = f"at step {state.step + 1}" if state else "before training (setting up)"
+        raise SentimentError(f"{recipe.accelerator.device} ran out of memory {when} with batches of {args.batch_size} "
+                             f"texts (twice that to evaluate) of up to {args.max_length} tokens; lower --batch-size "
+                             f"(raising --grad-accum keeps the batch each update sees), lower --max-length, or train "
+                             f"in --mixed-precision bf16") from None
     except (OSError, RuntimeError) as err:
         if disk_full(err):
             raise disk_full_error(args.output_dir, err, "continue with --resume latest") from None

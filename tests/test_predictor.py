@@ -259,3 +259,31 @@ def test_a_decoder_whose_tokenizer_cannot_pad_trains_and_scores_in_batches(tmp_p
     piped = [answer["label"] for answer in classify(texts)]
     assert piped == [answer["label"] for t in texts for answer in classify([t], batch_size=1)]
     assert piped == [predictor.labels[i] for i in alone.argmax(axis=1)]
+
+
+def test_a_batch_the_device_has_no_memory_for_is_halved_and_later_batches_fit(trained_model, capsys):
+    texts = demo_reviews(60, seed=31)["review"].to_list()
+    predictor = Predictor(str(trained_model), batch_size=64, max_batch_tokens=100_000, precision="fp32")
+    expected = predictor.probabilities(texts)
+    model, limit, calls = predictor.model, 400, []
+
+    def short_of_memory(**batch):  # a GPU that holds at most `limit` tokens of activations
+        tokens = batch["input_ids"].numel()
+        calls.append(tokens)
+        if tokens > limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate for {tokens} tokens")
+        return model(**batch)
+
+    predictor.model = short_of_memory
+    np.testing.assert_allclose(predictor.probabilities(texts), expected, atol=1e-6)
+    failed = [k for k, n in enumerate(calls) if n > limit]
+    assert failed and predictor.max_batch_tokens <= limit
+    for k in failed:  # each failure halves what is asked for from then on: a few failures, not one a batch
+        assert max(calls[k + 1:]) <= calls[k] // 2
+    calls.clear()
+    np.testing.assert_allclose(predictor.probabilities(texts), expected, atol=1e-6)
+    assert max(calls) <= limit  # a second file is cut to the lowered budget from its first batch
+    assert "ran out of memory on" in capsys.readouterr().err
+    limit = 5  # not even one text fits
+    with pytest.raises(SentimentError, match="ran out of memory scoring one text of .* tokens; lower --max-length"):
+        predictor.probabilities(texts[:3])

@@ -538,6 +538,18 @@ def test_two_runs_into_one_folder_the_second_is_refused(tmp_path):
     assert len(second.stderr.strip().splitlines()) == 1
 
 
+def test_a_device_out_of_memory_is_one_line_that_says_what_to_lower(tmp_path, monkeypatch):
+    def no_memory(self, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(training.FineTuneRecipe, "loss", no_memory)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    flags = ["--data", "demo", *TINY, "--batch-size", "32", "--output-dir", str(tmp_path / "out")]
+    with pytest.raises(SentimentError, match=r"cpu ran out of memory at step 1 with batches of 32 texts \(twice that "
+                                             r"to evaluate\) of up to 64 tokens; lower --batch-size"):
+        training.train(parse_args(TrainArgs, "", flags))
+
+
 def crashed_run(tmp_path, monkeypatch, at_step=14, *more):
     """Train with checkpoints every 7 steps and crash right after the one at `at_step`; returns the flags."""
     data = tmp_path / "reviews.csv"
