@@ -1,4 +1,5 @@
-"""The GPU path: mixed-precision training steps, mid-epoch resume, bf16 and fp16 scoring, the service.
+"""The GPU path: mixed-precision training steps, mid-epoch resume, bf16 and fp16 scoring, scoring short of
+memory, the service.
 
 Deselected on a machine without a GPU (conftest.py); `bash bench/gpu_check.sh` runs them on a
 GPU machine (`pytest -m gpu`), and `bench/gpu_check.sh --cpu-smoke` on the CPU at toy size
@@ -84,3 +85,21 @@ def test_the_service_answers_on_the_device(trained_model):
         answer = client.post("/predict", json={"texts": ["The acting was superb. I loved it."] * 40})
         assert answer.status_code == 200
         assert {p["label"] for p in answer.json()["predictions"]} == {"positive"}
+
+
+@pytest.mark.skipif(not GPU, reason="a memory cap needs a CUDA device; test_predictor checks the same halving on the "
+                                    "CPU with a model that raises out-of-memory")
+def test_scoring_on_a_gpu_short_of_memory_halves_its_batches(trained_model, capfd):
+    texts = demo_reviews(3000, seed=32)["review"].to_list()
+    expected = Predictor(str(trained_model), device=DEVICE, precision="fp32").probabilities(texts)
+    greedy = Predictor(str(trained_model), device=DEVICE, precision="fp32", batch_size=4096, max_batch_tokens=10**7)
+    torch.cuda.empty_cache()
+    # A real CUDA out-of-memory error: the allocator may hold 32 MiB beyond what is in use now.
+    cap = (torch.cuda.memory_reserved() + 32 * 2**20) / torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(cap)
+    try:
+        scores = greedy.probabilities(texts)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert greedy.max_batch_tokens < 10**7 and "ran out of memory on" in capfd.readouterr().err
+    np.testing.assert_allclose(scores, expected, atol=1e-4)
