@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import sys
 
 import polars as pl
 
@@ -24,7 +25,12 @@ def scan_json(path):
     """A `.json` file: one JSON array of objects (read whole), or JSON lines (streamed)."""
     if starts_with_bracket(path):
         return pl.read_json(path, infer_schema_length=None).lazy()
-    return pl.scan_ndjson(path)
+    return scan_json_lines(path)
+
+
+def scan_json_lines(path):
+    # The schema from every line, not the first hundred: a field first seen further down is a column too.
+    return pl.scan_ndjson(path, infer_schema_length=None)
 
 
 def starts_with_bracket(path):
@@ -37,8 +43,8 @@ SCANNERS = {
     ".csv": lambda path: pl.scan_csv(path, infer_schema=False),
     ".tsv": lambda path: pl.scan_csv(path, separator="\t", infer_schema=False, quote_char=None),
     ".parquet": pl.scan_parquet,
-    ".jsonl": pl.scan_ndjson,
-    ".ndjson": pl.scan_ndjson,
+    ".jsonl": scan_json_lines,
+    ".ndjson": scan_json_lines,
     ".json": scan_json,
 }
 JSON_FORMATS = (".jsonl", ".ndjson", ".json")
@@ -195,6 +201,25 @@ def writable(path, flag, source=None, model=None):
         raise SentimentError(f"{flag} {path} would overwrite a file of the model folder {model}; write elsewhere")
 
 
+def nested_as_json(frame):
+    """`frame` with each nested column (objects and lists of a JSON-lines input) as JSON text, which CSV can hold."""
+    nested = [name for name, dtype in frame.schema.items() if dtype.is_nested()]
+    return frame.with_columns(
+        pl.when(pl.col(name).is_not_null())
+        .then(pl.struct(pl.col(name).alias("v")).struct.json_encode().str.slice(5).str.head(-1))  # {"v":…}
+        .alias(name) for name in nested)
+
+
+def tsv_safe(frame, flattened):
+    """`frame` with tabs and line breaks in its text turned into spaces, as TSV has no quoting to hold them,
+    and `flattened` plus how many values that changed."""
+    text = [name for name, dtype in frame.schema.items() if dtype == pl.String]
+    if not text:
+        return frame, flattened
+    changed = frame.select(pl.col(text).str.contains(r"[\t\r\n]").fill_null(False).sum()).sum_horizontal().item()
+    return frame.with_columns(pl.col(text).str.replace_all(r"[\t\r\n]", " ")), flattened + changed
+
+
 class TableWriter:
     """Appends frames to a temporary file beside `path` that `close()` renames into place, so a run
     that fails leaves an existing file as it was; Parquet goes through parts joined at the end."""
@@ -205,7 +230,7 @@ class TableWriter:
         remove_stale_temporaries(path)  # what a run killed outright (SIGKILL, out of memory) left
         self.tmp = temporary(path, hidden=True)
         self.parts = self.tmp + ".parts"
-        self.count = 0
+        self.count, self.flattened = 0, 0
         if self.ext == ".parquet":
             os.makedirs(self.parts)
         else:
@@ -216,8 +241,11 @@ class TableWriter:
             frame.write_parquet(os.path.join(self.parts, f"part-{self.count:06d}.parquet"))
         else:
             with open(self.tmp, "a", encoding="utf-8") as f:
-                if self.ext in (".csv", ".tsv"):
-                    frame.write_csv(f, include_header=self.count == 0, separator="\t" if self.ext == ".tsv" else ",")
+                if self.ext == ".csv":
+                    frame.pipe(nested_as_json).write_csv(f, include_header=self.count == 0)
+                elif self.ext == ".tsv":  # no quoting, as TSV is read (tables.SCANNERS)
+                    frame, self.flattened = tsv_safe(frame.pipe(nested_as_json), self.flattened)
+                    frame.write_csv(f, include_header=self.count == 0, separator="\t", quote_style="never")
                 else:
                     frame.write_ndjson(f)
         self.count += 1
@@ -228,6 +256,9 @@ class TableWriter:
             pl.scan_parquet(os.path.join(self.parts, "*.parquet")).sink_parquet(self.tmp)
             shutil.rmtree(self.parts)
         replace_durably(self.tmp, self.path)
+        if self.flattened:
+            print(f"warning: {self.flattened} values held tabs or line breaks, which TSV cannot hold; they are spaces "
+                  f"in {self.path} (.csv, .parquet or .jsonl keep them)", file=sys.stderr)
 
     def abort(self):
         """Remove what an unfinished run wrote (nothing is left after `close`)."""

@@ -56,6 +56,31 @@ def test_every_format_round_trips_with_other_columns_and_order(tmp_path, trained
     assert report["accuracy"] >= 0.9 and "accuracy" in result.stderr
 
 
+def test_json_lines_keep_nested_fields_and_fields_first_seen_late_in_every_output(tmp_path, trained_model):
+    rows = demo_reviews(300, seed=24).to_dicts()
+    for i, row in enumerate(rows):
+        row["meta"] = {"stars": i % 5, "tags": ["a", "b"][:i % 3]}
+    rows[250]["source"] = "late"  # past the 100 lines polars reads for the schema by default: it was dropped
+    rows[7]["review"] = '"Wow" he said,\tthen\nhe left. I loved it.'
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for ext in ("csv", "tsv", "parquet", "jsonl"):
+        target = tmp_path / f"out.{ext}"
+        result = run_script("infer.py", "--model", str(trained_model), "--input", str(source), "--output",
+                            str(target), "--chunk-rows", "100")  # CSV failed: "CSV format does not support nested"
+        out = tables.read_table(target)  # as this project reads each format
+        assert out["source"].to_list() == [None] * 250 + ["late"] + [None] * 49, ext
+        meta = out["meta"].to_list()
+        if ext in ("csv", "tsv"):  # nested values as JSON text
+            meta = [json.loads(m) for m in meta]
+        assert meta == [row["meta"] for row in rows], ext
+        # TSV has no quoting: tabs and line breaks become spaces, said once; the quotes stay as they were.
+        tsv = ext == "tsv"
+        assert out["review"][7] == ('"Wow" he said, then he left. I loved it.' if tsv else rows[7]["review"]), ext
+        assert out["review"].to_list()[8:] == [row["review"] for row in rows[8:]], ext
+        assert ("1 values held tabs or line breaks, which TSV cannot hold" in result.stderr) == tsv, ext
+
+
 def test_plain_text_from_stdin_and_empty_lines(trained_model):
     result = run_script("infer.py", "--model", str(trained_model), "--input", "-",
                         input="I loved it. The acting was superb.\n\nThe plot was awful. I hated it.\n")
