@@ -70,7 +70,7 @@ def check_columns(frame, path, *columns):
 def check_text_column(frame, path, column):
     """The column is there and holds text (numbers or lists there mean the wrong column was named)."""
     check_columns(frame, path, column)
-    if frame.schema[column] not in (pl.String, pl.Null):
+    if not isinstance(frame.schema[column], (pl.String, pl.Null, pl.Categorical, pl.Enum)):  # read as strings
         raise SentimentError(f"{path}: column {column!r} holds {frame.schema[column]} values, not text; "
                              f"name the text column with --text-column")
 

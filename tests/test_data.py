@@ -290,3 +290,15 @@ def test_a_row_with_a_stray_comma_or_quote_names_its_row_and_line(tmp_path, name
         splits_of(path)  # training reads the table whole
     with pytest.raises(SentimentError, match=match):
         list(scan_chunks(str(path), 10))  # infer.py reads it in chunks
+
+
+@pytest.mark.parametrize("dtype", [pl.Categorical, pl.Enum])
+def test_texts_and_labels_stored_as_categories_are_text(tmp_path, dtype):
+    frame = demo_reviews(60, seed=11)
+    path = tmp_path / "d.parquet"
+    as_category = (lambda c: pl.col(c).cast(pl.Enum(frame[c].unique().sort().to_list()))) if dtype is pl.Enum \
+        else (lambda c: pl.col(c).cast(pl.Categorical))
+    frame.with_columns(as_category("review"), as_category("sentiment")).write_parquet(path)  # as pandas' category
+    loaded, _ = load_labelled(str(path), "review", "sentiment")  # was "holds Categorical values, not text"
+    assert loaded["text"].to_list() == clean_texts(frame["review"].unique(maintain_order=True).to_list())
+    assert loaded["label"].to_list() == frame.unique("review", maintain_order=True)["sentiment"].to_list()
