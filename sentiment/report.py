@@ -14,12 +14,14 @@ import html
 import io
 import json
 import os
+import sys
 
 from .modeling import CONFIG_FILE, LOG_FILE, METRICS_FILE
 from .errors import SentimentError, exit_on_user_error
 from .files import write_atomically
 
 REPORT_FILE = "report.html"
+MAX_FIGURE_INCHES, MAX_COUNTS_SHOWN, MAX_NAMES_SHOWN = 16, 20, 60  # the confusion matrix of many classes
 INSTALL_HINT = 'pip install -e ".[report]" (matplotlib), then python -m sentiment.report'
 
 
@@ -75,14 +77,18 @@ def validation_plot(records, plt):
 def confusion_plot(metrics, plt):
     confusion = metrics["test"]["confusion_matrix"]
     labels, counts = confusion["labels"], confusion["rows_true_columns_predicted"]
-    figure, axes = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.2 * len(labels) + 1.5))
+    # Hundreds of classes would make a picture of gigapixels: the size is capped, and past a few dozen
+    # classes the counts (all in metrics.json) and then the names are left out of it.
+    size = min(1.2 * len(labels) + 2, MAX_FIGURE_INCHES)
+    figure, axes = plt.subplots(figsize=(size, size))
     axes.imshow(counts, cmap="Blues")
     darkest = max(max(row) for row in counts)
-    for i, row in enumerate(counts):
+    for i, row in enumerate(counts if len(labels) <= MAX_COUNTS_SHOWN else []):
         for j, n in enumerate(row):  # white on the dark cells, so every count can be read
             axes.text(j, i, str(n), ha="center", va="center", color="white" if n > darkest / 2 else "black")
-    axes.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels,
-             xlabel="predicted", ylabel="true", title="test confusion matrix")
+    ticks = range(len(labels)) if len(labels) <= MAX_NAMES_SHOWN else []
+    axes.set(xticks=ticks, yticks=ticks, xticklabels=[labels[i] for i in ticks],
+             yticklabels=[labels[i] for i in ticks], xlabel="predicted", ylabel="true", title="test confusion matrix")
     return embedded(figure, plt)
 
 
@@ -138,6 +144,9 @@ def write_report_or_say_how(folder):
         print(f"report: {write_report(folder)}")
     except ImportError:
         print(f"report.html not written: {INSTALL_HINT} {folder}")
+    except Exception as err:  # the model is published by now: a failing picture must not fail the run
+        print(f"report.html not written ({type(err).__name__}: {str(err).strip()[:200]}); the model folder is "
+              f"complete; python -m sentiment.report {folder} tries again", file=sys.stderr)
 
 
 def main(argv=None):

@@ -881,3 +881,31 @@ def test_the_report_shows_every_plot_and_training_says_how_to_get_it_without_mat
     with pytest.raises(SystemExit) as exited:  # a user's mistake ends as train.py's and infer.py's do
         report.main([str(tmp_path)])
     assert exited.value.code == 2 and f"error: {tmp_path}: no log.jsonl" in capsys.readouterr().err
+
+
+def test_the_report_of_hundreds_of_classes_stays_small_and_a_failing_report_fails_no_run(tmp_path, trained_model,
+                                                                                         monkeypatch, capsys):
+    import base64
+    import re
+    import struct
+
+    from sentiment import report
+    folder = tmp_path / "model"
+    shutil.copytree(trained_model, folder)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    labels = [f"category {i}" for i in range(700)]  # 1,200 inches wide before: over matplotlib's 2^16 pixels
+    metrics["test"]["confusion_matrix"] = {"labels": labels, "rows_true_columns_predicted": [
+        [5 if i == j else 0 for j in range(len(labels))] for i in range(len(labels))]}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    report.main([str(folder)])
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', (folder / "report.html").read_text())
+    confusion = base64.b64decode(images[2])
+    width, height = struct.unpack(">II", confusion[16:24])  # the PNG header's size
+    assert width <= 2000 and height <= 2000
+
+    def broken(folder):
+        raise ValueError("Image size of 132000x132000 pixels is too large")
+
+    monkeypatch.setattr(report, "write_report", broken)
+    report.write_report_or_say_how(str(folder))  # the end of a training run whose model is published: no raise
+    assert "report.html not written (ValueError: Image size" in capsys.readouterr().err
