@@ -30,6 +30,7 @@ from .files import disk_full, disk_full_error, write_atomically
 from .predictor import Predictor
 from .tables import SCANNERS, TableWriter, existing_file, extension, scan_chunks, scanner, writable
 
+MAX_CONFUSION_SHOWN = 10  # classes whose confusion matrix is printed
 PREDICTED = "predicted_"  # before the added columns' names where the input has a column of one of them
 
 
@@ -288,9 +289,12 @@ def score_and_report(args):
         state.wait_for_everyone()
         state.destroy_process_group()
     if report:
+        confusion = report["confusion_matrix"]
+        shown = (f"confusion (rows true, columns predicted, {confusion['labels']}): "
+                 f"{confusion['rows_true_columns_predicted']}" if len(confusion["labels"]) <= MAX_CONFUSION_SHOWN
+                 else "the confusion matrix is written by --metrics-out")  # a line of a million counts otherwise
         print(f"accuracy {report['accuracy']:.4f}, macro F1 {report['macro_f1']:.4f} on {report['examples']} rows; "
-              f"confusion (rows true, columns predicted, {report['confusion_matrix']['labels']}): "
-              f"{report['confusion_matrix']['rows_true_columns_predicted']}", file=sys.stderr)
+              f"{shown}", file=sys.stderr)
         if args.metrics_out:
             write_atomically(args.metrics_out, json.dumps(report, indent=2))
     elif args.metrics_out and state.is_main_process:  # no row had a label the model knows (said above)

@@ -408,3 +408,21 @@ def test_two_processes_score_standard_input_once(trained_model):
                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "infer.py",
                        "--model", str(trained_model), "one review", "another", timeout=300)
     assert len(texts.stdout.splitlines()) == 2  # printed once, not once per process
+
+
+def test_the_confusion_matrix_of_many_classes_goes_to_the_metrics_file_not_the_terminal(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from sentiment.modeling import ModelSettings, save_model_folder, tiny_config, train_tiny_tokenizer
+    labels = [f"genre {i:02d}" for i in range(40)]
+    texts = [f"a film of genre {i % 40}, number {i}" for i in range(400)]
+    tokenizer = train_tiny_tokenizer(texts)
+    model = AutoModelForSequenceClassification.from_config(tiny_config(len(tokenizer), labels))
+    save_model_folder(str(tmp_path / "model"), model, tokenizer, ModelSettings(labels=labels, max_length=32))
+    pl.DataFrame({"review": texts, "sentiment": [labels[i % 40] for i in range(400)]}).write_csv(tmp_path / "in.csv")
+    result = run_script("infer.py", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "in.csv"),
+                        "--output", str(tmp_path / "out.csv"), "--metrics-out", str(tmp_path / "m.json"))
+    line = next(line for line in result.stderr.splitlines() if line.startswith("accuracy"))
+    assert "the confusion matrix is written by --metrics-out" in line and len(line) < 200  # was 1,600 counts
+    matrix = json.loads((tmp_path / "m.json").read_text())["confusion_matrix"]["rows_true_columns_predicted"]
+    assert len(matrix) == 40 and sum(map(sum, matrix)) == 400
