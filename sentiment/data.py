@@ -255,7 +255,8 @@ def load_splits(args):
                              f"a classifier needs two or more")
     rare = sorted((label, n) for label, n in train["label"].value_counts().iter_rows() if n < RARE_CLASS_ROWS)
     if rare:
-        shown = ", ".join(f"{label!r} ({count})" for label, count in rare[:5])
+        shown = ", ".join(f"{label!r} ({count})" for label, count in rare[:5]) + (
+            f", … ({len(rare)} classes in all)" if len(rare) > 5 else "")
         print(f"warning: few training rows for {shown}: a class needs some dozens to be learnt, and figures for "
               f"it from so few validation and test rows mean little", file=sys.stderr)
     for split, frame in (("validation", val), ("test", test)):

@@ -73,6 +73,12 @@ def test_a_class_of_few_training_rows_is_named_in_a_warning(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "warning: few training rows for 'mixed' (1): a class needs some dozens" in err
     assert "negative" not in err and "positive" not in err
+    kinds = range(8)
+    rare = pl.DataFrame({"review": [f"A film of kind {i}." for i in kinds], "sentiment": [f"kind {i}" for i in kinds]})
+    pl.concat([demo_reviews(300, seed=8), rare]).write_csv(path)
+    splits_of(path, val_size=0, test_size=0)
+    assert "few training rows for 'kind 0' (1), 'kind 1' (1), 'kind 2' (1), 'kind 3' (1), 'kind 4' (1), … (8 classes " \
+           "in all)" in capsys.readouterr().err
 
 
 def test_separate_val_and_test_files_use_all_training_rows_and_drop_overlap(tmp_path):
