@@ -66,13 +66,24 @@ def read_chunks(path, column, chunk_rows):
         yield from scan_chunks(path, chunk_rows)
 
 
-def check_input(path):
-    """Refuse a missing input, or one of a type we cannot read, before the model loads (seconds on a GPU)."""
-    if path != "-":
-        existing_file(path)
-        if extension(path) != ".txt" and extension(path) not in SCANNERS:
-            raise SentimentError(f"{path}: unknown file type {extension(path) or '(none)'}; use .txt or one of "
-                                 f"{', '.join(SCANNERS)}")
+def check_input(args):
+    """Refuse a missing input, one of a type we cannot read, or a table without the columns named, before
+    the model loads (seconds on a GPU)."""
+    path = args.input
+    if path == "-":
+        return
+    existing_file(path)
+    if extension(path) == ".txt":
+        return
+    if extension(path) not in SCANNERS:
+        raise SentimentError(f"{path}: unknown file type {extension(path) or '(none)'}; use .txt or one of "
+                             f"{', '.join(SCANNERS)}")
+    try:
+        columns = pl.DataFrame(schema=scanner(path).collect_schema())
+    except (pl.exceptions.PolarsError, OSError, ValueError):
+        return  # said with the row it breaks at, when the file is read
+    check_text_column(columns, path, args.text_column)
+    label_column_of(args, columns)
 
 
 def scored_columns(frame, labels, answers, prefix=""):
@@ -275,7 +286,7 @@ def score_and_report(args):
     # Several CPU processes (`accelerate launch` without a GPU) talk over gloo.
     state = PartialState(cpu=int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available())
     if args.input:
-        check_input(args.input)
+        check_input(args)
     for path, flag in ((args.output, "--output"), (args.metrics_out, "--metrics-out")):
         if path:
             writable(path, flag, source=args.input, model=args.model)

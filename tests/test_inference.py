@@ -133,8 +133,8 @@ def test_a_file_larger_than_one_chunk_is_scored_like_one_chunk(tmp_path, trained
     (["--model", "nowhere", "--input", "{data}", "--output", "out.xlsx"], "out.xlsx: unknown file type"),
     (["--model", "nowhere", "--input", "{data}", "--output", "/dev/stdout"],
      "without --output, the rows go to standard output as JSON lines"),
-    (["--input", "{data}", "--text-column", "body"], "no column 'body'"),
-    (["--input", "{data}", "--label-column", "stars"], "no label column 'stars'"),
+    (["--model", "nowhere", "--input", "{data}", "--text-column", "body"], "no column 'body'"),
+    (["--model", "nowhere", "--input", "{data}", "--label-column", "stars"], "no label column 'stars'"),
     ([], "give texts to score"),
     (["--max-length", "1024", "hello"], "--max-length: 1024 tokens is over this model's limit of 512 positions"),
     (["--max-length", "1", "hello"], "--max-length: must be at least 8 tokens, got 1"),  # kept all but one token
@@ -144,6 +144,8 @@ def test_a_file_larger_than_one_chunk_is_scored_like_one_chunk(tmp_path, trained
     # --metrics-out that could not be written was left unwritten without a word, exit status 0.
     (["--metrics-out", "m.json", "hello"], "--metrics-out needs true labels, from a label column of an --input"),
     (["--input", "{text}", "--metrics-out", "m.json"], "--metrics-out needs true labels, and "),
+    (["--model", "nowhere", "--input", "{data}", "--text-column", "sentiment", "--metrics-out", "m.json"],
+     "--metrics-out needs true labels, and "),  # the labels' column is the text: no other one to compare with
     (["--device", "nonsense", "hello"], "--device: 'nonsense' is not a device"),  # a traceback from PyTorch
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, trained_model, reviews_csv, flags, message):
