@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 
 from .errors import SentimentError
+from .hub import download_options, offline_note
 from .tables import read_table
 
 IMDB_REPO = "stanfordnlp/imdb"
@@ -162,11 +163,11 @@ def download_imdb():
     paths = {}
     for split, filename in IMDB_FILES.items():
         try:
-            paths[split] = hf_hub_download(IMDB_REPO, filename, repo_type="dataset")
+            paths[split] = hf_hub_download(IMDB_REPO, filename, repo_type="dataset", **download_options())
         except Exception as err:  # offline, proxy, missing cache: all mean the same to the user
             raise SentimentError(f"--data imdb: could not download {IMDB_REPO} from the Hugging Face Hub "
-                                 f"({type(err).__name__}); pass a local file instead, e.g. --data 'IMDB Dataset.csv'"
-                                 ) from None
+                                 f"({type(err).__name__}{offline_note()}); pass a local file instead, e.g. --data "
+                                 f"'IMDB Dataset.csv'") from None
     return paths
 
 

@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from .batching import TRUNCATIONS
 from .errors import SentimentError, SettingError
 from .files import process_alive
+from .hub import download_options, offline_note
 
 # The files of the model folder, named once: training writes them, inference and reports read them.
 SETTINGS_FILE = "sentiment.json"  # ModelSettings
@@ -128,7 +129,7 @@ def load_tokenizer(name, train_texts):
         tokenizer = folder_tokenizer(name)
     else:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
+            tokenizer = AutoTokenizer.from_pretrained(name, **download_options())
         except OSError as err:
             raise model_error(name, err) from None
     if not tokenizer.is_fast:
@@ -149,7 +150,8 @@ def load_model(name, labels, vocab_size, attention_dropout=None):
     id2label, label2id = label_maps(labels)
     try:
         config = (tiny_config(vocab_size, labels) if name == "tiny" else AutoConfig.from_pretrained(
-            name, num_labels=len(labels), id2label=id2label, label2id=label2id))
+            name, num_labels=len(labels), id2label=id2label, label2id=label2id,
+            **({} if os.path.isdir(name) else download_options())))
     except OSError as err:
         raise model_error(name, err) from None
     if attention_dropout is not None:
@@ -160,7 +162,8 @@ def load_model(name, labels, vocab_size, attention_dropout=None):
     if name == "tiny":
         return AutoModelForSequenceClassification.from_config(config)
     return AutoModelForSequenceClassification.from_pretrained(name, config=config, ignore_mismatched_sizes=True,
-                                                              dtype=torch.float32)
+                                                              dtype=torch.float32,
+                                                              **({} if os.path.isdir(name) else download_options()))
 
 
 def padding_id(tokenizer, config):
@@ -189,7 +192,8 @@ def model_error(name, err):
         return SentimentError(f"--model {name} is a file; pass its folder, a Hub id, or --model tiny to train a "
                               f"small model offline")
     where = "folder" if os.path.isdir(name) else "Hub id"
-    return SentimentError(f"--model {name}: could not load this {where} ({str(err).strip().splitlines()[0]}); "
+    note = "" if os.path.isdir(name) else offline_note()
+    return SentimentError(f"--model {name}: could not load this {where} ({str(err).strip().splitlines()[0]}){note}; "
                           f"pass a local model folder, or --model tiny to train a small model offline")
 
 

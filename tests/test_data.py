@@ -145,7 +145,7 @@ def test_imdb_download_uses_the_hub_files(tmp_path, monkeypatch):
             stand_in[split])
     asked = []
 
-    def fake_download(repo_id, filename, repo_type):
+    def fake_download(repo_id, filename, repo_type, local_files_only=False):  # the cache alone where offline
         asked.append((repo_id, filename, repo_type))
         return str(stand_in["train" if "train" in filename else "test"])
 

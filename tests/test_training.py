@@ -909,3 +909,23 @@ def test_the_report_of_hundreds_of_classes_stays_small_and_a_failing_report_fail
     monkeypatch.setattr(report, "write_report", broken)
     report.write_report_or_say_how(str(folder))  # the end of a training run whose model is published: no raise
     assert "report.html not written (ValueError: Image size" in capsys.readouterr().err
+
+
+def test_offline_a_hub_model_in_the_cache_loads_and_one_that_is_not_fails_at_once(tmp_path, trained_model):
+    # A Hub that does not resolve (.invalid never does): transformers retried each file for most of a minute,
+    # before using the cache or failing. A model in the cache, laid out as huggingface_hub keeps it:
+    cache, revision = tmp_path / "hub", "0" * 40
+    repo = cache / "models--someone--tiny-sentiment"
+    shutil.copytree(trained_model, repo / "snapshots" / revision,
+                    ignore=shutil.ignore_patterns("checkpoints", "report.html", "log.jsonl", ".lock"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    env = {"HF_HUB_CACHE": str(cache), "HF_ENDPOINT": "https://hub.invalid", "HF_HUB_OFFLINE": "",
+           **{name: "" for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")}}
+    flags = ["--data", "demo", *TINY, "--epochs", "1"]
+    run_script("train.py", *flags, "--model", "someone/tiny-sentiment", "--output-dir", str(tmp_path / "a"), env=env)
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["test_accuracy"] >= 0.9
+    missing = run_script("train.py", *flags, "--model", "someone/not-cached", "--output-dir", str(tmp_path / "b"),
+                         env=env, check=False)
+    assert missing.returncode == 2 and "Retry" not in missing.stderr
+    assert "hub.invalid does not resolve from this machine, so only its local cache was looked in" in missing.stderr
