@@ -76,6 +76,17 @@ def check_text_column(frame, path, column):
                              f"name the text column with --text-column")
 
 
+def label_text(labels):
+    """A column of labels as text, spaces around them dropped. In a column of floats (pandas' integers with a
+    gap) NaN is a missing label, not a class, and whole numbers are written as such: 1, not 1.0."""
+    if labels.dtype.is_float():
+        labels = labels.fill_nan(None)
+        known = labels.drop_nulls()
+        if known.is_finite().all() and (known == known.round()).all():
+            labels = labels.cast(pl.Int64)
+    return labels.cast(pl.String).str.strip_chars()
+
+
 def load_labelled(path, text_column, label_column, skip_bad_rows=False, frame=None):
     """Read `path` into a frame of cleaned `text` and string `label`, one row per usable review.
 
@@ -87,7 +98,7 @@ def load_labelled(path, text_column, label_column, skip_bad_rows=False, frame=No
     check_columns(frame, path, label_column)
     frame = frame.select(
         text=clean_expr(pl.col(text_column).cast(pl.String)),
-        label=pl.col(label_column).cast(pl.String).str.strip_chars(),
+        label=label_text(frame[label_column]),
     ).with_row_index("row", offset=1)
     bad = frame.filter(pl.col("text").is_null() | (pl.col("text") == "")
                        | pl.col("label").is_null() | (pl.col("label") == ""))

@@ -23,7 +23,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
-from .data import check_text_column
+from .data import check_text_column, label_text
 from .errors import SentimentError
 from .metrics import classification_report
 from .files import disk_full, disk_full_error, write_atomically
@@ -153,7 +153,7 @@ class LabelTally:
 
     def add(self, frame, answers):
         """The input rows of a chunk (their true labels) and the Predictor's answers for them."""
-        for value, answer in zip(frame[self.column].cast(pl.String).str.strip_chars().to_list(), answers):
+        for value, answer in zip(label_text(frame[self.column]).to_list(), answers):
             if not value:  # spaces around a label are dropped, as in training
                 self.missing += 1
             elif answer.get("error") is not None:

@@ -308,3 +308,15 @@ def test_texts_and_labels_stored_as_categories_are_text(tmp_path, dtype):
     loaded, _ = load_labelled(str(path), "review", "sentiment")  # was "holds Categorical values, not text"
     assert loaded["text"].to_list() == clean_texts(frame["review"].unique(maintain_order=True).to_list())
     assert loaded["label"].to_list() == frame.unique("review", maintain_order=True)["sentiment"].to_list()
+
+
+def test_float_labels_with_gaps_are_whole_numbers_and_nan_is_a_missing_label(tmp_path):
+    # pandas stores integer labels with a gap as floats: NaN trained as a third class "NaN", and "1.0" was a
+    # class where the same labels in a CSV are "1".
+    frame = demo_reviews(200, seed=12).with_columns(
+        pl.when(pl.int_range(pl.len()) % 50 == 0).then(float("nan"))
+        .otherwise(pl.col("sentiment").replace_strict({"negative": 0.0, "positive": 1.0})).alias("sentiment"))
+    frame.write_parquet(tmp_path / "d.parquet")
+    with pytest.raises(SentimentError, match="4 rows with a missing or empty text or label"):
+        splits_of(tmp_path / "d.parquet")
+    assert splits_of(tmp_path / "d.parquet", skip_bad_rows=True).labels == ["0", "1"]
