@@ -213,9 +213,10 @@ def nested_as_json(frame):
 def tsv_safe(frame, flattened):
     """`frame` with tabs and line breaks in its text turned into spaces, as TSV has no quoting to hold them,
     and `flattened` plus how many values that changed."""
-    text = [name for name, dtype in frame.schema.items() if dtype == pl.String]
+    text = [name for name, dtype in frame.schema.items() if isinstance(dtype, (pl.String, pl.Categorical, pl.Enum))]
     if not text:
         return frame, flattened
+    frame = frame.with_columns(pl.col(text).cast(pl.String))
     changed = frame.select(pl.col(text).str.contains(r"[\t\r\n]").fill_null(False).sum()).sum_horizontal().item()
     return frame.with_columns(pl.col(text).str.replace_all(r"[\t\r\n]", " ")), flattened + changed
 

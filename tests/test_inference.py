@@ -428,3 +428,14 @@ def test_the_confusion_matrix_of_many_classes_goes_to_the_metrics_file_not_the_t
     assert "the confusion matrix is written by --metrics-out" in line and len(line) < 200  # was 1,600 counts
     matrix = json.loads((tmp_path / "m.json").read_text())["confusion_matrix"]["rows_true_columns_predicted"]
     assert len(matrix) == 40 and sum(map(sum, matrix)) == 400
+
+
+def test_a_category_column_with_tabs_is_written_to_tsv_as_text_with_spaces(tmp_path, trained_model):
+    frame = pl.DataFrame({"review": ["I loved it.\tThe acting was superb.", "The plot was dreadful.\nAvoid it."]})
+    frame.with_columns(pl.col("review").cast(pl.Categorical)).write_parquet(tmp_path / "in.parquet")
+    result = run_script("infer.py", "--model", str(trained_model), "--input", str(tmp_path / "in.parquet"),
+                        "--output", str(tmp_path / "out.tsv"))
+    out = tables.read_table(tmp_path / "out.tsv")  # a tab or line break kept in a category split its row
+    assert out["review"].to_list() == ["I loved it. The acting was superb.", "The plot was dreadful. Avoid it."]
+    assert out["label"].to_list() == ["positive", "negative"]
+    assert "2 values held tabs or line breaks" in result.stderr
