@@ -175,10 +175,9 @@ def padding_id(tokenizer, config):
     choice). Both are saved with the model folder, so `transformers.pipeline` pads the same way.
     """
     pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = getattr(config, "pad_token_id", None)
-        if pad is None:
-            pad = tokenizer.eos_token_id
+    if pad is None:  # an id past the vocabulary (a config copied from a larger model) is no padding token
+        candidates = (getattr(config, "pad_token_id", None), tokenizer.eos_token_id)
+        pad = next((i for i in candidates if isinstance(i, int) and 0 <= i < len(tokenizer)), None)
         if pad is None:
             raise SentimentError(f"{tokenizer.name_or_path}: the tokenizer has no padding or end-of-text token to pad "
                                  f"batches with; add one (tokenizer.add_special_tokens) and save it with the model")

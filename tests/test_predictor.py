@@ -244,6 +244,13 @@ def test_a_decoder_whose_tokenizer_cannot_pad_trains_and_scores_in_batches(tmp_p
     alone = np.concatenate([predictor.probabilities([t]) for t in texts])
     np.testing.assert_allclose(predictor.probabilities(texts), alone, atol=1e-5)
 
+    from transformers import AutoTokenizer, GPT2Config
+
+    from sentiment.modeling import padding_id
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "gpt2")
+    config = GPT2Config(pad_token_id=50256)  # GPT-2's id, past this small vocabulary: the end-of-text token pads
+    assert padding_id(tokenizer, config) == tokenizer.eos_token_id == config.pad_token_id
+
     out = tmp_path / "trained"
     run_script("train.py", "--data", str(reviews_csv), "--model", str(tmp_path / "gpt2"), "--output-dir", str(out),
                "--epochs", "1", "--batch-size", "8", "--max-length", "64", "--lr", "1e-3")
