@@ -27,9 +27,10 @@ def unreachable():
     return None
 
 
-def download_options():
-    """Keyword arguments for `from_pretrained` and `hf_hub_download`: the local cache alone when offline."""
-    return {"local_files_only": True} if unreachable() else {}
+def download_options(name=None):
+    """Keyword arguments for `from_pretrained` and `hf_hub_download`: the local cache alone when offline
+    (nothing for `name` a local folder)."""
+    return {"local_files_only": True} if not (name and os.path.isdir(name)) and unreachable() else {}
 
 
 def offline_note():

@@ -151,7 +151,7 @@ def load_model(name, labels, vocab_size, attention_dropout=None):
     try:
         config = (tiny_config(vocab_size, labels) if name == "tiny" else AutoConfig.from_pretrained(
             name, num_labels=len(labels), id2label=id2label, label2id=label2id,
-            **({} if os.path.isdir(name) else download_options())))
+            **download_options(name)))
     except OSError as err:
         raise model_error(name, err) from None
     if attention_dropout is not None:
@@ -163,7 +163,7 @@ def load_model(name, labels, vocab_size, attention_dropout=None):
         return AutoModelForSequenceClassification.from_config(config)
     return AutoModelForSequenceClassification.from_pretrained(name, config=config, ignore_mismatched_sizes=True,
                                                               dtype=torch.float32,
-                                                              **({} if os.path.isdir(name) else download_options()))
+                                                              **download_options(name))
 
 
 def padding_id(tokenizer, config):
