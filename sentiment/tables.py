@@ -210,15 +210,15 @@ def nested_as_json(frame):
         .alias(name) for name in nested)
 
 
-def tsv_safe(frame, flattened):
+def tsv_safe(frame):
     """`frame` with tabs and line breaks in its text turned into spaces, as TSV has no quoting to hold them,
-    and `flattened` plus how many values that changed."""
+    and how many values that changed."""
     text = [name for name, dtype in frame.schema.items() if isinstance(dtype, (pl.String, pl.Categorical, pl.Enum))]
     if not text:
-        return frame, flattened
+        return frame, 0
     frame = frame.with_columns(pl.col(text).cast(pl.String))
     changed = frame.select(pl.col(text).str.contains(r"[\t\r\n]").fill_null(False).sum()).sum_horizontal().item()
-    return frame.with_columns(pl.col(text).str.replace_all(r"[\t\r\n]", " ")), flattened + changed
+    return frame.with_columns(pl.col(text).str.replace_all(r"[\t\r\n]", " ")), changed
 
 
 class TableWriter:
@@ -245,7 +245,8 @@ class TableWriter:
                 if self.ext == ".csv":
                     frame.pipe(nested_as_json).write_csv(f, include_header=self.count == 0)
                 elif self.ext == ".tsv":  # no quoting, as TSV is read (tables.SCANNERS)
-                    frame, self.flattened = tsv_safe(frame.pipe(nested_as_json), self.flattened)
+                    frame, changed = tsv_safe(frame.pipe(nested_as_json))
+                    self.flattened += changed
                     frame.write_csv(f, include_header=self.count == 0, separator="\t", quote_style="never")
                 else:
                     frame.write_ndjson(f)
