@@ -28,7 +28,8 @@ from .errors import SentimentError
 from .metrics import classification_report
 from .files import disk_full, disk_full_error, write_atomically
 from .predictor import Predictor
-from .tables import SCANNERS, TableWriter, existing_file, extension, scan_chunks, scanner, writable
+from .tables import (SCANNERS, TableWriter, existing_file, extension, scan_chunks, scanner, where_broken,
+                     writable)
 
 MAX_CONFUSION_SHOWN = 10  # classes whose confusion matrix is printed
 PREDICTED = "predicted_"  # before the added columns' names where the input has a column of one of them
@@ -67,23 +68,21 @@ def read_chunks(path, column, chunk_rows):
 
 
 def check_input(args):
-    """Refuse a missing input, one of a type we cannot read, or a table without the columns named, before
-    the model loads (seconds on a GPU)."""
+    """The input's columns (an empty frame), once it is known to be there, of a type we read, and with the
+    columns named: found before the model loads (seconds on a GPU). Every chunk has these columns."""
     path = args.input
-    if path == "-":
-        return
-    existing_file(path)
-    if extension(path) == ".txt":
-        return
-    if extension(path) not in SCANNERS:
-        raise SentimentError(f"{path}: unknown file type {extension(path) or '(none)'}; use .txt or one of "
-                             f"{', '.join(SCANNERS)}")
+    if path != "-":
+        existing_file(path)
+        if extension(path) != ".txt" and extension(path) not in SCANNERS:
+            raise SentimentError(f"{path}: unknown file type {extension(path) or '(none)'}; use .txt or one of "
+                                 f"{', '.join(SCANNERS)}")
     try:
-        columns = pl.DataFrame(schema=scanner(path).collect_schema())
-    except (pl.exceptions.PolarsError, OSError, ValueError):
-        return  # said with the row it breaks at, when the file is read
+        columns = empty_input(path, args.text_column)
+    except (pl.exceptions.PolarsError, OSError, ValueError) as err:
+        raise SentimentError(f"{path}: could not read it: {where_broken(path, err)}") from None
     check_text_column(columns, path, args.text_column)
     label_column_of(args, columns)
+    return columns
 
 
 def scored_columns(frame, labels, answers, prefix=""):
@@ -191,23 +190,20 @@ def label_column_of(args, frame):
     return column
 
 
-def score_file(args, state):
-    """Score `args.input` chunk by chunk; returns the label metrics, if the input had labels."""
+def score_file(args, state, columns):
+    """Score `args.input`, whose `columns` `check_input` gave, chunk by chunk; returns the label metrics, if
+    the input had labels."""
     predictor = make_predictor(args, state.device if state.num_processes > 1 else args.device)
     chunks = read_chunks(args.input, args.text_column, args.chunk_rows)
     if state.num_processes > 1 and args.input == "-":
         chunks = shared_chunks(state, chunks)
     writer = TableWriter(args.output) if args.output and state.is_main_process else None
-    tally, errors, prefix = None, 0, ""
+    column, errors = label_column_of(args, columns), 0
+    tally = LabelTally(column, predictor.labels) if column else None
+    prefix = added_columns_prefix(columns.columns, predictor.labels, args.input) if writer else ""
     bar = tqdm(desc="scoring", unit=" rows", disable=not state.is_main_process or not args.output)
     try:
-        for number, frame in enumerate(chunks):
-            check_text_column(frame, args.input, args.text_column)
-            if number == 0:
-                column = label_column_of(args, frame)
-                tally = LabelTally(column, predictor.labels) if column else None
-                if writer:
-                    prefix = added_columns_prefix(frame.columns, predictor.labels, args.input)
+        for frame in chunks:
             answers = score_chunk(predictor, state, frame[args.text_column].cast(pl.String).to_list())
             if answers is None:  # not the main process
                 continue
@@ -220,9 +216,7 @@ def score_file(args, state):
                 print_answers(frame[args.text_column].to_list(), answers)
             bar.update(len(frame))
         if writer and writer.count == 0:
-            empty = empty_input(args.input, args.text_column)
-            prefix = added_columns_prefix(empty.columns, predictor.labels, args.input)
-            writer.write(scored_columns(empty, predictor.labels, [], prefix))
+            writer.write(scored_columns(columns, predictor.labels, [], prefix))
         if writer:
             writer.close()
     finally:
@@ -285,8 +279,7 @@ def run(args):
 def score_and_report(args):
     # Several CPU processes (`accelerate launch` without a GPU) talk over gloo.
     state = PartialState(cpu=int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available())
-    if args.input:
-        check_input(args)
+    columns = check_input(args) if args.input else None
     for path, flag in ((args.output, "--output"), (args.metrics_out, "--metrics-out")):
         if path:
             writable(path, flag, source=args.input, model=args.model)
@@ -295,7 +288,7 @@ def score_and_report(args):
                              f"--output, the rows go to standard output as JSON lines)")
     if args.output and args.metrics_out and os.path.abspath(args.output) == os.path.abspath(args.metrics_out):
         raise SentimentError(f"--output and --metrics-out are both {args.output}; name two files")
-    report = score_texts(args, state) if args.texts else score_file(args, state)
+    report = score_texts(args, state) if args.texts else score_file(args, state, columns)
     if state.num_processes > 1:  # leave together, or gloo's threads abort the process that leaves first
         state.wait_for_everyone()
         state.destroy_process_group()
