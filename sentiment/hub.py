@@ -27,13 +27,18 @@ def unreachable():
     return None
 
 
+def offline(name=None):
+    """The Hub's host name when `name` (a Hub id; a local folder never is) would be downloaded from it and
+    cannot be; else None."""
+    return None if name and os.path.isdir(name) else unreachable()
+
+
 def download_options(name=None):
-    """Keyword arguments for `from_pretrained` and `hf_hub_download`: the local cache alone when offline
-    (nothing for `name` a local folder)."""
-    return {"local_files_only": True} if not (name and os.path.isdir(name)) and unreachable() else {}
+    """Keyword arguments for `from_pretrained` and `hf_hub_download`: the local cache alone when offline."""
+    return {"local_files_only": True} if offline(name) else {}
 
 
-def offline_note():
+def offline_note(name=None):
     """What to add to a failed download's error: why it failed so soon."""
-    host = unreachable()
+    host = offline(name)
     return f"; {host} does not resolve from this machine, so only its local cache was looked in" if host else ""

@@ -129,7 +129,7 @@ def load_tokenizer(name, train_texts):
         tokenizer = folder_tokenizer(name)
     else:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name, **download_options())
+            tokenizer = AutoTokenizer.from_pretrained(name, **download_options(name))
         except OSError as err:
             raise model_error(name, err) from None
     if not tokenizer.is_fast:
@@ -191,9 +191,9 @@ def model_error(name, err):
         return SentimentError(f"--model {name} is a file; pass its folder, a Hub id, or --model tiny to train a "
                               f"small model offline")
     where = "folder" if os.path.isdir(name) else "Hub id"
-    note = "" if os.path.isdir(name) else offline_note()
-    return SentimentError(f"--model {name}: could not load this {where} ({str(err).strip().splitlines()[0]}){note}; "
-                          f"pass a local model folder, or --model tiny to train a small model offline")
+    return SentimentError(f"--model {name}: could not load this {where} ({str(err).strip().splitlines()[0]})"
+                          f"{offline_note(name)}; pass a local model folder, or --model tiny to train a small model "
+                          f"offline")
 
 
 def position_limit(config):
