@@ -51,14 +51,27 @@ def param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def loader_workers():
+    """Processes that collate and pin the next batches while the GPU runs this one; none on a CPU,
+    whose cores the model needs."""
+    return 2 if torch.cuda.is_available() else 0
+
+
+def ignore_stop_signals(worker_id):
+    """Ctrl-C and SIGTERM are the main process's to act on: it stops at the next step with a
+    checkpoint and ends its workers itself. A terminal, Slurm, systemd or `timeout` signals every
+    process of the run, and a worker that SIGTERM killed ended the run in a traceback, checkpoint-less."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset, collate, **kwargs):
     # The loader's own generator draws its per-iterator seed, so starting an iterator never
-    # touches the global RNG that dropout uses: a resumed run replays dropout exactly. On a GPU,
-    # a worker process collates and pins the next batches while the GPU runs this one.
-    gpu = torch.cuda.is_available()
+    # touches the global RNG that dropout uses: a resumed run replays dropout exactly.
+    workers = loader_workers()
     return torch.utils.data.DataLoader(dataset, collate_fn=collate, generator=torch.Generator().manual_seed(0),
-                                       pin_memory=gpu, num_workers=2 if gpu else 0, persistent_workers=gpu,
-                                       **kwargs)
+                                       pin_memory=torch.cuda.is_available(), num_workers=workers,
+                                       persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals, **kwargs)
 
 
 def window_scale(batch_index, batches, accumulation):

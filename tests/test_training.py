@@ -462,9 +462,17 @@ def test_attention_dropout_is_set_whatever_the_architecture_calls_it(tmp_path):
         TrainArgs(data="demo", attention_dropout=1.0)
 
 
-def start_training(*flags):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *flags], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+# train.py run as on a GPU, with processes that collate the batches, though on a CPU.
+WITH_LOADER_WORKERS = ("import runpy, sys; from sentiment import training; assert training.loader_workers; "
+                       "training.loader_workers = lambda: 2; sys.argv = sys.argv[1:]; "
+                       "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def start_training(*flags, loader_workers=False):
+    """train.py in the background, in a session of its own: a signal can be sent to all its processes."""
+    python = [sys.executable, "-c", WITH_LOADER_WORKERS] if loader_workers else [sys.executable]
+    return subprocess.Popen([*python, os.path.join(ROOT, "train.py"), *flags], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
 
 
@@ -493,6 +501,24 @@ def test_a_signal_stops_at_the_next_step_with_a_checkpoint_and_resume_continues(
     resumed = run_script("train.py", *flags, "--resume", "latest")
     assert f"at step {checkpointing.step_of(saved[0])}" in resumed.stdout
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 2 * 60
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_to_every_process_of_a_run_stops_it_with_a_checkpoint(tmp_path, signum, status):
+    # A terminal's Ctrl-C, Slurm, systemd and `timeout` signal the loader's worker processes (a GPU
+    # run's) with the main one; a worker killed by SIGTERM ended the run in a traceback, checkpoint-less.
+    data = tmp_path / "reviews.csv"
+    demo_reviews(1200, seed=15).write_csv(data)
+    out = tmp_path / "out"
+    process = start_training("--data", str(data), *TINY, "--output-dir", str(out), "--checkpoint-every", "0",
+                             loader_workers=True)
+    wait_for(out / "log.jsonl", process)
+    os.killpg(process.pid, signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == status, stderr[-3000:]
+    assert "Traceback" not in stderr and f"stopped by {signal.Signals(signum).name} at step" in stderr
+    assert len(checkpointing.complete_checkpoints(out)) == 1
 
 
 @pytest.mark.slow
