@@ -27,6 +27,7 @@ from .data import check_text_column, label_text
 from .errors import SentimentError
 from .metrics import classification_report
 from .files import disk_full, disk_full_error, write_atomically
+from .launcher import stop_with_the_launcher
 from .predictor import Predictor
 from .tables import (SCANNERS, TableWriter, existing_file, extension, scan_chunks, scanner, where_broken,
                      writable)
@@ -248,10 +249,12 @@ def stopped_by_signals(output):
     """Ctrl-C and SIGTERM unwind the run, so its `finally` blocks remove the unfinished output (by
     default SIGTERM ends the process on the spot and leaves it), then exit 130 or 143 with one line."""
     def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a repeat must not cut the removal of the output short
         raise KeyboardInterrupt(signum)
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
+        stop_with_the_launcher()
         yield
     except KeyboardInterrupt as err:
         signum = err.args[0] if err.args else signal.SIGINT

@@ -32,6 +32,7 @@ from .checkpointing import (TrainState, best_weights, check_random_states, find_
 from .data import load_splits
 from .errors import SentimentError
 from .files import disk_full, disk_full_error, replace_durably, write_atomically
+from .launcher import stop_with_the_launcher
 from .metrics import (classification_report, expected_calibration_error, fit_temperature, inverse_frequency_weights,
                       reliability_bins, softmax)
 from .modeling import (CONFIG_FILE, LOG_FILE, ModelSettings, check_max_length, load_model, load_tokenizer,
@@ -476,16 +477,27 @@ class FineTuneRecipe:
         return figures
 
 
+# Signals this close together are one request: the terminal and torchrun each pass on one Ctrl-C,
+# and Linux may repeat the one sent when `accelerate launch` dies (once for each of its threads).
+SAME_SIGNAL_S = 1.0
+
+
 @contextlib.contextmanager
 def stop_on_signals(received):
-    """Ctrl-C and SIGTERM append to `received` (the loop stops at the next step); a second one stops at once."""
+    """Ctrl-C and SIGTERM append to `received` (the loop stops at the next step); another one, more than
+    SAME_SIGNAL_S later, stops at once. So does the death of a one-process `accelerate launch` (`launcher`)."""
+    first = []
+
     def handler(signum, frame):
-        if received:
+        if not received:
+            received.append(signum)
+            first.append(time.monotonic())
+        elif time.monotonic() - first[0] > SAME_SIGNAL_S:
             raise KeyboardInterrupt
-        received.append(signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        stop_with_the_launcher()
         yield
     finally:
         for s, old in previous.items():

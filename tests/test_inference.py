@@ -266,6 +266,26 @@ def test_a_run_stopped_by_a_signal_keeps_the_old_output_and_leaves_no_temporary_
 
 
 @pytest.mark.slow
+def test_sigterm_to_a_one_process_accelerate_launch_stops_the_run(tmp_path, trained_model):
+    # The launcher died without passing SIGTERM on; the run went on and replaced the output.
+    demo_reviews(20000, seed=3).write_csv(tmp_path / "big.csv")
+    (tmp_path / "scored.csv").write_text("old\n")
+    launcher = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
+                                 "--mixed_precision", "no", "--dynamo_backend", "no", "infer.py",
+                                 "--model", str(trained_model), "--input", str(tmp_path / "big.csv"),
+                                 "--output", str(tmp_path / "scored.csv"), "--chunk-rows", "100"],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(".tmp-" in p.name for p in tmp_path.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    launcher.terminate()
+    _, stderr = launcher.communicate(timeout=120)  # the pipes close when infer.py, which holds them, has ended
+    assert f"stopped by SIGTERM; {tmp_path / 'scored.csv'} is as it was" in stderr, stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.csv", "scored.csv"]
+    assert (tmp_path / "scored.csv").read_text() == "old\n"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("output", ["scored.csv", "scored.parquet"])
 def test_what_a_killed_run_left_is_removed_by_the_next_and_a_live_run_s_is_kept(tmp_path, trained_model, output):
     # SIGKILL (the out-of-memory killer) leaves the hidden temporary output, as large as the part

@@ -23,6 +23,7 @@ from sentiment import checkpointing, modeling, outputs, training
 from sentiment.config import TrainArgs, parse_args
 from sentiment.demo_data import demo_reviews
 from sentiment.errors import SentimentError, flag
+from sentiment.launcher import launched_by_accelerate
 from sentiment.modeling import load_model_folder, load_tokenizer, save_model_folder, tiny_config
 from sentiment.files import write_atomically
 from sentiment.outputs import log_line, publish_model
@@ -519,6 +520,56 @@ def test_a_signal_to_every_process_of_a_run_stops_it_with_a_checkpoint(tmp_path,
     assert process.returncode == status, stderr[-3000:]
     assert "Traceback" not in stderr and f"stopped by {signal.Signals(signum).name} at step" in stderr
     assert len(checkpointing.complete_checkpoints(out)) == 1
+
+
+def test_repeats_of_a_signal_are_one_stop_and_a_later_signal_stops_at_once():
+    # A terminal's Ctrl-C comes twice under torchrun (from the terminal and from the launcher) and
+    # the kernel repeats a dead launcher's SIGTERM: as a second signal, either stopped the run at
+    # once, without its checkpoint.
+    received = []
+    with training.stop_on_signals(received):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            pytest.fail("a repeat of the first signal stopped the run at once")
+        assert received == [signal.SIGTERM]
+        time.sleep(training.SAME_SIGNAL_S + 0.1)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs here at the latest
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.parametrize("command, launcher", [
+    ("/venv/bin/python3 /venv/bin/accelerate launch --num_processes 1 train.py", True),
+    ("/venv/bin/python3 /venv/bin/accelerate-launch train.py", True),
+    ("python -m accelerate.commands.launch train.py", True),
+    ("/root/.local/bin/accelerate launch train.py", True),
+    ("/bin/bash", False),  # `python train.py &`: a shell that exits must not stop the run
+    ("python /venv/bin/accelerate config", False),
+    ("python my_launcher.py launch accelerate", False),
+])
+def test_only_accelerate_s_launcher_is_followed(command, launcher):
+    assert launched_by_accelerate(command.split()) == launcher
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_one_process_accelerate_launch_stops_the_run_with_a_checkpoint(tmp_path):
+    # The launcher died without passing SIGTERM on (`kill`, supervisord): the run went on to the end unseen.
+    data = tmp_path / "reviews.csv"
+    demo_reviews(1200, seed=15).write_csv(data)
+    out = tmp_path / "out"
+    launcher = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
+                                 "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", "--data", str(data),
+                                 *TINY, "--output-dir", str(out), "--checkpoint-every", "0"],
+                                cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    wait_for(out / "log.jsonl", launcher)
+    launcher.terminate()
+    _, stderr = launcher.communicate(timeout=120)  # the pipes close when train.py, which holds them, has ended
+    assert "stopped by SIGTERM at step" in stderr, stderr[-3000:]
+    assert len(checkpointing.complete_checkpoints(out)) == 1 and not (out / "metrics.json").exists()
 
 
 @pytest.mark.slow

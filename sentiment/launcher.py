@@ -1,0 +1,46 @@
+"""Signals sent to `accelerate launch` reach the run it started.
+
+With one process, `accelerate launch` runs `train.py` or `infer.py` as its child and, when it is
+itself sent SIGTERM (`kill`, supervisord, a job manager that signals one process), dies without
+passing it on: the run went on unseen, to be killed later without a checkpoint. On Linux the
+child asks the kernel for SIGTERM when that launcher dies, and stops as SIGTERM makes it stop.
+With several processes torchrun passes signals on itself.
+"""
+
+import ctypes
+import os
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def launched_by_accelerate(command):
+    """Whether `command` (a process's arguments) is `accelerate launch …`, `accelerate-launch …` or
+    `python -m accelerate.commands.launch …`."""
+    head = [os.path.basename(part) for part in command[:4]]
+    return ("accelerate.commands.launch" in head or "accelerate-launch" in head
+            or ("accelerate", "launch") in zip(head, head[1:]))
+
+
+def parent_command():
+    """The parent process's arguments; empty where /proc cannot tell."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            return [part.decode(errors="replace") for part in f.read().split(b"\0") if part]
+    except OSError:
+        return []
+
+
+def stop_with_the_launcher():
+    """When the parent is accelerate's one-process launcher, have its death send this process SIGTERM."""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" in os.environ:
+        return
+    parent = os.getppid()
+    if not launched_by_accelerate(parent_command()):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        return  # not allowed here (a seccomp profile, say): the run goes on as before
+    if os.getppid() != parent:  # the launcher died before the kernel was asked
+        os.kill(os.getpid(), signal.SIGTERM)
