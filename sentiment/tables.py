@@ -223,7 +223,8 @@ def tsv_safe(frame):
 
 class TableWriter:
     """Appends frames to a temporary file beside `path` that `close()` renames into place, so a run
-    that fails leaves an existing file as it was; Parquet goes through parts joined at the end."""
+    that fails leaves an existing file as it was; Parquet goes through parts joined at the end, and
+    `.json` is one array, its objects written a chunk at a time between brackets."""
 
     def __init__(self, path):
         self.path = path
@@ -231,11 +232,12 @@ class TableWriter:
         remove_stale_temporaries(path)  # what a run killed outright (SIGKILL, out of memory) left
         self.tmp = temporary(path, hidden=True)
         self.parts = self.tmp + ".parts"
-        self.count, self.flattened = 0, 0
+        self.count, self.flattened, self.objects = 0, 0, 0
         if self.ext == ".parquet":
             os.makedirs(self.parts)
         else:
-            open(self.tmp, "w").close()
+            with open(self.tmp, "w") as f:
+                f.write("[" if self.ext == ".json" else "")
 
     def write(self, frame):
         if self.ext == ".parquet":
@@ -248,6 +250,10 @@ class TableWriter:
                     frame, changed = tsv_safe(frame.pipe(nested_as_json))
                     self.flattened += changed
                     frame.write_csv(f, include_header=self.count == 0, separator="\t", quote_style="never")
+                elif self.ext == ".json":  # one object a line, as JSON lines, with commas between
+                    for line in frame.write_ndjson().splitlines():
+                        f.write(("," if self.objects else "") + "\n" + line)
+                        self.objects += 1
                 else:
                     frame.write_ndjson(f)
         self.count += 1
@@ -257,6 +263,9 @@ class TableWriter:
         if self.ext == ".parquet":
             pl.scan_parquet(os.path.join(self.parts, "*.parquet")).sink_parquet(self.tmp)
             shutil.rmtree(self.parts)
+        elif self.ext == ".json":
+            with open(self.tmp, "a") as f:
+                f.write("\n]\n")
         replace_durably(self.tmp, self.path)
         if self.flattened:
             print(f"warning: {self.flattened} values held tabs or line breaks, which TSV cannot hold; they are spaces "

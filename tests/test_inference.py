@@ -39,13 +39,13 @@ def test_every_format_round_trips_with_other_columns_and_order(tmp_path, trained
     source, target = tmp_path / f"in.{ext}", tmp_path / f"out.{ext}"
     write = {"csv": frame.write_csv, "tsv": lambda p: frame.write_csv(p, separator="\t"),
              "parquet": frame.write_parquet, "jsonl": frame.write_ndjson,
-             "json": lambda p: p.write_text(json.dumps(frame.to_dicts()))}[ext]  # a JSON array in, JSON lines out
+             "json": lambda p: p.write_text(json.dumps(frame.to_dicts()))}[ext]
     write(source)
     metrics = tmp_path / "metrics.json"
     result = run_script("infer.py", "--model", str(trained_model), "--input", str(source), "--output", str(target),
                         "--chunk-rows", "50", "--metrics-out", str(metrics))
     read = {"csv": pl.read_csv, "tsv": lambda p: pl.read_csv(p, separator="\t"), "parquet": pl.read_parquet,
-            "jsonl": pl.read_ndjson, "json": pl.read_ndjson}[ext]
+            "jsonl": pl.read_ndjson, "json": lambda p: pl.DataFrame(json.loads(p.read_text()))}[ext]  # was JSON lines
     out = read(target)
     assert out["id"].cast(pl.String).to_list() == frame["id"].to_list()
     assert out["review"].to_list() == frame["review"].to_list()
@@ -352,10 +352,12 @@ def test_a_text_column_of_lists_or_numbers_is_one_line(tmp_path, trained_model):
 
 def test_a_header_only_table_gives_a_header_only_output(tmp_path, trained_model):
     (tmp_path / "in.csv").write_text("id,review\n")
-    run_script("infer.py", "--model", str(trained_model), "--input", str(tmp_path / "in.csv"),
-               "--output", str(tmp_path / "out.csv"))
+    for output in ("out.csv", "out.json"):
+        run_script("infer.py", "--model", str(trained_model), "--input", str(tmp_path / "in.csv"),
+                   "--output", str(tmp_path / output))
     header = (tmp_path / "out.csv").read_text().strip().split(",")
     assert header == ["id", "review", "label", "score", "score_negative", "score_positive", "error"]
+    assert json.loads((tmp_path / "out.json").read_text()) == []
 
 
 def test_rows_left_out_of_the_accuracy_are_counted_and_numeric_labels_do_not_crash(tmp_path, trained_model):
