@@ -79,7 +79,11 @@ class Request:
 
 
 def media_type(request):
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+    """The media type and its charset (empty when not given), lower-cased."""
+    kind, *parameters = request.headers.get("content-type", "").lower().split(";")
+    charsets = [value.strip().strip('"') for name, _, value in (p.partition("=") for p in parameters)
+                if name.strip() == "charset"]
+    return kind.strip(), charsets[0] if charsets else ""
 
 
 async def read_body(request, settings, reservation):
@@ -110,8 +114,15 @@ async def read_body(request, settings, reservation):
 
 async def read_request(request, settings, budget):
     """The checked `Request` of a /predict body, or `BadRequest` naming what is wrong with it."""
-    if media_type(request) != "application/json":
+    kind, charset = media_type(request)
+    if kind != "application/json":
         raise BadRequest(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
+    if charset not in ("", "utf-8", "utf8"):
+        raise BadRequest(415, "unsupported_media_type", f"charset={charset}: send JSON as UTF-8")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise BadRequest(415, "unsupported_media_type", f"Content-Encoding {encoding} is not accepted: send the "
+                                                        f"body uncompressed")
     with budget.reserve() as reservation:
         body = await read_body(request, settings, reservation)
         if len(body) > PARSE_OFF_LOOP_BYTES:  # a large body must not hold up the event loop
@@ -122,7 +133,10 @@ async def read_request(request, settings, budget):
 def parse(body, settings):
     try:
         payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: JSON nested thousands deep
+    except UnicodeDecodeError as err:
+        raise BadRequest(400, "malformed_json", f"the body is not UTF-8 (at byte {err.start}); send JSON as "
+                                                f"UTF-8") from None
+    except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
         raise BadRequest(400, "malformed_json", "the body is not valid JSON") from None
     request = shape_of(payload)
     if len(request.texts) > settings.max_texts:

@@ -1,4 +1,5 @@
 import asyncio
+import gzip
 import json
 import os
 import re
@@ -96,6 +97,26 @@ def test_bad_requests_get_json_errors_with_the_right_status(kwargs, status, kind
         if "texts" in kwargs.get("json", {}) and kind == "empty_text":
             assert response.json()["error"]["message"].startswith("texts[1] is only markup")
         assert client.get("/nowhere").json()["error"]["type"] == "http_error"
+
+
+LATIN_1 = '{"text": "caf\u00e9 au lait"}'.encode("latin-1")
+
+
+@pytest.mark.parametrize("content, headers, status, message", [
+    # Each was "the body is not valid JSON".
+    (LATIN_1, {}, 400, "the body is not UTF-8 (at byte 13); send JSON as UTF-8"),
+    (LATIN_1, {"content-type": "application/json; charset=ISO-8859-1"}, 415, "charset=iso-8859-1: send JSON as UTF-8"),
+    (gzip.compress(b'{"text": "good"}'), {"content-encoding": "gzip"}, 415,
+     "Content-Encoding gzip is not accepted: send the body uncompressed"),
+])
+def test_a_body_that_is_not_plain_utf8_says_what_to_send(content, headers, status, message):
+    with client_for(FakePredictor()) as client:
+        wait_ready(client)
+        response = client.post("/predict", content=content, headers={"content-type": "application/json", **headers})
+        assert response.status_code == status and response.json()["error"]["message"] == message
+        quoted = client.post("/predict", content=b'{"text": "good"}',
+                             headers={"content-type": 'application/json; charset="UTF-8"'})
+        assert quoted.status_code == 200
 
 
 def test_a_model_error_fails_its_batch_with_500_and_the_service_goes_on():
