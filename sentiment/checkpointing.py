@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from .config import TrainArgs, invariants
 from .errors import SentimentError, flag
-from .files import fsync_path, fsync_tree
+from .files import as_plain_files, fsync_path, fsync_tree
 from .modeling import CONFIG_FILE
 
 STATE_FILE = "trainer_state.json"
@@ -118,6 +118,7 @@ def save_checkpoint(accelerator, output_dir, state, config, tokenizer, keep):
                     json.dump(content, f, indent=2)
             if state.best_step is not None:  # the best model belongs to this checkpoint's past
                 link_or_copy(best_weights(output_dir), os.path.join(tmp, BEST_WEIGHTS))
+            as_plain_files(glob.glob(os.path.join(tmp, "*.safetensors")))
             fsync_tree(tmp)
             if os.path.exists(final):
                 remove_tree(final)

@@ -85,6 +85,29 @@ def fsync_tree(folder):
         fsync_path(parent)
 
 
+def umask():
+    """This process's umask, read without setting it (os.umask can only read it by changing it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def as_plain_files(paths):
+    """Give `paths` the mode a plainly written file gets (0666 less the umask). safetensors 0.8 writes
+    its files owner-only whatever the umask: a service running as another user, or a teammate
+    resuming a run, could read every file of a model folder or checkpoint but its weights."""
+    mode = 0o666 & ~umask()
+    for path in paths:
+        os.chmod(path, mode)
+
+
 def disk_full_error(folder, err, then):
     """The one line a command ends with when a write found `folder`'s disk full; `then` says how to go on."""
     return SentimentError(f"the disk of {folder} is full ({type(err).__name__}: "

@@ -7,11 +7,11 @@ Face folder (`config.json` with the label names, `model.safetensors`, tokenizer 
 """
 
 import contextlib
+import glob
 import json
 import math
 import os
 import socket
-import stat
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from .batching import TRUNCATIONS
 from .errors import SentimentError, SettingError
-from .files import process_alive
+from .files import as_plain_files, process_alive
 from .hub import download_options, offline_note
 
 # The files of the model folder, named once: training writes them, inference and reports read them.
@@ -220,13 +220,7 @@ def save_model_folder(folder, model, tokenizer, settings):
     tokenizer.save_pretrained(folder)
     make_tokenizer_standalone(folder, settings)
     settings.save(folder)
-    # safetensors 0.8 writes its files owner-only (0600) whatever the umask: a service running as
-    # another user (a container's, a system account) could read every file of the folder but the
-    # weights. Give them the mode the plainly written files have.
-    mode = stat.S_IMODE(os.stat(os.path.join(folder, SETTINGS_FILE)).st_mode)
-    for name in os.listdir(folder):
-        if name.endswith(".safetensors"):
-            os.chmod(os.path.join(folder, name), mode)
+    as_plain_files(glob.glob(os.path.join(folder, "*.safetensors")))
 
 
 def make_tokenizer_standalone(folder, settings):

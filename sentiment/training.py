@@ -31,7 +31,7 @@ from .checkpointing import (TrainState, best_weights, check_random_states, find_
                             load_trainer_state, save_checkpoint)
 from .data import load_splits
 from .errors import SentimentError
-from .files import disk_full, disk_full_error, replace_durably, write_atomically
+from .files import as_plain_files, disk_full, disk_full_error, replace_durably, write_atomically
 from .launcher import stop_with_the_launcher
 from .metrics import (classification_report, expected_calibration_error, fit_temperature, inverse_frequency_weights,
                       reliability_bins, softmax)
@@ -365,6 +365,7 @@ class FineTuneRecipe:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 try:
                     safetensors.torch.save_model(self.plain_model(), path + ".tmp")
+                    as_plain_files([path + ".tmp"])
                     replace_durably(path + ".tmp", path)  # never a half-written best model
                 finally:
                     if os.path.exists(path + ".tmp"):  # a full disk: give its space back

@@ -337,6 +337,9 @@ def test_the_model_folder_is_as_readable_as_the_umask_allows(tmp_path, trained_m
     # could read the folder's configuration and tokenizer, but not its weights. As train.py
     # publishes it, then as saved under two umasks:
     assert file_mode(trained_model / "model.safetensors") == file_mode(trained_model / "config.json")
+    saved = [path for path in (trained_model / "checkpoints").rglob("*") if path.is_file()]
+    assert any(p.name == "best.safetensors" for p in saved)  # the checkpoints' weights were 0600 still
+    assert {p.name: file_mode(p) for p in saved} == {p.name: file_mode(trained_model / "config.json") for p in saved}
     model, tokenizer, settings = load_model_folder(str(trained_model))
     previous = os.umask(umask)
     try:
