@@ -56,6 +56,8 @@ def text_lines(stream, name, column, chunk_rows):
 def read_chunks(path, column, chunk_rows):
     """Frames of at most `chunk_rows` rows from a table, a text file or stdin ('-')."""
     if path == "-":
+        if sys.stdin.isatty():  # nothing piped in: say what it waits for rather than hang without a word
+            print("reading texts from the terminal, one a line; end with Ctrl-D", file=sys.stderr)
         # Bytes, decoded line by line: under a C locale Python would turn bad bytes into lone surrogates.
         yield from text_lines(sys.stdin.buffer, "standard input", column, chunk_rows)
     elif extension(path) == ".txt":

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pty
 import shutil
 import signal
 import socket
@@ -87,6 +88,22 @@ def test_plain_text_from_stdin_and_empty_lines(trained_model):
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["label"] for r in lines] == ["positive", None, "negative"]
     assert "empty text" in lines[1]["error"] and "1 rows had no text" in result.stderr
+
+
+def test_texts_typed_at_a_terminal_are_asked_for_and_scored(trained_model):
+    # `--input -` with nothing piped in waited without a word.
+    terminal, its_end = pty.openpty()
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "infer.py"), "--model", str(trained_model),
+                                "--input", "-"], stdin=its_end, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               cwd=ROOT, text=True)
+    os.close(its_end)
+    try:
+        os.write(terminal, b"I loved it. The acting was superb.\n\x04")  # a line, then Ctrl-D
+        out, err = process.communicate(timeout=120)
+    finally:
+        os.close(terminal)
+    assert "reading texts from the terminal, one a line; end with Ctrl-D" in err
+    assert json.loads(out)["label"] == "positive"
 
 
 def test_a_text_file_saved_by_a_windows_editor_scores_as_plain_text(tmp_path, trained_model):
