@@ -59,11 +59,11 @@ def loader_workers():
 
 
 def ignore_stop_signals(worker_id):
-    """Ctrl-C and SIGTERM are the main process's to act on: it stops at the next step with a
+    """Ctrl-C, SIGTERM and SIGHUP are the main process's to act on: it stops at the next step with a
     checkpoint and ends its workers itself. A terminal, Slurm, systemd or `timeout` signals every
     process of the run, and a worker that SIGTERM killed ended the run in a traceback, checkpoint-less."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def make_loader(dataset, collate, **kwargs):
@@ -425,7 +425,7 @@ class FineTuneRecipe:
         return self.accelerator.check_trigger()
 
     def stop(self):
-        """Save a checkpoint where the loop stands, say where, and exit as the signal asks (130, 143)."""
+        """Save a checkpoint where the loop stands, say where, and exit as the signal asks (130, 143, 129)."""
         signum = self.signals[0] if self.signals else signal.SIGTERM
         with self.clock.paused():
             folder = self.save_checkpoint()
@@ -485,8 +485,9 @@ SAME_SIGNAL_S = 1.0
 
 @contextlib.contextmanager
 def stop_on_signals(received):
-    """Ctrl-C and SIGTERM append to `received` (the loop stops at the next step); another one, more than
-    SAME_SIGNAL_S later, stops at once. So does the death of a one-process `accelerate launch` (`launcher`)."""
+    """Ctrl-C, SIGTERM and a closed terminal's SIGHUP append to `received` (the loop stops at the next
+    step); another one, more than SAME_SIGNAL_S later, stops at once. So does the death of a one-process
+    `accelerate launch` (`launcher`)."""
     first = []
 
     def handler(signum, frame):
@@ -496,7 +497,20 @@ def stop_on_signals(received):
         elif time.monotonic() - first[0] > SAME_SIGNAL_S:
             raise KeyboardInterrupt
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    terminals = [fd for fd in (1, 2) if os.isatty(fd)]  # asked now: a hung-up terminal is no longer one
+
+    def hung_up(signum, frame):
+        # The terminal is gone: a progress bar written to it fails (EIO) and ends the run before its checkpoint.
+        quiet = os.open(os.devnull, os.O_WRONLY)
+        for fd in terminals:
+            os.dup2(quiet, fd)
+        os.close(quiet)
+        handler(signum, frame)
+
+    handlers = {signal.SIGINT: handler, signal.SIGTERM: handler}
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup a hang-up is not a stop
+        handlers[signal.SIGHUP] = hung_up
+    previous = {s: signal.signal(s, h) for s, h in handlers.items()}
     try:
         stop_with_the_launcher()
         yield

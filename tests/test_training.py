@@ -1,13 +1,17 @@
+import contextlib
 import dataclasses
 import errno
+import fcntl
 import json
 import os
+import pty
 import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import termios
 import time
 import typing
 
@@ -523,6 +527,34 @@ def test_a_signal_to_every_process_of_a_run_stops_it_with_a_checkpoint(tmp_path,
     assert process.returncode == status, stderr[-3000:]
     assert "Traceback" not in stderr and f"stopped by {signal.Signals(signum).name} at step" in stderr
     assert len(checkpointing.complete_checkpoints(out)) == 1
+
+
+@pytest.mark.slow
+def test_a_terminal_that_closes_stops_the_run_with_a_checkpoint(tmp_path):
+    # Its SIGHUP ended the run on the spot, losing the steps since the last checkpoint; once caught,
+    # the progress bar's next write to the closed terminal (EIO) ended it checkpoint-less instead.
+    data = tmp_path / "reviews.csv"
+    demo_reviews(1200, seed=15).write_csv(data)
+    out = tmp_path / "out"
+    terminal, its_end = pty.openpty()
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--data", str(data), *TINY,
+                                "--output-dir", str(out), "--checkpoint-every", "0"], cwd=ROOT, stdin=its_end,
+                               stdout=its_end, stderr=its_end, start_new_session=True,
+                               preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),  # its terminal
+                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    os.close(its_end)
+    os.set_blocking(terminal, False)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "log.jsonl").exists():  # read what it prints, as a terminal does
+            assert process.poll() is None and time.monotonic() < deadline
+            with contextlib.suppress(BlockingIOError):
+                os.read(terminal, 1 << 16)
+            time.sleep(0.05)
+    finally:
+        os.close(terminal)  # the terminal is gone: Linux sends SIGHUP, and writes to it fail from now on
+    assert process.wait(timeout=120) == 128 + signal.SIGHUP
+    assert len(checkpointing.complete_checkpoints(out)) == 1 and not (out / "metrics.json").exists()
 
 
 def test_repeats_of_a_signal_are_one_stop_and_a_later_signal_stops_at_once():
