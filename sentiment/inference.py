@@ -29,8 +29,8 @@ from .metrics import classification_report
 from .files import disk_full, disk_full_error, write_atomically
 from .launcher import stop_with_the_launcher
 from .predictor import Predictor
-from .tables import (SCANNERS, TableWriter, existing_file, extension, scan_chunks, scanner, where_broken,
-                     writable)
+from .tables import (SCANNERS, TableWriter, existing_file, extension, row_count, scan_chunks, scanner,
+                     where_broken, writable)
 
 MAX_CONFUSION_SHOWN = 10  # classes whose confusion matrix is printed
 PREDICTED = "predicted_"  # before the added columns' names where the input has a column of one of them
@@ -68,6 +68,16 @@ def read_chunks(path, column, chunk_rows):
             raise SentimentError(f"{path}: could not read it ({err.strerror})") from None
     else:
         yield from scan_chunks(path, chunk_rows)
+
+
+def rows_in(path):
+    """How many rows `read_chunks` will give, when a quick pass can tell (None for standard input)."""
+    if path == "-":
+        return None
+    if extension(path) == ".txt":
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    return row_count(path)
 
 
 def check_input(args):
@@ -204,7 +214,8 @@ def score_file(args, state, columns):
     column, errors = label_column_of(args, columns), 0
     tally = LabelTally(column, predictor.labels) if column else None
     prefix = added_columns_prefix(columns.columns, predictor.labels, args.input) if writer else ""
-    bar = tqdm(desc="scoring", unit=" rows", disable=not state.is_main_process or not args.output)
+    bar = tqdm(desc="scoring", unit=" rows", disable=not state.is_main_process or not args.output,
+               total=rows_in(args.input) if state.is_main_process and args.output else None)
     try:
         for frame in chunks:
             answers = score_chunk(predictor, state, frame[args.text_column].cast(pl.String).to_list())

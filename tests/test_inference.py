@@ -53,6 +53,7 @@ def test_every_format_round_trips_with_other_columns_and_order(tmp_path, trained
     assert {"label", "score", "score_negative", "score_positive", "error"} <= set(out.columns)
     report = json.loads(metrics.read_text())
     assert report["examples"] == 120
+    assert ("120/120" in result.stderr) == (ext != "json")  # the bar has a total: how far, how long to go
     assert report["accuracy"] == pytest.approx((out["label"] == out["sentiment"]).mean())
     assert report["accuracy"] >= 0.9 and "accuracy" in result.stderr
 
@@ -88,6 +89,17 @@ def test_plain_text_from_stdin_and_empty_lines(trained_model):
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["label"] for r in lines] == ["positive", None, "negative"]
     assert "empty text" in lines[1]["error"] and "1 rows had no text" in result.stderr
+
+
+def test_the_progress_bar_counts_the_rows_that_will_be_read(tmp_path):
+    # Files were scored under a bar with no total: no share done, no time left.
+    files = {"a.txt": b"one\n\nthree", "b.txt": b"one\r\ntwo\r\n", "c.csv": b'review\n"two\nlines"\n"x, y"\n',
+             "d.tsv": b"review\n\"quoted\" text\n\"half\n", "e.jsonl": b'{"review": "a"}\n{"review": "b"}\n'}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+        read = sum(len(frame) for frame in inference.read_chunks(str(tmp_path / name), "review", 1))
+        assert inference.rows_in(str(tmp_path / name)) == read, name
+    assert inference.rows_in("-") is None
 
 
 def test_texts_typed_at_a_terminal_are_asked_for_and_scored(trained_model):
