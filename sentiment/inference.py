@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 
 from .data import check_text_column, label_text
 from .errors import SentimentError
-from .metrics import classification_report
 from .files import disk_full, disk_full_error, write_atomically
 from .launcher import stop_with_the_launcher
+from .metrics import classification_report
 from .predictor import Predictor
 from .tables import (SCANNERS, TableWriter, existing_file, extension, row_count, scan_chunks, scanner,
                      where_broken, writable)
