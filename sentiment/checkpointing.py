@@ -24,9 +24,8 @@ from safetensors import safe_open
 from .config import TrainArgs, invariants
 from .errors import SentimentError, flag
 from .files import as_plain_files, fsync_path, fsync_tree
-from .modeling import CONFIG_FILE
+from .modeling import CONFIG_FILE, STATE_FILE
 
-STATE_FILE = "trainer_state.json"
 BEST_WEIGHTS = "best.safetensors"
 INVARIANTS = tuple(invariants(TrainArgs))  # settings a resumed run must share with the saved one
 

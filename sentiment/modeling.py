@@ -30,6 +30,7 @@ WEIGHTS_FILE = "model.safetensors"  # written by save_pretrained
 CONFIG_FILE = "train_config.json"  # every setting of the run (also in each checkpoint)
 METRICS_FILE = "metrics.json"  # the run's final figures
 LOG_FILE = "log.jsonl"  # one line per logged step and per evaluation
+STATE_FILE = "trainer_state.json"  # where a checkpoint's loop stands (checkpointing.TrainState)
 # Present while train.py swaps a new model in, file by file (outputs.publish_model): until it is gone
 # the folder may hold old and new files mixed. It names the writer: host and process id.
 PUBLISHING_FILE = ".publishing"
@@ -278,7 +279,7 @@ def what_it_is(folder):
     """What a folder without config.json holds, when it is part of a training run: said after the error."""
     if not os.path.isfile(os.path.join(folder, CONFIG_FILE)):
         return ""
-    if os.path.isfile(os.path.join(folder, "trainer_state.json")):  # a checkpoint (checkpointing.STATE_FILE)
+    if os.path.isfile(os.path.join(folder, STATE_FILE)):  # a checkpoint
         run = os.path.dirname(os.path.dirname(os.path.abspath(folder)))
         return f"; it is a training checkpoint: the model is written to its run's folder, {run}, when the run ends"
     return (f"; it is a training run's folder without a model yet, written when the run ends: wait for it, or "
