@@ -272,7 +272,8 @@ def stopped_by_signals(output):
     except KeyboardInterrupt as err:
         signum = err.args[0] if err.args else signal.SIGINT
         kept = f"; {output} is as it was" if output else ""
-        print(f"stopped by {signal.Signals(signum).name}{kept}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # said once, not by every process of `accelerate launch`
+            print(f"stopped by {signal.Signals(signum).name}{kept}", file=sys.stderr)
         raise SystemExit(128 + signum) from None
     finally:
         signal.signal(signal.SIGTERM, previous)

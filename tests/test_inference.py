@@ -295,6 +295,26 @@ def test_a_run_stopped_by_a_signal_keeps_the_old_output_and_leaves_no_temporary_
 
 
 @pytest.mark.slow
+def test_a_two_process_run_stopped_by_a_signal_keeps_the_old_output_and_says_so_once(tmp_path, trained_model):
+    demo_reviews(20000, seed=3).write_csv(tmp_path / "big.csv")
+    (tmp_path / "scored.csv").write_text("old\n")
+    launcher = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                                 "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                                 "infer.py", "--model", str(trained_model), "--input", str(tmp_path / "big.csv"),
+                                 "--output", str(tmp_path / "scored.csv"), "--chunk-rows", "100"],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not any(".tmp-" in p.name for p in tmp_path.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(launcher.pid, signal.SIGTERM)  # as Slurm or systemd stop a job
+    _, stderr = launcher.communicate(timeout=120)
+    assert stderr.count("stopped by SIGTERM") == 1, stderr[-2000:]  # was said by each process
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.csv", "scored.csv"]
+    assert (tmp_path / "scored.csv").read_text() == "old\n"
+
+
+@pytest.mark.slow
 def test_sigterm_to_a_one_process_accelerate_launch_stops_the_run(tmp_path, trained_model):
     # The launcher died without passing SIGTERM on; the run went on and replaced the output.
     demo_reviews(20000, seed=3).write_csv(tmp_path / "big.csv")
