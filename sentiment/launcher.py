@@ -13,6 +13,7 @@ import signal
 import sys
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+followed = None  # the process id of the launcher whose death sends SIGTERM, once asked for
 
 
 def launched_by_accelerate(command):
@@ -34,6 +35,7 @@ def parent_command():
 
 def stop_with_the_launcher():
     """When the parent is accelerate's one-process launcher, have its death send this process SIGTERM."""
+    global followed
     if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" in os.environ:
         return
     parent = os.getppid()
@@ -42,5 +44,13 @@ def stop_with_the_launcher():
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
         return  # not allowed here (a seccomp profile, say): the run goes on as before
+    followed = parent
     if os.getppid() != parent:  # the launcher died before the kernel was asked
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def launcher_gone():
+    """Whether the launcher this process follows has died. Its SIGTERM is then no one's second request
+    to stop at once: Ctrl-C reaches the launcher too, which dies of it a moment later, and once it is
+    gone the shell has the terminal back, so no further Ctrl-C can reach this process."""
+    return followed is not None and os.getppid() != followed

@@ -32,7 +32,7 @@ from .checkpointing import (TrainState, best_weights, check_random_states, find_
 from .data import load_splits
 from .errors import SentimentError
 from .files import as_plain_files, disk_full, disk_full_error, replace_durably, write_atomically
-from .launcher import stop_with_the_launcher
+from .launcher import launcher_gone, stop_with_the_launcher
 from .metrics import (classification_report, expected_calibration_error, fit_temperature, inverse_frequency_weights,
                       reliability_bins, softmax)
 from .modeling import (CONFIG_FILE, LOG_FILE, ModelSettings, check_max_length, load_model, load_tokenizer,
@@ -494,7 +494,7 @@ def stop_on_signals(received):
         if not received:
             received.append(signum)
             first.append(time.monotonic())
-        elif time.monotonic() - first[0] > SAME_SIGNAL_S:
+        elif time.monotonic() - first[0] > SAME_SIGNAL_S and not launcher_gone():
             raise KeyboardInterrupt
 
     terminals = [fd for fd in (1, 2) if os.isatty(fd)]  # asked now: a hung-up terminal is no longer one

@@ -23,11 +23,10 @@ from helpers import ROOT, TINY, run_script
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from sentiment import checkpointing, modeling, outputs, training
+from sentiment import checkpointing, launcher, modeling, outputs, training
 from sentiment.config import TrainArgs, parse_args
 from sentiment.demo_data import demo_reviews
 from sentiment.errors import SentimentError, flag
-from sentiment.launcher import launched_by_accelerate
 from sentiment.modeling import load_model_folder, load_tokenizer, save_model_folder, tiny_config
 from sentiment.files import write_atomically
 from sentiment.outputs import log_line, publish_model
@@ -576,7 +575,23 @@ def test_repeats_of_a_signal_are_one_stop_and_a_later_signal_stops_at_once():
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-@pytest.mark.parametrize("command, launcher", [
+def test_the_sigterm_of_a_launcher_that_died_of_ctrl_c_is_not_a_second_request(monkeypatch):
+    # Ctrl-C reaches `accelerate launch` too, which dies of it; its death's SIGTERM, should it come
+    # a second or more later, stopped the run at once, in the middle of the checkpoint it was saving.
+    monkeypatch.setattr(launcher, "followed", os.getppid() + 1)  # a parent that is no longer ours
+    received = []
+    with training.stop_on_signals(received):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(training.SAME_SIGNAL_S + 0.1)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+        except KeyboardInterrupt:
+            pytest.fail("the launcher's death stopped the run at once")
+    assert received == [signal.SIGINT]
+
+
+@pytest.mark.parametrize("command, is_launcher", [
     ("/venv/bin/python3 /venv/bin/accelerate launch --num_processes 1 train.py", True),
     ("/venv/bin/python3 /venv/bin/accelerate-launch train.py", True),
     ("python -m accelerate.commands.launch train.py", True),
@@ -585,8 +600,8 @@ def test_repeats_of_a_signal_are_one_stop_and_a_later_signal_stops_at_once():
     ("python /venv/bin/accelerate config", False),
     ("python my_launcher.py launch accelerate", False),
 ])
-def test_only_accelerate_s_launcher_is_followed(command, launcher):
-    assert launched_by_accelerate(command.split()) == launcher
+def test_only_accelerate_s_launcher_is_followed(command, is_launcher):
+    assert launcher.launched_by_accelerate(command.split()) == is_launcher
 
 
 @pytest.mark.slow
