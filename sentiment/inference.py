@@ -33,6 +33,7 @@ from .tables import (SCANNERS, TableWriter, existing_file, extension, row_count,
                      where_broken, writable)
 
 MAX_CONFUSION_SHOWN = 10  # classes whose confusion matrix is printed
+STOPS = (signal.SIGINT, signal.SIGTERM)
 PREDICTED = "predicted_"  # before the added columns' names where the input has a column of one of them
 
 
@@ -262,21 +263,23 @@ def stopped_by_signals(output):
     """Ctrl-C and SIGTERM unwind the run, so its `finally` blocks remove the unfinished output (by
     default SIGTERM ends the process on the spot and leaves it), then exit 130 or 143 with one line."""
     def stop(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a repeat must not cut the removal of the output short
+        for repeat in STOPS:  # a repeat, or the launcher's death, must not cut the removal of the output short
+            signal.signal(repeat, signal.SIG_IGN)
         raise KeyboardInterrupt(signum)
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {signum: signal.signal(signum, stop) for signum in STOPS}
     try:
         stop_with_the_launcher()
         yield
     except KeyboardInterrupt as err:
-        signum = err.args[0] if err.args else signal.SIGINT
+        signum = err.args[0] if err.args else signal.SIGINT  # one not raised by `stop`
         kept = f"; {output} is as it was" if output else ""
         if os.environ.get("RANK", "0") == "0":  # said once, not by every process of `accelerate launch`
             print(f"stopped by {signal.Signals(signum).name}{kept}", file=sys.stderr)
         raise SystemExit(128 + signum) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def run(args):
