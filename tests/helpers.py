@@ -18,6 +18,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny", "--epochs", "2", "--batch-size", "16", "--lr", "1e-3", "--max-length", "64",
         "--seed", "0"]
 
+# `python -m accelerate.commands.launch` as `accelerate launch` runs on this CPU, before the script:
+# `run_script(*TWO_PROCESSES, "train.py", …)`.
+ONE_PROCESS = ["-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no"]
+TWO_PROCESSES = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                 "--mixed_precision", "no", "--dynamo_backend", "no"]
+
 
 def run_script(*args, check=True, env=None, cwd=ROOT, **kwargs):
     """Run a top-level script of the project (`train.py`, `infer.py`, …) with this interpreter."""

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import polars as pl
 import pytest
-from helpers import ROOT, renames_made_durable, run_script
+from helpers import ONE_PROCESS, ROOT, TWO_PROCESSES, renames_made_durable, run_script
 
 from sentiment import inference, tables
 from sentiment.config import InferArgs, parse_args
@@ -193,9 +193,7 @@ def test_two_processes_write_the_same_output_as_one(tmp_path, trained_model):
     demo_reviews(333, seed=23).write_csv(tmp_path / "in.csv")
     common = ["--model", str(trained_model), "--input", str(tmp_path / "in.csv"), "--chunk-rows", "100"]
     run_script("infer.py", *common, "--output", str(tmp_path / "one.csv"))
-    run_script("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "infer.py", *common,
-               "--output", str(tmp_path / "two.csv"))
+    run_script(*TWO_PROCESSES, "infer.py", *common, "--output", str(tmp_path / "two.csv"))
     one, two = pl.read_csv(tmp_path / "one.csv"), pl.read_csv(tmp_path / "two.csv")
     assert len(two) == 333
     assert one["review"].to_list() == two["review"].to_list()
@@ -271,67 +269,50 @@ def test_a_failed_run_leaves_an_existing_output_as_it_was(tmp_path, trained_mode
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.csv"]  # no temporary file left behind
 
 
+def stopped_while_scoring(tmp_path, model, stop, launcher=()):
+    """Score a large file onto an existing output (`python [launcher] infer.py`, in a session of its
+    own), `stop(process)` once its temporary output exists, and return (exit status, stderr) after
+    checking the old output is as it was and no temporary file is left."""
+    demo_reviews(20000, seed=3).write_csv(tmp_path / "big.csv")
+    (tmp_path / "scored.csv").write_text("old\n")
+    process = subprocess.Popen([sys.executable, *launcher, "infer.py", "--model", str(model),
+                                "--input", str(tmp_path / "big.csv"), "--output", str(tmp_path / "scored.csv"),
+                                "--chunk-rows", "100"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not any(".tmp-" in p.name for p in tmp_path.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop(process)
+    _, stderr = process.communicate(timeout=120)  # the pipes close when infer.py, which holds them, has ended
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.csv", "scored.csv"], stderr[-2000:]
+    assert (tmp_path / "scored.csv").read_text() == "old\n"
+    return process.returncode, stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_run_stopped_by_a_signal_keeps_the_old_output_and_leaves_no_temporary_file(tmp_path, trained_model,
                                                                                      signum, status):
     # SIGTERM's default action ended the process on the spot, leaving the half-written output beside it.
-    demo_reviews(20000, seed=3).write_csv(tmp_path / "big.csv")
-    (tmp_path / "scored.csv").write_text("old\n")
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "infer.py"), "--model", str(trained_model),
-                                "--input", str(tmp_path / "big.csv"), "--output", str(tmp_path / "scored.csv"),
-                                "--chunk-rows", "100"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    deadline = time.monotonic() + 60
-    while not any(".tmp-" in p.name for p in tmp_path.iterdir()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signum)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == status, stderr[-2000:]
+    returncode, stderr = stopped_while_scoring(tmp_path, trained_model, lambda p: p.send_signal(signum))
+    assert returncode == status, stderr[-2000:]
     assert f"stopped by {signal.Signals(signum).name}; {tmp_path / 'scored.csv'} is as it was" in stderr
     assert "Traceback" not in stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.csv", "scored.csv"]
-    assert (tmp_path / "scored.csv").read_text() == "old\n"
 
 
 @pytest.mark.slow
 def test_a_two_process_run_stopped_by_a_signal_keeps_the_old_output_and_says_so_once(tmp_path, trained_model):
-    demo_reviews(20000, seed=3).write_csv(tmp_path / "big.csv")
-    (tmp_path / "scored.csv").write_text("old\n")
-    launcher = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                                 "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                                 "infer.py", "--model", str(trained_model), "--input", str(tmp_path / "big.csv"),
-                                 "--output", str(tmp_path / "scored.csv"), "--chunk-rows", "100"],
-                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not any(".tmp-" in p.name for p in tmp_path.iterdir()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.killpg(launcher.pid, signal.SIGTERM)  # as Slurm or systemd stop a job
-    _, stderr = launcher.communicate(timeout=120)
+    # As Slurm or systemd stop a job: every process is sent SIGTERM.
+    _, stderr = stopped_while_scoring(tmp_path, trained_model, lambda p: os.killpg(p.pid, signal.SIGTERM),
+                                      TWO_PROCESSES)
     assert stderr.count("stopped by SIGTERM") == 1, stderr[-2000:]  # was said by each process
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.csv", "scored.csv"]
-    assert (tmp_path / "scored.csv").read_text() == "old\n"
 
 
 @pytest.mark.slow
 def test_sigterm_to_a_one_process_accelerate_launch_stops_the_run(tmp_path, trained_model):
     # The launcher died without passing SIGTERM on; the run went on and replaced the output.
-    demo_reviews(20000, seed=3).write_csv(tmp_path / "big.csv")
-    (tmp_path / "scored.csv").write_text("old\n")
-    launcher = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
-                                 "--mixed_precision", "no", "--dynamo_backend", "no", "infer.py",
-                                 "--model", str(trained_model), "--input", str(tmp_path / "big.csv"),
-                                 "--output", str(tmp_path / "scored.csv"), "--chunk-rows", "100"],
-                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not any(".tmp-" in p.name for p in tmp_path.iterdir()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    launcher.terminate()
-    _, stderr = launcher.communicate(timeout=120)  # the pipes close when infer.py, which holds them, has ended
+    _, stderr = stopped_while_scoring(tmp_path, trained_model, lambda p: p.terminate(), ONE_PROCESS)
     assert f"stopped by SIGTERM; {tmp_path / 'scored.csv'} is as it was" in stderr, stderr[-2000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.csv", "scored.csv"]
-    assert (tmp_path / "scored.csv").read_text() == "old\n"
 
 
 @pytest.mark.slow
@@ -472,14 +453,12 @@ def test_a_folder_without_our_settings_scores_as_the_pipeline_does(tmp_path, tra
 @pytest.mark.slow
 def test_two_processes_score_standard_input_once(trained_model):
     lines = "".join(f"The acting was superb. I loved it. {i}\n" for i in range(40))
-    result = run_script("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "infer.py",
-                        "--model", str(trained_model), "--input", "-", input=lines, timeout=300)
+    result = run_script(*TWO_PROCESSES, "infer.py", "--model", str(trained_model), "--input", "-", input=lines,
+                        timeout=300)
     answers = [json.loads(line) for line in result.stdout.splitlines()]
     assert [a["text"] for a in answers] == lines.splitlines()
-    texts = run_script("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                       "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "infer.py",
-                       "--model", str(trained_model), "one review", "another", timeout=300)
+    texts = run_script(*TWO_PROCESSES, "infer.py", "--model", str(trained_model), "one review", "another",
+                       timeout=300)
     assert len(texts.stdout.splitlines()) == 2  # printed once, not once per process
 
 

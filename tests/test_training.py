@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from helpers import ROOT, TINY, run_script
+from helpers import ONE_PROCESS, ROOT, TINY, TWO_PROCESSES, run_script
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
@@ -209,8 +209,7 @@ def test_two_processes_evaluate_the_same_samples_as_one(tmp_path):
     demo_reviews(1200, seed=14).write_csv(data)
     common = ["train.py", "--data", str(data), *TINY, "--batch-size", "8", "--epochs", "3"]
     run_script(*common, "--grad-accum", "2", "--output-dir", str(tmp_path / "one"))
-    run_script("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", *common, "--output-dir", str(tmp_path / "two"))
+    run_script(*TWO_PROCESSES, *common, "--output-dir", str(tmp_path / "two"))
     one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
     config = json.loads((tmp_path / "two" / "train_config.json").read_text())
     assert config["num_processes"] == 2
@@ -610,14 +609,13 @@ def test_sigterm_to_a_one_process_accelerate_launch_stops_the_run_with_a_checkpo
     data = tmp_path / "reviews.csv"
     demo_reviews(1200, seed=15).write_csv(data)
     out = tmp_path / "out"
-    launcher = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
-                                 "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", "--data", str(data),
-                                 *TINY, "--output-dir", str(out), "--checkpoint-every", "0"],
-                                cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    wait_for(out / "log.jsonl", launcher)
-    launcher.terminate()
-    _, stderr = launcher.communicate(timeout=120)  # the pipes close when train.py, which holds them, has ended
+    process = subprocess.Popen([sys.executable, *ONE_PROCESS, "train.py", "--data", str(data), *TINY,
+                                "--output-dir", str(out), "--checkpoint-every", "0"],
+                               cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    wait_for(out / "log.jsonl", process)
+    process.terminate()  # the launcher
+    _, stderr = process.communicate(timeout=120)  # the pipes close when train.py, which holds them, has ended
     assert "stopped by SIGTERM at step" in stderr, stderr[-3000:]
     assert len(checkpointing.complete_checkpoints(out)) == 1 and not (out / "metrics.json").exists()
 
