@@ -262,7 +262,7 @@ class TableWriter:
                     self.flattened += changed
                     frame.write_csv(f, include_header=self.count == 0, separator="\t", quote_style="never")
                 elif self.ext == ".json":  # one object a line, as JSON lines, with commas between
-                    for line in frame.write_ndjson().splitlines():
+                    for line in frame.write_ndjson().split("\n")[:-1]:  # not splitlines: U+2028 is a line to it
                         f.write(("," if self.objects else "") + "\n" + line)
                         self.objects += 1
                 else:

@@ -102,6 +102,16 @@ def test_the_progress_bar_counts_the_rows_that_will_be_read(tmp_path):
     assert inference.rows_in("-") is None
 
 
+def test_a_json_output_is_one_array_whatever_its_texts_hold(tmp_path):
+    # Line and paragraph separators (U+2028, U+0085) cut an object in two, and the array with it.
+    texts = ["plain", "a\u2028b", "c\x85d", "e\nf", "g\u2029h", ""]
+    writer = tables.TableWriter(str(tmp_path / "out.json"))
+    writer.write(pl.DataFrame({"review": texts[:3]}))
+    writer.write(pl.DataFrame({"review": texts[3:]}))
+    writer.close()
+    assert json.loads((tmp_path / "out.json").read_text()) == [{"review": text} for text in texts]
+
+
 def test_texts_typed_at_a_terminal_are_asked_for_and_scored(trained_model):
     # `--input -` with nothing piped in waited without a word.
     terminal, its_end = pty.openpty()
