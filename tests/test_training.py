@@ -309,6 +309,21 @@ def test_a_model_that_is_a_file_is_named_as_one(tmp_path, reviews_csv):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_mistyped_model_folder_is_named_with_the_folder_meant(tmp_path, reviews_csv, trained_model):
+    # A path that is no folder was taken for a Hub id: "Repo id must be in the form 'repo_name' or
+    # 'namespace/repo_name'", then the Hub's own error for a relative one.
+    parent = trained_model.parent
+    typos = {f"{trained_model}x": f"no such folder (did you mean {trained_model}?)",
+             f"{parent.name}/outt": f"no such folder (did you mean {parent.name}/out?), nor a Hub id that loads"}
+    for typo, said in typos.items():
+        result = run_script("train.py", "--data", str(reviews_csv), "--model", typo, "--output-dir",
+                            str(tmp_path / "o"), check=False, cwd=parent.parent)
+        said = f"--model {typo}: {said}"
+        assert result.returncode == 2 and said in result.stderr, result.stderr[-2000:]
+    scored = run_script("infer.py", "--model", f"{trained_model}x", "good", check=False)
+    assert f"no such model folder (did you mean {trained_model}?)" in scored.stderr
+
+
 def test_every_flag_has_help():
     result = run_script("train.py", "--help")
     for name in ("--data", "--val-data", "--truncation", "--resume", "--report-to", "--checkpoint-every"):
