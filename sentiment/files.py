@@ -8,6 +8,7 @@ rename makes it look complete; `replace_durably` is such a rename for one file. 
 recognises a write that failed for want of space, whatever library raised it.
 """
 
+import difflib
 import errno
 import os
 import re
@@ -83,6 +84,19 @@ def fsync_tree(folder):
         for name in files:
             fsync_path(os.path.join(parent, name))
         fsync_path(parent)
+
+
+def did_you_mean(path, folder=False):
+    """For a file (or `folder`) that is not there: ' (did you mean X?)' naming the closest one beside
+    where it would be, or '' when none is close."""
+    path = str(path).rstrip("/")
+    parent = os.path.dirname(path)
+    try:
+        names = [entry.name for entry in os.scandir(parent or ".") if entry.is_dir() == folder]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(os.path.basename(path), names, n=1)
+    return f" (did you mean {os.path.join(parent, close[0])}?)" if close else ""
 
 
 def umask():

@@ -7,7 +7,6 @@ Face folder (`config.json` with the label names, `model.safetensors`, tokenizer 
 """
 
 import contextlib
-import difflib
 import glob
 import json
 import math
@@ -22,7 +21,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from .batching import TRUNCATIONS
 from .errors import SentimentError, SettingError
-from .files import as_plain_files, process_alive
+from .files import as_plain_files, did_you_mean, process_alive
 from .hub import download_options, offline_note
 
 # The files of the model folder, named once: training writes them, inference and reports read them.
@@ -188,24 +187,13 @@ def padding_id(tokenizer, config):
     return pad
 
 
-def did_you_mean(name):
-    """For a folder that is not there: the closest folder beside where it would be, as a hint ('' if none)."""
-    parent = os.path.dirname(name.rstrip("/")) or "."
-    try:
-        folders = [entry.name for entry in os.scandir(parent) if entry.is_dir()]
-    except OSError:
-        return ""
-    close = difflib.get_close_matches(os.path.basename(name.rstrip("/")), folders, n=1)
-    return f" (did you mean {os.path.join(os.path.dirname(name.rstrip('/')), close[0])}?)" if close else ""
-
-
 def model_error(name, err):
     if os.path.isfile(name):
         return SentimentError(f"--model {name} is a file; pass its folder, a Hub id, or --model tiny to train a "
                               f"small model offline")
     if not os.path.isdir(name) and (name.startswith(("/", ".", "~")) or name.count("/") > 1):  # no Hub id
-        return SentimentError(f"--model {name}: no such folder{did_you_mean(name)}")
-    beside = did_you_mean(name) if "/" in name and os.path.isdir(os.path.dirname(name)) else ""
+        return SentimentError(f"--model {name}: no such folder{did_you_mean(name, folder=True)}")
+    beside = did_you_mean(name, folder=True) if "/" in name and os.path.isdir(os.path.dirname(name)) else ""
     what = (f"no such folder{beside}, nor a Hub id that loads" if beside else
             f"could not load this {'folder' if os.path.isdir(name) else 'Hub id'}")
     return SentimentError(f"--model {name}: {what} ({str(err).strip().splitlines()[0]}){offline_note(name)}; pass a "
@@ -306,8 +294,8 @@ def load_model_folder(folder, dtype=torch.float32, attempts=3):
     from a model folder; clear errors if it is not one. Files are read one after another: if a training
     run publishes a new model meanwhile, they are read again, so the parts always belong together."""
     if not os.path.isdir(folder):
-        raise SentimentError(f"{folder}: no such model folder{did_you_mean(folder)}; train one with train.py or pass "
-                             f"a Hugging Face sequence-classification folder")
+        raise SentimentError(f"{folder}: no such model folder{did_you_mean(folder, folder=True)}; train one with "
+                             f"train.py or pass a Hugging Face sequence-classification folder")
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise SentimentError(f"{folder}: not a model folder (no config.json){what_it_is(folder)}")
     check_readable(folder)

@@ -18,7 +18,7 @@ import sys
 import polars as pl
 
 from .errors import SentimentError
-from .files import remove_stale_temporaries, replace_durably, temporary
+from .files import did_you_mean, remove_stale_temporaries, replace_durably, temporary
 
 
 def scan_json(path):
@@ -63,7 +63,8 @@ def scanner(path):
     """The lazy scan of a table file, after checking its type and that it is there."""
     ext = extension(path)
     if ext not in SCANNERS:
-        raise SentimentError(f"{path}: unknown file type {ext or '(none)'}; use one of {', '.join(SCANNERS)}")
+        typo = "" if os.path.exists(path) else did_you_mean(path)
+        raise SentimentError(f"{path}: unknown file type {ext or '(none)'}{typo}; use one of {', '.join(SCANNERS)}")
     scan = SCANNERS[ext](existing_file(path))
     if ext in (".csv", ".tsv"):
         refuse_repeated_columns(path, scan)
@@ -85,7 +86,7 @@ def existing_file(path):
     if os.path.isdir(path):
         raise SentimentError(f"{path}: a folder, not a file; name the file in it")
     if not os.path.isfile(path):
-        raise SentimentError(f"{path}: no such file")
+        raise SentimentError(f"{path}: no such file{did_you_mean(path)}")
     return path
 
 

@@ -197,6 +197,15 @@ def test_bad_data_errors_name_the_problem(tmp_path, problem, match):
         splits_of(path)
 
 
+def test_a_mistyped_file_name_names_the_file_meant(tmp_path):
+    demo_reviews(40, seed=10).write_csv(tmp_path / "reviews.csv")
+    for typo, said in (("reveiws.csv", "no such file"), ("reviews.cvs", "unknown file type .cvs")):
+        with pytest.raises(SentimentError, match=rf"{said} \(did you mean {tmp_path / 'reviews.csv'}\?\)"):
+            splits_of(tmp_path / typo)
+    with pytest.raises(SentimentError, match=r"no such file$"):  # nothing close: no guess
+        splits_of(tmp_path / "train_set.csv")
+
+
 def test_labels_that_differ_only_in_case_are_named_or_merged(tmp_path, capsys):
     frame = demo_reviews(300, seed=28)
     labels = [label.capitalize() if i % 3 == 0 else label for i, label in enumerate(frame["sentiment"].to_list())]
