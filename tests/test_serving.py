@@ -327,10 +327,18 @@ def test_sigterm_answers_every_request_in_flight(server):
         response = httpx.post(url + "/predict", json={"texts": texts}, timeout=60)
         return response, time.monotonic()
 
+    def admitted():
+        """Texts the service has taken in: waiting, being scored (a batch of at most 4) or scored."""
+        figures = dict(line.rsplit(" ", 1) for line in httpx.get(url + "/metrics").text.splitlines()
+                       if line.startswith(("sentiment_queue_depth ", "sentiment_texts_scored_total ")))
+        return sum(float(value) for value in figures.values()) + 4
+
     with ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(ask) for _ in range(16)]
-        time.sleep(0.3)  # every connection is open and queued; the batches take far longer to run
-        signalled = time.monotonic()
+        deadline = time.monotonic() + 30  # on a busy machine a client can take more than a moment to connect
+        while admitted() < 16 * len(texts) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        signalled = time.monotonic()  # every request is in; the batches take far longer to run
         process.send_signal(signal.SIGTERM)
         answers = [f.result() for f in futures]
     assert any(done > signalled for _, done in answers), "nothing was in flight at SIGTERM"
