@@ -195,7 +195,9 @@ def test_a_full_queue_answers_503_at_once_while_admitted_requests_finish():
         gate.clear()
         with ThreadPoolExecutor(12) as pool:
             futures = [pool.submit(client.post, "/predict", json={"text": f"good {i}"}) for i in range(12)]
-            time.sleep(0.5)
+            deadline = time.monotonic() + 10  # at most 4 queued and 1 at the gate: 7 or more answered at once
+            while sum(f.done() for f in futures) < 7 and time.monotonic() < deadline:
+                time.sleep(0.02)
             overflow = [f.result(timeout=2) for f in futures if f.done()]
             gate.set()
             answers = [f.result(timeout=10) for f in futures]
