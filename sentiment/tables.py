@@ -263,9 +263,10 @@ class TableWriter:
                     self.flattened += changed
                     frame.write_csv(f, include_header=self.count == 0, separator="\t", quote_style="never")
                 elif self.ext == ".json":  # one object a line, as JSON lines, with commas between
-                    for line in frame.write_ndjson().split("\n")[:-1]:  # not splitlines: U+2028 is a line to it
-                        f.write(("," if self.objects else "") + "\n" + line)
-                        self.objects += 1
+                    objects = frame.write_ndjson().split("\n")[:-1]  # not splitlines: U+2028 is a line to it
+                    if objects:
+                        f.write(("," if self.objects else "") + "\n" + ",\n".join(objects))
+                        self.objects += len(objects)
                 else:
                     frame.write_ndjson(f)
         self.count += 1
