@@ -24,10 +24,10 @@ def launched_by_accelerate(command):
             or ("accelerate", "launch") in zip(head, head[1:]))
 
 
-def parent_command():
-    """The parent process's arguments; empty where /proc cannot tell."""
+def command_of(pid):
+    """A process's arguments; empty where /proc cannot tell."""
     try:
-        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
             return [part.decode(errors="replace") for part in f.read().split(b"\0") if part]
     except OSError:
         return []
@@ -39,7 +39,7 @@ def stop_with_the_launcher():
     if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" in os.environ:
         return
     parent = os.getppid()
-    if not launched_by_accelerate(parent_command()):
+    if not launched_by_accelerate(command_of(parent)):
         return
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
