@@ -211,12 +211,12 @@ def score_file(args, state, columns):
     chunks = read_chunks(args.input, args.text_column, args.chunk_rows)
     if state.num_processes > 1 and args.input == "-":
         chunks = shared_chunks(state, chunks)
-    writer = TableWriter(args.output) if args.output and state.is_main_process else None
+    writes = args.output and state.is_main_process
     column, errors = label_column_of(args, columns), 0
     tally = LabelTally(column, predictor.labels) if column else None
-    prefix = added_columns_prefix(columns.columns, predictor.labels, args.input) if writer else ""
-    bar = tqdm(desc="scoring", unit=" rows", disable=not state.is_main_process or not args.output,
-               total=rows_in(args.input) if state.is_main_process and args.output else None)
+    prefix = added_columns_prefix(columns.columns, predictor.labels, args.input) if writes else ""
+    bar = tqdm(desc="scoring", unit=" rows", disable=not writes, total=rows_in(args.input) if writes else None)
+    writer = TableWriter(args.output) if writes else None  # its temporary file is removed by the `finally`
     try:
         for frame in chunks:
             answers = score_chunk(predictor, state, frame[args.text_column].cast(pl.String).to_list())
