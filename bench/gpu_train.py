@@ -120,13 +120,14 @@ def run_trainer(frame, folder, batch_size, steps, precision, grouped=False):
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     sampling = ({"train_sampling_strategy": "group_by_length" if grouped else "random"}
                 if "train_sampling_strategy" in fields else {"group_by_length": grouped})
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch_size,
-                             num_train_epochs=1, max_steps=steps or -1, bf16=precision == "bf16",
-                             save_strategy="no", report_to=[], disable_tqdm=True, logging_strategy="no",
-                             use_cpu=not torch.cuda.is_available(), **sampling)
-    model = AutoModelForSequenceClassification.from_pretrained(folder)
-    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=DataCollatorWithPadding(tokenizer))
-    result = trainer.train()
+    with tempfile.TemporaryDirectory() as scratch:
+        args = TrainingArguments(output_dir=scratch, per_device_train_batch_size=batch_size,
+                                 num_train_epochs=1, max_steps=steps or -1, bf16=precision == "bf16",
+                                 save_strategy="no", report_to=[], disable_tqdm=True, logging_strategy="no",
+                                 use_cpu=not torch.cuda.is_available(), **sampling)
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=DataCollatorWithPadding(tokenizer))
+        result = trainer.train()
     return result.metrics["train_runtime"], result.metrics["train_samples_per_second"], None
 
 
@@ -139,9 +140,12 @@ def main():
     parser.add_argument("--keep-model", default=None, help="Also copy the generated model folder here.")
     parser.add_argument("--json", default=None, help="Write every figure to this JSON file.")
     args = parser.parse_args()
-    precision = "bf16" if torch.cuda.is_available() else "no"
+    with tempfile.TemporaryDirectory() as work:  # data, model and runs: hundreds of MB at full size
+        measure(args, work)
 
-    work = tempfile.mkdtemp()
+
+def measure(args, work):
+    precision = "bf16" if torch.cuda.is_available() else "no"
     frame = generated_reviews(args.rows)
     data, folder = os.path.join(work, "reviews.csv"), os.path.join(work, "model")
     frame.write_csv(data)

@@ -63,17 +63,18 @@ def run_trainer(train, evaluation, model_dir, group_by_length):
     train_set, eval_set = encode(train), encode(evaluation)
     torch.manual_seed(SAME["seed"])
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
-    args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=SAME["batch_size"],
-        per_device_eval_batch_size=64, num_train_epochs=SAME["epochs"], learning_rate=SAME["lr"],
-        weight_decay=SAME["weight_decay"], warmup_steps=SAME["warmup_ratio"], lr_scheduler_type="linear",
-        seed=SAME["seed"], save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True,
-        disable_tqdm=True, logging_strategy="no",
-        train_sampling_strategy="group_by_length" if group_by_length else "random")
-    trainer = Trainer(model=model, args=args, train_dataset=train_set,
-                      data_collator=DataCollatorWithPadding(tokenizer))
-    result = trainer.train()
-    predictions = trainer.predict(eval_set)
+    with tempfile.TemporaryDirectory() as scratch:
+        args = TrainingArguments(
+            output_dir=scratch, per_device_train_batch_size=SAME["batch_size"],
+            per_device_eval_batch_size=64, num_train_epochs=SAME["epochs"], learning_rate=SAME["lr"],
+            weight_decay=SAME["weight_decay"], warmup_steps=SAME["warmup_ratio"], lr_scheduler_type="linear",
+            seed=SAME["seed"], save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True,
+            disable_tqdm=True, logging_strategy="no",
+            train_sampling_strategy="group_by_length" if group_by_length else "random")
+        trainer = Trainer(model=model, args=args, train_dataset=train_set,
+                          data_collator=DataCollatorWithPadding(tokenizer))
+        result = trainer.train()
+        predictions = trainer.predict(eval_set)
     accuracy = float((predictions.predictions.argmax(1) == predictions.label_ids).mean())
     return {"wall_s": time.perf_counter() - start, "train_s": result.metrics["train_runtime"],
             "samples_s": result.metrics["train_samples_per_second"], "accuracy": accuracy, "rows": len(train_set)}
@@ -128,10 +129,13 @@ def main():
     parser.add_argument("--recipe-lr", type=float, default=1e-4, help="Learning rate of the best recipe.")
     parser.add_argument("--recipe-precision", default="bf16", help="Mixed precision of the best recipe.")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:  # the tables each run reads
+        measure(args, tmp)
+
+
+def measure(args, tmp):
     model = args.model or minilm_folder()
     torch.set_num_threads(os.cpu_count())
-
-    tmp = tempfile.mkdtemp()
     train, evaluation = imdb_rows(args.data, first=2000), imdb_rows(args.data, last=2000)
     paths = {name: os.path.join(tmp, f"{name}.csv") for name in ("train", "eval", "recipe")}
     train.write_csv(paths["train"])

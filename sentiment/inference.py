@@ -216,7 +216,7 @@ def score_file(args, state, columns):
     tally = LabelTally(column, predictor.labels) if column else None
     prefix = added_columns_prefix(columns.columns, predictor.labels, args.input) if writes else ""
     bar = tqdm(desc="scoring", unit=" rows", disable=not writes, total=rows_in(args.input) if writes else None)
-    writer = TableWriter(args.output) if writes else None  # its temporary file is removed by the `finally`
+    writer = TableWriter(args.output) if writes else None  # its file, made at the first write, goes in the `finally`
     try:
         for frame in chunks:
             answers = score_chunk(predictor, state, frame[args.text_column].cast(pl.String).to_list())

@@ -245,6 +245,10 @@ class TableWriter:
         self.tmp = temporary(path, hidden=True)
         self.parts = self.tmp + ".parts"
         self.count, self.flattened, self.objects = 0, 0, 0
+
+    def start(self):
+        """Create the temporary file at the first write, in the caller's `try` whose `finally` calls
+        `abort`: a signal between creating the writer and entering that block left the file behind."""
         if self.ext == ".parquet":
             os.makedirs(self.parts)
         else:
@@ -252,6 +256,8 @@ class TableWriter:
                 f.write("[" if self.ext == ".json" else "")
 
     def write(self, frame):
+        if self.count == 0:
+            self.start()
         if self.ext == ".parquet":
             frame.write_parquet(os.path.join(self.parts, f"part-{self.count:06d}.parquet"))
         else:

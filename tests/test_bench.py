@@ -65,8 +65,11 @@ def test_the_gpu_check_runs_every_step_at_toy_size_in_the_gpu_machines_software(
 def test_a_failing_step_of_the_gpu_check_costs_none_of_the_others(tmp_path):
     # The first failing step ended the whole check: a failing GPU test would have cost every figure
     # of the one run a lent GPU allows.
-    result = gpu_check_smoke(tmp_path, PYTEST_ADDOPTS="-k no_such_test")  # pytest finds no test: exit 5
+    scratch = tmp_path / "scratch"  # and none leaves its temporary files: each run left a model folder
+    scratch.mkdir()
+    result = gpu_check_smoke(tmp_path, PYTEST_ADDOPTS="-k no_such_test", TMPDIR=str(scratch))  # no test: exit 5
     assert result.returncode == 1
+    assert [name for name in os.listdir(scratch) if not name.startswith("torchinductor_")] == []  # compile cache
     log = (tmp_path / "gpu_check.log").read_text()
     assert "== step failed: 1. GPU tests" in log and log.rstrip().endswith("== failed steps: 1. GPU tests")
     assert json.loads((tmp_path / "gpu_check.json").read_text())["figures"]["vs_trainer"] > 0

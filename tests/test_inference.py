@@ -254,6 +254,27 @@ def test_a_full_disk_is_one_line_and_leaves_the_old_output(tmp_path, trained_mod
 
 
 @pytest.mark.parametrize("ext", ["csv", "parquet"])
+def test_a_signal_as_the_output_is_opened_leaves_no_temporary_file(tmp_path, trained_model, reviews_csv,
+                                                                   monkeypatch, ext):
+    # The writer made its temporary file before the block whose `finally` removes it: a SIGTERM
+    # landing in between left the file.
+    (tmp_path / f"scored.{ext}").write_text("old\n")
+    opened = tables.TableWriter.__init__
+
+    def signalled_as_it_opens(self, path):
+        opened(self, path)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(tables.TableWriter, "__init__", signalled_as_it_opens)
+    with pytest.raises(SystemExit) as stopped:
+        inference.run(parse_args(InferArgs, "", ["--model", str(trained_model), "--input", str(reviews_csv),
+                                                 "--output", str(tmp_path / f"scored.{ext}")]))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert sorted(os.listdir(tmp_path)) == ["reviews.csv", f"scored.{ext}"]
+    assert (tmp_path / f"scored.{ext}").read_text() == "old\n"
+
+
+@pytest.mark.parametrize("ext", ["csv", "parquet"])
 def test_outputs_are_on_disk_before_they_replace_the_old_ones(tmp_path, trained_model, reviews_csv, monkeypatch, ext):
     target, metrics = tmp_path / f"scored.{ext}", tmp_path / "metrics.json"
     target.write_text("old results\n")
