@@ -2,6 +2,7 @@
 GPU machine's software."""
 
 import fcntl
+import getpass
 import json
 import os
 import pathlib
@@ -9,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -67,9 +69,11 @@ def test_a_failing_step_of_the_gpu_check_costs_none_of_the_others(tmp_path):
     # of the one run a lent GPU allows.
     scratch = tmp_path / "scratch"  # and none leaves its temporary files: each run left a model folder
     scratch.mkdir()
-    result = gpu_check_smoke(tmp_path, PYTEST_ADDOPTS="-k no_such_test", TMPDIR=str(scratch))  # no test: exit 5
+    compiled = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")  # kept: a cache
+    result = gpu_check_smoke(tmp_path, PYTEST_ADDOPTS="-k no_such_test", TMPDIR=str(scratch),  # no test: exit 5
+                             TORCHINDUCTOR_CACHE_DIR=os.environ.get("TORCHINDUCTOR_CACHE_DIR", compiled))
     assert result.returncode == 1
-    assert [name for name in os.listdir(scratch) if not name.startswith("torchinductor_")] == []  # compile cache
+    assert [name for name in os.listdir(scratch) if not name.startswith("torchinductor_")] == []  # headers cache
     log = (tmp_path / "gpu_check.log").read_text()
     assert "== step failed: 1. GPU tests" in log and log.rstrip().endswith("== failed steps: 1. GPU tests")
     assert json.loads((tmp_path / "gpu_check.json").read_text())["figures"]["vs_trainer"] > 0
