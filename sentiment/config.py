@@ -148,10 +148,19 @@ def same_file(a, b):
     return os.path.abspath(a) == os.path.abspath(b)
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that ends with the flag's default, unless there is none to show (None, [], a switch) or the
+    help already says what it is."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == [] or "default:" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(cls, description):
     """An argparse parser with one `--flag` per field of the dataclass `cls`."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=DefaultsHelp)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from sentiment import checkpointing, launcher, modeling, outputs, training
-from sentiment.config import TrainArgs, parse_args
+from sentiment.config import InferArgs, TrainArgs, build_parser, parse_args
 from sentiment.demo_data import demo_reviews
 from sentiment.errors import SentimentError, flag
 from sentiment.modeling import load_model_folder, load_tokenizer, save_model_folder, tiny_config
@@ -328,6 +328,10 @@ def test_every_flag_has_help():
     result = run_script("train.py", "--help")
     for name in ("--data", "--val-data", "--truncation", "--resume", "--report-to", "--checkpoint-every"):
         assert name in result.stdout
+    assert "(default: 2e-05)" in result.stdout  # --lr's default is shown; no default is said as "None"
+    for command in (InferArgs, TrainArgs):
+        text = " ".join(build_parser(command, "").format_help().split())
+        assert "(default: None)" not in text and "(default: [])" not in text and "(default: False)" not in text
 
 
 def test_invariants_are_the_fields_marked_fixed():
