@@ -49,7 +49,9 @@ def remove_stale_temporaries(path):
 
 def write_atomically(path, text):
     """Write `text` to `path` through a temporary file beside it, renamed into place once complete:
-    a crash leaves the old file or the new one, never half of one."""
+    a crash leaves the old file or the new one, never half of one. A link is written through, as
+    `>` writes: the file it points to is replaced, and the link stays."""
+    path = os.path.realpath(path)
     remove_stale_temporaries(path)
     tmp = temporary(path)
     try:

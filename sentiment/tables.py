@@ -198,7 +198,7 @@ def row_count(path):
 def writable(path, flag, source=None, model=None):
     """Refuse, in one line, an output path that cannot be written, that is the input itself, or that
     would overwrite a file of the model folder being read."""
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = os.path.dirname(os.path.realpath(path))  # a link's file is written, in the folder it names
     if os.path.isdir(path):
         raise SentimentError(f"{flag} {path} is a folder; name a file in it")
     if not os.path.isdir(folder):
@@ -236,13 +236,14 @@ def tsv_safe(frame):
 class TableWriter:
     """Appends frames to a temporary file beside `path` that `close()` renames into place, so a run
     that fails leaves an existing file as it was; Parquet goes through parts joined at the end, and
-    `.json` is one array, its objects written a chunk at a time between brackets."""
+    `.json` is one array, its objects written a chunk at a time between brackets. A link is written
+    through: the file it points to is replaced, and the link stays."""
 
     def __init__(self, path):
-        self.path = path
+        self.path, self.target = path, os.path.realpath(path)
         self.ext = extension(path)  # one of SCANNERS: checked before the model loads (inference.score_and_report)
-        remove_stale_temporaries(path)  # what a run killed outright (SIGKILL, out of memory) left
-        self.tmp = temporary(path, hidden=True)
+        remove_stale_temporaries(self.target)  # what a run killed outright (SIGKILL, out of memory) left
+        self.tmp = temporary(self.target, hidden=True)
         self.parts = self.tmp + ".parts"
         self.count, self.flattened, self.objects = 0, 0, 0
 
@@ -285,7 +286,7 @@ class TableWriter:
         elif self.ext == ".json":
             with open(self.tmp, "a") as f:
                 f.write("\n]\n")
-        replace_durably(self.tmp, self.path)
+        replace_durably(self.tmp, self.target)
         if self.flattened:
             print(f"warning: {self.flattened} values held tabs or line breaks, which TSV cannot hold; they are spaces "
                   f"in {self.path} (.csv, .parquet or .jsonl keep them)", file=sys.stderr)

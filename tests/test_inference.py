@@ -286,6 +286,23 @@ def test_outputs_are_on_disk_before_they_replace_the_old_ones(tmp_path, trained_
     assert len(pl.read_csv(target) if ext == "csv" else pl.read_parquet(target)) == len(pl.read_csv(reviews_csv))
 
 
+def test_outputs_that_are_links_are_written_through(tmp_path, trained_model, reviews_csv):
+    # The file was renamed onto the link: `latest.csv -> runs/scored.csv` became a file of its own,
+    # and the file it pointed to kept the old results.
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for name in ("scored.csv", "metrics.json"):
+        (runs / name).write_text("old\n")
+        (tmp_path / f"latest-{name}").symlink_to(runs / name)
+    inference.run(parse_args(InferArgs, "", ["--model", str(trained_model), "--input", str(reviews_csv),
+                                             "--output", str(tmp_path / "latest-scored.csv"),
+                                             "--metrics-out", str(tmp_path / "latest-metrics.json")]))
+    assert (tmp_path / "latest-scored.csv").is_symlink() and (tmp_path / "latest-metrics.json").is_symlink()
+    assert len(pl.read_csv(runs / "scored.csv")) == len(pl.read_csv(reviews_csv))
+    assert json.loads((runs / "metrics.json").read_text())["examples"] == len(pl.read_csv(reviews_csv))
+    assert sorted(os.listdir(runs)) == ["metrics.json", "scored.csv"]
+
+
 def test_a_failed_run_leaves_an_existing_output_as_it_was(tmp_path, trained_model):
     lines = [json.dumps({"review": f"The acting was superb. I loved it. {i}"}) for i in range(60)]
     lines[45] = '{"review": "cut short'
@@ -377,9 +394,11 @@ def test_what_a_killed_run_left_is_removed_by_the_next_and_a_live_run_s_is_kept(
 @pytest.mark.parametrize("where, message", [
     ("missing/out.csv", "does not exist; create it first"),
     (".", "is a folder; name a file in it"),
+    ("dangling.csv", "does not exist; create it first"),  # a link to a file in a folder that is not there
 ])
 @pytest.mark.parametrize("flag", ["--output", "--metrics-out"])
 def test_outputs_that_cannot_be_written_are_one_line(tmp_path, trained_model, reviews_csv, flag, where, message):
+    (tmp_path / "dangling.csv").symlink_to(tmp_path / "gone" / "out.csv")
     result = run_script("infer.py", "--model", str(trained_model), "--input", str(reviews_csv),
                         flag, str(tmp_path / where), check=False, cwd=tmp_path)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
