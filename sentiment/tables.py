@@ -85,6 +85,8 @@ def existing_file(path):
     """`path`, once it is known to be a file: a folder or a missing path is a one-line error."""
     if os.path.isdir(path):
         raise SentimentError(f"{path}: a folder, not a file; name the file in it")
+    if os.path.exists(path) and not os.path.isfile(path):  # read twice (columns, then rows): a pipe empties
+        raise SentimentError(f"{path}: a named pipe or device, not a file; save what it gives to a file first")
     if not os.path.isfile(path):
         raise SentimentError(f"{path}: no such file{did_you_mean(path)}")
     return path

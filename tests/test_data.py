@@ -1,5 +1,6 @@
 import codecs
 import json
+import os
 
 import numpy as np
 import polars as pl
@@ -204,6 +205,13 @@ def test_a_mistyped_file_name_names_the_file_meant(tmp_path):
             splits_of(tmp_path / typo)
     with pytest.raises(SentimentError, match=r"no such file$"):  # nothing close: no guess
         splits_of(tmp_path / "train_set.csv")
+
+
+def test_a_named_pipe_is_refused_as_one(tmp_path):
+    # It was "no such file (did you mean reviews.csv?)", naming the pipe itself as the file meant.
+    os.mkfifo(tmp_path / "reviews.csv")
+    with pytest.raises(SentimentError, match=r"reviews.csv: a named pipe or device, not a file; save"):
+        splits_of(tmp_path / "reviews.csv")
 
 
 def test_labels_that_differ_only_in_case_are_named_or_merged(tmp_path, capsys):
