@@ -74,7 +74,10 @@ def fsync_path(path):
 def replace_durably(tmp, path):
     """Rename the complete file `tmp` onto `path`, its bytes on disk first and the rename after it. A
     rename reaches the disk before the data it names: without the first fsync a power cut soon after
-    can leave `path` empty, and the old file it replaced gone with it."""
+    can leave `path` empty, and the old file it replaced gone with it. The new file takes the old
+    one's permissions, as `>` keeps them: results made private stay private."""
+    if os.path.exists(path):
+        shutil.copymode(path, tmp)
     fsync_path(tmp)
     os.replace(tmp, path)
     fsync_path(os.path.dirname(os.path.abspath(path)))

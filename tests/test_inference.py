@@ -303,6 +303,20 @@ def test_outputs_that_are_links_are_written_through(tmp_path, trained_model, rev
     assert sorted(os.listdir(runs)) == ["metrics.json", "scored.csv"]
 
 
+@pytest.mark.parametrize("ext", ["csv", "parquet"])
+def test_a_private_output_stays_private(tmp_path, trained_model, reviews_csv, ext):
+    # The new file, made under the umask, replaced one only its owner could read: a rerun made the
+    # results readable by everyone on the machine.
+    target, metrics = tmp_path / f"scored.{ext}", tmp_path / "metrics.json"
+    for path in (target, metrics):
+        path.write_text("old\n")
+        path.chmod(0o600)
+    inference.run(parse_args(InferArgs, "", ["--model", str(trained_model), "--input", str(reviews_csv),
+                                             "--output", str(target), "--metrics-out", str(metrics)]))
+    assert json.loads(metrics.read_text())["examples"] == len(pl.read_csv(reviews_csv))
+    assert {path.stat().st_mode & 0o777 for path in (target, metrics)} == {0o600}
+
+
 def test_a_failed_run_leaves_an_existing_output_as_it_was(tmp_path, trained_model):
     lines = [json.dumps({"review": f"The acting was superb. I loved it. {i}"}) for i in range(60)]
     lines[45] = '{"review": "cut short'
