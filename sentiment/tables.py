@@ -203,6 +203,8 @@ def writable(path, flag, source=None, model=None):
     folder = os.path.dirname(os.path.realpath(path))  # a link's file is written, in the folder it names
     if os.path.isdir(path):
         raise SentimentError(f"{flag} {path} is a folder; name a file in it")
+    if os.path.exists(path) and not os.path.isfile(path):  # the rename would replace the pipe, not feed it
+        raise SentimentError(f"{flag} {path}: a named pipe or device, not a file; name a file")
     if not os.path.isdir(folder):
         raise SentimentError(f"{flag} {path}: the folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK):

@@ -409,10 +409,12 @@ def test_what_a_killed_run_left_is_removed_by_the_next_and_a_live_run_s_is_kept(
     ("missing/out.csv", "does not exist; create it first"),
     (".", "is a folder; name a file in it"),
     ("dangling.csv", "does not exist; create it first"),  # a link to a file in a folder that is not there
+    ("pipe.csv", "a named pipe or device, not a file"),  # was replaced by a file, its reader left waiting
 ])
 @pytest.mark.parametrize("flag", ["--output", "--metrics-out"])
 def test_outputs_that_cannot_be_written_are_one_line(tmp_path, trained_model, reviews_csv, flag, where, message):
     (tmp_path / "dangling.csv").symlink_to(tmp_path / "gone" / "out.csv")
+    os.mkfifo(tmp_path / "pipe.csv")
     result = run_script("infer.py", "--model", str(trained_model), "--input", str(reviews_csv),
                         flag, str(tmp_path / where), check=False, cwd=tmp_path)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
