@@ -204,7 +204,8 @@ def writable(path, flag, source=None, model=None):
     if os.path.isdir(path):
         raise SentimentError(f"{flag} {path} is a folder; name a file in it")
     if os.path.exists(path) and not os.path.isfile(path):  # the rename would replace the pipe, not feed it
-        raise SentimentError(f"{flag} {path}: a named pipe or device, not a file; name a file")
+        rows = " (without --output, the rows go to standard output as JSON lines)" if flag == "--output" else ""
+        raise SentimentError(f"{flag} {path}: a named pipe or device, not a file; name a file{rows}")
     if not os.path.isdir(folder):
         raise SentimentError(f"{flag} {path}: the folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK):
