@@ -673,7 +673,8 @@ def test_two_runs_into_one_folder_the_second_is_refused(tmp_path):
     data = tmp_path / "reviews.csv"
     demo_reviews(1200, seed=17).write_csv(data)
     out = tmp_path / "out"
-    first = start_training("--data", str(data), *TINY, "--output-dir", str(out))
+    # Epochs enough that the first is still training when the second starts: it once finished first.
+    first = start_training("--data", str(data), *TINY, "--epochs", "100", "--output-dir", str(out))
     wait_for(out / "log.jsonl", first)
     second = run_script("train.py", "--data", str(data), *TINY, "--output-dir", str(out), "--overwrite", check=False)
     first.kill()
