@@ -47,7 +47,7 @@ step() {  # step NAME COMMAND…
   "${@:2}" || { echo "== step failed: $1"; failed+=("$1"); }
 }
 {
-  step "1. GPU tests" "$py" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
+  step "1. GPU tests" "$py" -m pytest -m gpu -q -p no:cacheprovider --basetemp "$work/pytest" tests/test_gpu.py
   step "2. training" "$py" -m bench.gpu_train "${train_size[@]}" --keep-model "$work/model" --json "$out/train.json"
   step "3-4. scoring and serving" "$py" -m bench.gpu_score --model "$work/model" "${score_size[@]}" \
       --json "$out/score.json"

@@ -1,6 +1,7 @@
 """The benchmark scripts still run: the prepared GPU check at toy size on the CPU, rehearsed in the
 GPU machine's software."""
 
+import contextlib
 import fcntl
 import getpass
 import json
@@ -17,32 +18,39 @@ import pytest
 from helpers import ROOT
 
 
-def gpu_check_smoke(out, **env):
-    return subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--cpu-smoke"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OUT": str(out), "PYTHON": sys.executable, **env})
-
-
 def listing(folder):
     return sorted((entry.name, entry.stat().st_mtime_ns) for entry in os.scandir(folder)) if os.path.isdir(folder) \
         else None
+
+
+@contextlib.contextmanager
+def wheels_untouched():
+    """Assert that the block leaves .whl/ as it found it. The block holds the lock that a GPU rehearsal
+    or wheel download takes, shared: one started meanwhile (by another test worker under -n auto)
+    waits, rather than rebuilding .whl/ under the comparison."""
+    wheels = os.path.join(ROOT, ".whl")
+    with open(os.path.join(ROOT, "bench", "gpu_wheels.sh")) as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        before = listing(wheels)
+        yield
+        assert listing(wheels) == before
 
 
 @pytest.mark.parametrize("script", ["gpu_rehearsal.sh", "gpu_wheels.sh"])
 def test_a_second_gpu_rehearsal_waits_for_the_first_and_leaves_its_wheels_alone(script):
     # Two at once in one checkout: the second deleted and rebuilt .whl/ while the first installed from it.
     wheels = os.path.join(ROOT, ".whl")
-    before = listing(wheels)
     with open(os.path.join(ROOT, "bench", "gpu_wheels.sh")) as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # as a rehearsal under way holds it
+        before = listing(wheels)
         second = subprocess.Popen(["bash", os.path.join(ROOT, "bench", script)], cwd=ROOT, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
         time.sleep(3)
         waiting = second.poll() is None
         os.killpg(second.pid, signal.SIGKILL)
         _, stderr = second.communicate()
+        assert listing(wheels) == before
     assert waiting and "waiting for the other GPU rehearsal or wheel download" in stderr, stderr
-    assert listing(wheels) == before
 
 
 @pytest.mark.slow
@@ -50,9 +58,14 @@ def test_the_gpu_check_runs_every_step_at_toy_size_in_the_gpu_machines_software(
     # Rehearsed in that machine's packages and versions, the wheels installed as they will be there:
     # the check once needed a package (httpx2, for Starlette's TestClient) that only this machine had.
     script = os.path.join(ROOT, "bench", "gpu_rehearsal.sh")
+    scratch = tmp_path / "scratch"  # and no step leaves its temporary files: each run left a model folder
+    scratch.mkdir()
+    compiled = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")  # kept: a cache
     result = subprocess.run(["bash", script], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "OUT": str(tmp_path)})
+                            env={**os.environ, "OUT": str(tmp_path), "TMPDIR": str(scratch),
+                                 "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR", compiled)})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert [name for name in os.listdir(scratch) if not name.startswith("torchinductor_")] == []  # headers cache
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     figures = report["figures"]
     gpu_machines = re.search(r'"transformers==([^"]+)"', pathlib.Path(script).read_text()).group(1)
@@ -63,20 +76,23 @@ def test_the_gpu_check_runs_every_step_at_toy_size_in_the_gpu_machines_software(
     assert " passed" in log and "step failed" not in log and "| figure | measured | goal | met |" in log
 
 
-@pytest.mark.slow
-def test_a_failing_step_of_the_gpu_check_costs_none_of_the_others(tmp_path):
+@pytest.mark.parametrize("failing", ["1. GPU tests", "2. training", "3-4. scoring and serving"])
+def test_a_failing_step_of_the_gpu_check_costs_none_of_the_others(tmp_path, failing):
     # The first failing step ended the whole check: a failing GPU test would have cost every figure
-    # of the one run a lent GPU allows.
-    scratch = tmp_path / "scratch"  # and none leaves its temporary files: each run left a model folder
-    scratch.mkdir()
-    compiled = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")  # kept: a cache
-    result = gpu_check_smoke(tmp_path, PYTEST_ADDOPTS="-k no_such_test", TMPDIR=str(scratch),  # no test: exit 5
-                             TORCHINDUCTOR_CACHE_DIR=os.environ.get("TORCHINDUCTOR_CACHE_DIR", compiled))
+    # of the one run a lent GPU allows. Each step runs here in an interpreter that records it and
+    # fails the one named; the real steps run in the rehearsal above.
+    modules = {"1. GPU tests": "pytest", "2. training": "bench.gpu_train",
+               "3-4. scoring and serving": "bench.gpu_score"}
+    calls, python = tmp_path / "calls", tmp_path / "python"
+    python.write_text(f'#!/bin/sh\necho "$2" >> {calls}\n[ "$2" != {modules[failing]} ]\n')
+    python.chmod(0o755)
+    result = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--cpu-smoke"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": str(python)})
     assert result.returncode == 1
-    assert [name for name in os.listdir(scratch) if not name.startswith("torchinductor_")] == []  # headers cache
-    log = (tmp_path / "gpu_check.log").read_text()
-    assert "== step failed: 1. GPU tests" in log and log.rstrip().endswith("== failed steps: 1. GPU tests")
-    assert json.loads((tmp_path / "gpu_check.json").read_text())["figures"]["vs_trainer"] > 0
+    assert calls.read_text().split() == [*modules.values(), "bench.gpu_report"]
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert f"== step failed: {failing}" in log and log.rstrip().endswith(f"== failed steps: {failing}")
 
 
 SHELL_COMMANDS = ["predict_sentiment.sh", "bench/gpu_check.sh", "bench/gpu_rehearsal.sh", "bench/gpu_wheels.sh",
@@ -90,17 +106,17 @@ PYTHON_COMMANDS = ["train.py", "infer.py", "sentiment.report"] + sorted(
 def test_every_command_answers_help_and_does_nothing_else(tmp_path, command):
     # `bash bench/gpu_wheels.sh --help` deleted and downloaded the wheels, `gpu_check.sh --help` ran the
     # whole check, and `./predict_sentiment.sh --help` sent "--help" to the service as a review.
-    wheels = listing(os.path.join(ROOT, ".whl"))
     if command.endswith(".sh"):
         argv = ["bash", os.path.join(ROOT, command)]
     else:
         argv = [sys.executable, *([os.path.join(ROOT, command)] if command.endswith(".py") else ["-m", command])]
     env = {**os.environ, "OUT": str(tmp_path / "out"), "SENTIMENT_URL": "http://127.0.0.1:9"}
-    result = subprocess.run([*argv, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    with wheels_untouched():
+        result = subprocess.run([*argv, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+        if command.startswith("bench/gpu_"):  # a mistyped flag (--cpu-smok) ran the full check on the CPU
+            mistyped = subprocess.run([*argv, "--cpu-smok"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                                      env=env)
+            assert mistyped.returncode == 2 and mistyped.stderr.startswith("usage: bash " + command)
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) >= 2 and "error" not in result.stderr.lower()
-    assert listing(os.path.join(ROOT, ".whl")) == wheels and not (tmp_path / "out").exists()
-    if command.startswith("bench/gpu_"):  # a mistyped flag (--cpu-smok) ran the full check on the CPU
-        mistyped = subprocess.run([*argv, "--cpu-smok"], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                                  env=env)
-        assert mistyped.returncode == 2 and mistyped.stderr.startswith("usage: bash " + command)
+    assert not (tmp_path / "out").exists()
