@@ -13,6 +13,16 @@ from helpers import TINY, run_script
 from sentiment.demo_data import demo_reviews
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`-n auto`, the README's command) each worker gets its share of the cores:
+    two workers whose torch each ran a thread per core slowed some tests fivefold."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # the scripts the tests start
+        torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU tests are deselected (not skipped) on a machine without one, whatever -m says, unless the
     CPU smoke run of bench/gpu_check.sh asks for them."""
