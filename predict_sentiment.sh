@@ -30,14 +30,22 @@ if [ "${status:-0}" -eq 2 ]; then
 elif [ "${status:-0}" -ne 0 ]; then
   exit 2
 fi
-if ! answer="$(curl -sS --max-time 60 -H 'Content-Type: application/json' --data-binary "@$body" \
-                    -w '\n%{http_code}' "$url/predict" 2>"$err")"; then
-  echo "error: no answer from $url: $(head -n 1 "$err" | sed 's/^curl: //')" >&2
+answer="$(curl -sS --max-time 60 -H 'Content-Type: application/json' --data-binary "@$body" \
+                -w '\n%{http_code}' "$url/predict" 2>"$err")" || curl_status=$?
+if [ "${curl_status:-0}" -ne 0 ]; then
+  hint=""
+  if [ "$curl_status" -eq 7 ]; then  # nothing listens there
+    hint="; is the service running? Start it: SENTIMENT_MODEL=folder uvicorn app:app --http app:HTTP, or set SENTIMENT_URL"
+  fi
+  echo "error: no answer from $url: $(head -n 1 "$err" | sed 's/^curl: //')$hint" >&2
   exit 1
 fi
 status="${answer##*$'\n'}"
 answer="${answer%$'\n'*}"
 if [ "$status" != "200" ]; then
+  case "$status $url" in  # the script adds /predict itself
+    "404 "*/predict | "404 "*/predict/) answer+=" (SENTIMENT_URL is where the service is: leave out /predict)" ;;
+  esac
   echo "error: $url answered $status: $answer" >&2
   exit 1
 fi

@@ -316,7 +316,10 @@ def test_predict_sentiment_sh_against_a_real_uvicorn(server):
     assert too_long.returncode == 1 and "413" in too_long.stderr and len(too_long.stderr.splitlines()) == 1
     down = predict_sh(f"http://127.0.0.1:{free_port()}", "hello")
     assert down.returncode == 1 and down.stderr.startswith("error: no answer from")
+    assert "is the service running? Start it: SENTIMENT_MODEL=folder uvicorn app:app" in down.stderr
     assert len(down.stderr.strip().splitlines()) == 1
+    doubled = predict_sh(url + "/predict", "hello")  # was "answered 404" alone: it posted to /predict/predict
+    assert doubled.returncode == 1 and "404" in doubled.stderr and "leave out /predict" in doubled.stderr
 
 
 @pytest.mark.slow
