@@ -104,10 +104,10 @@ async def load_model(app, executor):
     except Exception as err:
         state.load_error = f"{type(err).__name__}: {err}"
         if isinstance(err, SentimentError):  # a damaged folder or a bad setting: one line that says what to fix
-            log.error("could not load the model from %s: %s", state.settings.model,
+            log.error("could not load the model from %s (SENTIMENT_MODEL): %s", state.settings.model,
                       err.as_variable() if isinstance(err, SettingError) else err)
         else:
-            log.error("could not load the model from %s", state.settings.model, exc_info=err)
+            log.error("could not load the model from %s (SENTIMENT_MODEL)", state.settings.model, exc_info=err)
 
 
 @contextlib.asynccontextmanager
