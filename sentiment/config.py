@@ -206,8 +206,11 @@ class InferArgs:
     chunk_rows: int = arg(10000, "Rows read, scored and written at a time; bounds memory on large files.")
 
     def __post_init__(self):
-        if bool(self.texts) == bool(self.input):
-            raise SentimentError("give texts to score as arguments, or --input FILE, but not both")
+        if not self.texts and not self.input:
+            raise SentimentError("nothing to score: give texts as arguments, --input FILE, or --input - to read "
+                                 "them from standard input")
+        if self.texts and self.input:
+            raise SentimentError(f"texts as arguments and --input {self.input} both: give one or the other")
         if self.texts and self.metrics_out:
             raise SentimentError("--metrics-out needs true labels, from a label column of an --input file; texts on "
                                  "the command line have none")

@@ -174,7 +174,9 @@ def test_a_file_larger_than_one_chunk_is_scored_like_one_chunk(tmp_path, trained
      "without --output, the rows go to standard output as JSON lines"),
     (["--model", "nowhere", "--input", "{data}", "--text-column", "body"], "no column 'body'"),
     (["--model", "nowhere", "--input", "{data}", "--label-column", "stars"], "no label column 'stars'"),
-    ([], "give texts to score"),
+    # Neither was "give texts to score as arguments, or --input FILE, but not both", as both was.
+    ([], "nothing to score: give texts as arguments, --input FILE, or --input - to read them from standard input"),
+    (["--input", "{data}", "hello"], "texts as arguments and --input "),
     (["--max-length", "1024", "hello"], "--max-length: 1024 tokens is over this model's limit of 512 positions"),
     (["--max-length", "1", "hello"], "--max-length: must be at least 8 tokens, got 1"),  # kept all but one token
     (["--threads", "-1", "hello"], "--threads must be at least 1, got -1"),  # a traceback from PyTorch
