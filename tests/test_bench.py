@@ -1,13 +1,13 @@
 """The benchmark scripts still run: the prepared GPU check at toy size on the CPU, rehearsed in the
 GPU machine's software."""
 
-import contextlib
 import fcntl
 import getpass
 import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,34 +23,33 @@ def listing(folder):
         else None
 
 
-@contextlib.contextmanager
-def wheels_untouched():
-    """Assert that the block leaves .whl/ as it found it. The block holds the lock that a GPU rehearsal
-    or wheel download takes, shared: one started meanwhile (by another test worker under -n auto)
-    waits, rather than rebuilding .whl/ under the comparison."""
-    wheels = os.path.join(ROOT, ".whl")
-    with open(os.path.join(ROOT, "bench", "gpu_wheels.sh")) as lock:
-        fcntl.flock(lock, fcntl.LOCK_SH)
-        before = listing(wheels)
-        yield
-        assert listing(wheels) == before
+def checkout_with(tmp_path, *scripts):
+    """A checkout of its own holding copies of `scripts` and a .whl/ of one wheel: what they do to .whl/
+    or its lock, no other run (a rehearsal in another test worker) does at the same time."""
+    root = tmp_path / "checkout"
+    for script in scripts:
+        (root / script).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, script), root / script)
+    (root / ".whl").mkdir()
+    (root / ".whl" / "kept-1.0-py3-none-any.whl").write_bytes(b"")
+    return root
 
 
 @pytest.mark.parametrize("script", ["gpu_rehearsal.sh", "gpu_wheels.sh"])
-def test_a_second_gpu_rehearsal_waits_for_the_first_and_leaves_its_wheels_alone(script):
+def test_a_second_gpu_rehearsal_waits_for_the_first_and_leaves_its_wheels_alone(tmp_path, script):
     # Two at once in one checkout: the second deleted and rebuilt .whl/ while the first installed from it.
-    wheels = os.path.join(ROOT, ".whl")
-    with open(os.path.join(ROOT, "bench", "gpu_wheels.sh")) as held:
+    root = checkout_with(tmp_path, "bench/gpu_rehearsal.sh", "bench/gpu_wheels.sh")
+    before = listing(root / ".whl")
+    with open(root / "bench" / "gpu_wheels.sh") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # as a rehearsal under way holds it
-        before = listing(wheels)
-        second = subprocess.Popen(["bash", os.path.join(ROOT, "bench", script)], cwd=ROOT, stdout=subprocess.DEVNULL,
+        second = subprocess.Popen(["bash", str(root / "bench" / script)], cwd=root, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
         time.sleep(3)
         waiting = second.poll() is None
         os.killpg(second.pid, signal.SIGKILL)
         _, stderr = second.communicate()
-        assert listing(wheels) == before
     assert waiting and "waiting for the other GPU rehearsal or wheel download" in stderr, stderr
+    assert listing(root / ".whl") == before
 
 
 @pytest.mark.slow
@@ -106,17 +105,20 @@ PYTHON_COMMANDS = ["train.py", "infer.py", "sentiment.report"] + sorted(
 def test_every_command_answers_help_and_does_nothing_else(tmp_path, command):
     # `bash bench/gpu_wheels.sh --help` deleted and downloaded the wheels, `gpu_check.sh --help` ran the
     # whole check, and `./predict_sentiment.sh --help` sent "--help" to the service as a review.
-    if command.endswith(".sh"):
-        argv = ["bash", os.path.join(ROOT, command)]
+    if command.endswith(".sh"):  # each in a checkout of its own, with a wheel to lose
+        root = checkout_with(tmp_path, command)
+        argv = ["bash", str(root / command)]
     else:
+        root = ROOT
         argv = [sys.executable, *([os.path.join(ROOT, command)] if command.endswith(".py") else ["-m", command])]
     env = {**os.environ, "OUT": str(tmp_path / "out"), "SENTIMENT_URL": "http://127.0.0.1:9"}
-    with wheels_untouched():
-        result = subprocess.run([*argv, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
-        if command.startswith("bench/gpu_"):  # a mistyped flag (--cpu-smok) ran the full check on the CPU
-            mistyped = subprocess.run([*argv, "--cpu-smok"], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                                      env=env)
-            assert mistyped.returncode == 2 and mistyped.stderr.startswith("usage: bash " + command)
+    result = subprocess.run([*argv, "--help"], cwd=root, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) >= 2 and "error" not in result.stderr.lower()
+    if command.startswith("bench/gpu_"):  # a mistyped flag (--cpu-smok) ran the full check on the CPU
+        mistyped = subprocess.run([*argv, "--cpu-smok"], cwd=root, capture_output=True, text=True, timeout=60,
+                                  env=env)
+        assert mistyped.returncode == 2 and mistyped.stderr.startswith("usage: bash " + command), mistyped.stderr
+    if command.endswith(".sh"):
+        assert os.listdir(root / ".whl") == ["kept-1.0-py3-none-any.whl"]
     assert not (tmp_path / "out").exists()
