@@ -6,8 +6,9 @@ The work is done by `sentiment.inference.run`.
 
 from sentiment.config import InferArgs, parse_args
 from sentiment.errors import exit_on_user_error
-from sentiment.inference import run
 
 if __name__ == "__main__":
     with exit_on_user_error():
-        run(parse_args(InferArgs, __doc__.splitlines()[0]))
+        args = parse_args(InferArgs, __doc__.splitlines()[0])
+        from sentiment.inference import run  # torch and transformers load after the flags: --help is instant
+        run(args)

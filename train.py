@@ -7,9 +7,10 @@ import sys
 
 from sentiment.config import TrainArgs, parse_args
 from sentiment.errors import exit_on_user_error
-from sentiment.training import train
 
 if __name__ == "__main__":
     sys.stdout.reconfigure(errors="backslashreplace")  # a label the terminal cannot show must not end the run
     with exit_on_user_error():
-        train(parse_args(TrainArgs, __doc__.splitlines()[0]))
+        args = parse_args(TrainArgs, __doc__.splitlines()[0])
+        from sentiment.training import train  # torch and transformers load after the flags: --help is instant
+        train(args)

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .config import TRUNCATIONS
 from .errors import SettingError
 
 ENCODE_CHUNK = 4096  # texts per tokenizer call: the ids of one call are Python lists, ten times the packed size
-TRUNCATIONS = ("head", "tail", "head+tail")  # which tokens of a long text to keep
 HEAD_SHARE = 0.25  # head+tail keeps this share of the budget from the start (128 of 510, as Sun et al.)
 # A text longer than twice this many characters per kept token (32 kB for 510 tokens; English takes
 # about 4.5 a token) has only its ends tokenised: far beyond any IMDb review (14 kB at most).

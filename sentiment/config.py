@@ -4,9 +4,10 @@
 checks in `__post_init__`. `parse_args` builds an argparse parser whose flags map one-to-one
 onto a dataclass's fields (`max_length` is `--max-length`), so the flags, their help and the
 saved `train_config.json` cannot drift apart. `ServeSettings` reads `SENTIMENT_*` variables the
-same way. An unset optional setting is `None` everywhere. The lists of choices and the default
-batch limits belong to the modules that use them and are imported from there. Nothing here
-reads data or touches a model.
+same way. An unset optional setting is `None` everywhere. The settings' vocabulary (the lists of
+choices, the shortest max length, the default batch limits) is defined here and imported by the
+modules that act on it, so that parsing flags needs neither torch nor transformers: `--help` and
+a mistyped flag answer at once. Nothing here reads data or touches a model.
 """
 
 import argparse
@@ -16,12 +17,17 @@ import os
 import typing
 from dataclasses import dataclass, field
 
-from .batching import TRUNCATIONS
 from .errors import SentimentError, flag
-from .modeling import MIN_LENGTH
-from .predictor import CPU_BATCH_SIZE, CPU_BATCH_TOKENS, GPU_BATCH_SIZE, GPU_BATCH_TOKENS, PRECISIONS
 
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
+TRUNCATIONS = ("head", "tail", "head+tail")  # which tokens of a long text to keep (batching.truncate)
+MIN_LENGTH = 8  # the shortest max length: a text keeps a few tokens beside the special ones
+MIXED_PRECISIONS = ("no", "fp16", "bf16")  # training, through Accelerate
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # scoring: auto is bf16 where the hardware has it; fp16: GPUs only
+# The Predictor's default batch limits, texts and tokens (texts × padded length) per forward pass.
+# Measured with bench/infer.py: on a CPU, batches of 16 (4k tokens) stay in cache and beat larger
+# ones by a quarter; a GPU wants large batches.
+CPU_BATCH_SIZE, CPU_BATCH_TOKENS = 16, 4096
+GPU_BATCH_SIZE, GPU_BATCH_TOKENS = 64, 32768
 
 
 def arg(default, help, **kwargs):

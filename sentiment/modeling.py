@@ -19,7 +19,7 @@ import tokenizers
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DistilBertConfig
 
-from .batching import TRUNCATIONS
+from .config import MIN_LENGTH, TRUNCATIONS
 from .errors import SentimentError, SettingError
 from .files import as_plain_files, did_you_mean, process_alive
 from .hub import download_options, offline_note
@@ -35,7 +35,6 @@ STATE_FILE = "trainer_state.json"  # where a checkpoint's loop stands (checkpoin
 # the folder may hold old and new files mixed. It names the writer: host and process id.
 PUBLISHING_FILE = ".publishing"
 TINY_VOCAB = 1000
-MIN_LENGTH = 8  # the shortest max length: a text keeps a few tokens beside the special ones
 # A folder needs one of these for AutoTokenizer to read a vocabulary: without any, transformers
 # builds a tokenizer of special tokens alone that turns every word into [UNK], without a word.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",

@@ -15,17 +15,12 @@ import numpy as np
 import torch
 
 from .batching import Collator, by_length, encode
+from .config import CPU_BATCH_SIZE, CPU_BATCH_TOKENS, GPU_BATCH_SIZE, GPU_BATCH_TOKENS, PRECISIONS
 from .data import clean_texts
 from .errors import SentimentError, SettingError
 from .metrics import softmax
 from .modeling import check_max_length, load_model_folder
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 where the hardware has it; fp16: GPUs only
-# Default batch limits, texts and tokens (texts × padded length) per forward pass. Measured with
-# bench/infer.py: on a CPU, batches of 16 (4k tokens) stay in cache and beat larger ones by a
-# quarter; a GPU wants large batches.
-CPU_BATCH_SIZE, CPU_BATCH_TOKENS = 16, 4096
-GPU_BATCH_SIZE, GPU_BATCH_TOKENS = 64, 32768
 MAX_PADDING = 0.25  # most padding a batch may add to a text, as a share of the batch's width
 
 
