@@ -7,7 +7,9 @@
 #   3. scoring: the Predictor against pipeline(batch_size=64); 4. serving at 64 clients against a
 #      per-request pipeline server (both bench/gpu_score.py).
 # It writes every figure to $OUT/gpu_check.json (outputs/gpu-check/ without $OUT) with a log,
-# and prints the table for BENCHMARKS.md.
+# and prints the table for BENCHMARKS.md. Each step has a time limit on the GPU, 120, 270, 150 and
+# 30 seconds (STEP_LIMITS="S1 S2 S3 S4" sets others), and writes its figures as it takes them: a step
+# that hangs or runs slow costs its own unfinished figures, never the later steps' minutes.
 #
 #   bash bench/gpu_wheels.sh              # first, on a machine with the package registry
 #   bash bench/gpu_rehearsal.sh           # then, there: this check at toy size in the GPU machine's software
@@ -34,24 +36,36 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 TOKENIZER
 py="${PYTHON:-python3}"
 if [ "$smoke" = 1 ]; then
   export CUDA_VISIBLE_DEVICES="" SENTIMENT_GPU_TESTS_ON_CPU=1
-  train_size=(--small --rows 256 --steps 4) score_size=(--rows 256 --requests 128)
+  train_size=(--small --rows 256 --steps 4) score_size=(--rows 256 --requests 128) limits="900 900 900 300"
 else
   export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"  # one GPU, as the goals are stated
-  train_size=() score_size=()
+  train_size=() score_size=() limits="120 270 150 30"  # 570 s: within the device call's 600 s, with the install
 fi
+read -r -a limits <<< "${STEP_LIMITS:-$limits}"
 # Every step runs whatever the steps before it did: the GPU machine is lent for minutes, and a
 # failing test must not cost the figures. The check fails at the end if any step failed.
 failed=()
-step() {  # step NAME COMMAND…
+step() {  # step NAME SECONDS COMMAND…: SIGTERM to the step's processes after SECONDS, SIGKILL 10 s later
   echo "== $1"
-  "${@:2}" || { echo "== step failed: $1"; failed+=("$1"); }
+  local status=0
+  timeout -k 10 "$2" "${@:3}" || status=$?
+  if [ "$status" = 124 ] || [ "$status" = 137 ]; then
+    echo "== step over its time limit of $2 s: $1"
+  fi
+  if [ "$status" != 0 ]; then
+    echo "== step failed: $1"
+    failed+=("$1")
+  fi
 }
 {
-  step "1. GPU tests" "$py" -m pytest -m gpu -q -p no:cacheprovider --basetemp "$work/pytest" tests/test_gpu.py
-  step "2. training" "$py" -m bench.gpu_train "${train_size[@]}" --keep-model "$work/model" --json "$out/train.json"
-  step "3-4. scoring and serving" "$py" -m bench.gpu_score --model "$work/model" "${score_size[@]}" \
+  step "1. GPU tests" "${limits[0]}" "$py" -m pytest -m gpu -q -p no:cacheprovider --basetemp "$work/pytest" \
+      tests/test_gpu.py
+  step "2. training" "${limits[1]}" "$py" -m bench.gpu_train "${train_size[@]}" --keep-model "$work/model" \
+      --json "$out/train.json"
+  step "3-4. scoring and serving" "${limits[2]}" "$py" -m bench.gpu_score --model "$work/model" "${score_size[@]}" \
       --json "$out/score.json"
-  step "table" "$py" -m bench.gpu_report "$out/train.json" "$out/score.json" --json "$out/gpu_check.json"
+  step "table" "${limits[3]}" "$py" -m bench.gpu_report "$out/train.json" "$out/score.json" \
+      --json "$out/gpu_check.json"
   if [ "${#failed[@]}" -gt 0 ]; then
     echo "== failed steps: ${failed[*]}"
     exit 1

@@ -20,13 +20,31 @@ GOALS = [  # (figure, goal, at least)
 
 
 def figures(train, score):
-    runs, serving = train["runs"], score["serving"]
-    return {"mfu": runs["ours"]["mfu_measured"], "epoch": runs["ours"]["epoch_25k_s"],
-            "vs_trainer": runs["ours"]["samples_s"] / runs["Trainer"]["samples_s"],
-            "vs_grouped": runs["ours"]["samples_s"] / runs["Trainer grouped"]["samples_s"],
-            "vs_pipeline": score["scoring"]["predictor_reviews_s"] / score["scoring"]["pipeline_reviews_s"],
-            "vs_offline": serving["ours"]["req_s"] / score["scoring"]["predictor_reviews_s"],
-            "vs_per_request": serving["ours"]["req_s"] / serving["per-request"]["req_s"]}
+    """Each goal's figure; None where a run it needs failed or was cut short (its step says which)."""
+    runs, scoring, serving = train.get("runs", {}), score.get("scoring", {}), score.get("serving", {})
+
+    def ratio(a, b):
+        return a / b if a is not None and b is not None else None
+
+    ours = runs.get("ours", {})
+    samples = {name: r["samples_s"] for name, r in runs.items()}
+    served = {name: r["req_s"] for name, r in serving.items()}
+    return {"mfu": ours.get("mfu_measured"), "epoch": ours.get("epoch_25k_s"),
+            "vs_trainer": ratio(samples.get("ours"), samples.get("Trainer")),
+            "vs_grouped": ratio(samples.get("ours"), samples.get("Trainer grouped")),
+            "vs_pipeline": ratio(scoring.get("predictor_reviews_s"), scoring.get("pipeline_reviews_s")),
+            "vs_offline": ratio(served.get("ours"), scoring.get("predictor_reviews_s")),
+            "vs_per_request": ratio(served.get("ours"), served.get("per-request"))}
+
+
+def read(path):
+    """A step's figures, or none where the step wrote nothing (it failed or ran out of time first)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        print(f"{path}: no figures ({type(err).__name__}: {err})")
+        return {}
 
 
 def software():
@@ -43,27 +61,33 @@ def main():
     parser.add_argument("score")
     parser.add_argument("--json", default=None, help="Write all figures together to this file.")
     args = parser.parse_args()
-    with open(args.train) as f:
-        train = json.load(f)
-    with open(args.score) as f:
-        score = json.load(f)
+    train, score = read(args.train), read(args.score)
     values, versions = figures(train, score), software()
     print("software: " + ", ".join(f"{name} {version}" for name, version in versions.items()))
-    print(f"card: {train['card']}, {train['precision']}; matmul {train['matmul_flops'] / 1e12:.0f} TFLOP/s measured, "
-          f"{train['datasheet_flops'] / 1e12:.0f} data sheet")
+    if "card" in train:
+        print(f"card: {train['card']}, {train['precision']}; matmul {train['matmul_flops'] / 1e12:.0f} TFLOP/s "
+              f"measured, {train['datasheet_flops'] / 1e12:.0f} data sheet")
     print("| figure | measured | goal | met |\n|---|---:|---:|---|")
     for label, key, goal in GOALS:
+        if values[key] is None:
+            print(f"| {label} | not measured | {goal} | - |")
+            continue
         met = values[key] <= goal if key == "epoch" else values[key] >= goal
         print(f"| {label} | {values[key]:.2f} | {goal} | {'yes' if met else 'no'} |")
     print("| trainer | tokens/s | samples/s | MFU measured | MFU data sheet | 25k epoch s | samples/s after step 50 |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, r in train["runs"].items():
+    for name, r in train.get("runs", {}).items():
         steady = f"{r['steady_samples_s']:.1f}" if r.get("steady_samples_s") else "-"
         print(f"| {name} | {r['tokens_s']:.0f} | {r['samples_s']:.1f} | {r['mfu_measured']:.1%} | "
               f"{r['mfu_datasheet']:.1%} | {r['epoch_25k_s']:.1f} | {steady} |")
+    for name, why in {**train.get("failed", {}), **score.get("failed", {})}.items():
+        print(f"failed: {name}: {why}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"train": train, "score": score, "figures": values, "software": versions}, f, indent=2)
+    missing = [key for key, value in values.items() if value is None]
+    if missing:
+        raise SystemExit(f"not measured: {', '.join(missing)}")
 
 
 if __name__ == "__main__":

@@ -12,13 +12,12 @@ with the offline Predictor's rate on the same rows for the ratio. Part of bench/
 import argparse
 import asyncio
 import contextlib
-import json
 import time
 
 import numpy as np
 import torch
 
-from bench.gpu_train import generated_reviews
+from bench.gpu_train import generated_reviews, save
 from bench.serve import load, start_server
 
 CLIENTS = 64
@@ -45,24 +44,22 @@ def score_predictor(model, texts, precision):
     return [predictor.labels[i] for i in probs.argmax(1)], rate
 
 
-def serve(model, texts, requests, precision):
-    """req/s and p50 ms at CLIENTS clients, for our service and the per-request server."""
-    servers = {"ours": start_server("app:app", model, "app:HTTP", SENTIMENT_PRECISION=precision,
-                                    SENTIMENT_QUEUE_SIZE="4096"),
-               "per-request": start_server("bench.pipeline_server:app", model, SENTIMENT_PRECISION=precision,
-                                           SENTIMENT_MAX_LENGTH="512")}
-    results = {}
+def serve(name, model, texts, requests, precision):
+    """req/s and p50 ms at CLIENTS clients of one server, started for this alone: ours or the per-request one."""
+    if name == "ours":
+        process, url = start_server("app:app", model, "app:HTTP", SENTIMENT_PRECISION=precision,
+                                    SENTIMENT_QUEUE_SIZE="4096")
+    else:
+        process, url = start_server("bench.pipeline_server:app", model, SENTIMENT_PRECISION=precision,
+                                    SENTIMENT_MAX_LENGTH="512")
     try:
-        for name, (_, url) in servers.items():
-            asyncio.run(load(url, texts, 8, 32))  # warm-up
-            latencies, _, statuses, seconds = asyncio.run(load(url, texts, CLIENTS, requests))
-            results[name] = {"req_s": len(latencies) / seconds, "p50_ms": float(np.median(latencies) * 1000),
-                             "errors": sum(n for s, n in statuses.items() if s != 200)}
+        asyncio.run(load(url, texts, 8, 32))  # warm-up
+        latencies, _, statuses, seconds = asyncio.run(load(url, texts, CLIENTS, requests))
     finally:
-        for process, _ in servers.values():
-            process.terminate()
-            process.wait()
-    return results
+        process.terminate()
+        process.wait()
+    return {"req_s": len(latencies) / seconds, "p50_ms": float(np.median(latencies) * 1000),
+            "errors": sum(n for s, n in statuses.items() if s != 200)}
 
 
 def main():
@@ -75,25 +72,46 @@ def main():
     gpu = torch.cuda.is_available()
     precision = "bf16" if gpu else "fp32"
     texts = generated_reviews(args.rows, seed=1)["review"].to_list()
+    # Each part is written as soon as it is measured, and a part that fails costs only itself.
+    report = {"precision": precision, "rows": args.rows, "clients": CLIENTS, "scoring": {}, "serving": {},
+              "failed": {}}
 
-    pipe_labels, pipe_rate = score_pipeline(args.model, texts, gpu)
-    ours_labels, ours_rate = score_predictor(args.model, texts, precision)
-    agree = float(np.mean([a == b for a, b in zip(pipe_labels, ours_labels)]))
-    print(f"scoring {args.rows} reviews, {precision}: Predictor {ours_rate:.0f} reviews/s, pipeline(batch_size=64) "
-          f"{pipe_rate:.0f} reviews/s: {ours_rate / pipe_rate:.2f}x; same label on {agree:.1%}", flush=True)
-    serving = serve(args.model, texts, max(args.requests, 2 * CLIENTS), precision)
-    for name, r in serving.items():
-        print(f"serving, {CLIENTS} clients, {name}: {r['req_s']:.0f} req/s, p50 {r['p50_ms']:.0f} ms, "
-              f"{r['errors']} errors", flush=True)
-    ours = serving["ours"]["req_s"]
-    print(f"service / offline Predictor: {ours / ours_rate:.2f}x; service / per-request server: "
-          f"{ours / serving['per-request']['req_s']:.2f}x")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"precision": precision, "rows": args.rows, "clients": CLIENTS,
-                       "scoring": {"predictor_reviews_s": ours_rate, "pipeline_reviews_s": pipe_rate,
-                                   "same_label": agree},
-                       "serving": serving}, f, indent=2)
+    def attempt(name, measure):
+        try:
+            return measure()
+        except (Exception, SystemExit) as err:  # bench.serve.start_server exits when a server does not start
+            report["failed"][name] = f"{type(err).__name__}: {err}"
+            print(f"{name}: failed ({report['failed'][name]})", flush=True)
+        finally:
+            save(args.json, report)
+
+    scoring = report["scoring"]
+    pipe = attempt("pipeline scoring", lambda: score_pipeline(args.model, texts, gpu))
+    if pipe:
+        scoring["pipeline_reviews_s"] = pipe[1]
+    ours = attempt("Predictor scoring", lambda: score_predictor(args.model, texts, precision))
+    if ours:
+        scoring["predictor_reviews_s"] = ours[1]
+    if pipe and ours:
+        scoring["same_label"] = float(np.mean([a == b for a, b in zip(pipe[0], ours[0])]))
+        print(f"scoring {args.rows} reviews, {precision}: Predictor {ours[1]:.0f} reviews/s, pipeline(batch_size=64) "
+              f"{pipe[1]:.0f} reviews/s: {ours[1] / pipe[1]:.2f}x; same label on {scoring['same_label']:.1%}",
+              flush=True)
+    serving = report["serving"]
+    for name in ("ours", "per-request"):
+        r = attempt(f"serving, {name}", lambda: serve(name, args.model, texts, max(args.requests, 2 * CLIENTS),
+                                                      precision))
+        if r:
+            serving[name] = r
+            save(args.json, report)
+            print(f"serving, {CLIENTS} clients, {name}: {r['req_s']:.0f} req/s, p50 {r['p50_ms']:.0f} ms, "
+                  f"{r['errors']} errors", flush=True)
+    if "ours" in serving and ours:
+        print(f"service / offline Predictor: {serving['ours']['req_s'] / ours[1]:.2f}x")
+    if "ours" in serving and "per-request" in serving:
+        print(f"service / per-request server: {serving['ours']['req_s'] / serving['per-request']['req_s']:.2f}x")
+    if report["failed"]:
+        raise SystemExit(f"failed: {', '.join(report['failed'])}")
 
 
 if __name__ == "__main__":

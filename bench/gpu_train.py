@@ -166,36 +166,50 @@ def measure(args, work):
     def ours(compiled):
         return run_ours(data, folder, os.path.join(work, "out"), args.batch_size, args.steps, precision, compiled)
 
+    # The runs the goals compare first; the compiled one, whose compiling takes minutes, last. The figures
+    # are written after every run, so a run that fails, or a time limit (bench/gpu_check.sh), costs only its own.
     runs = {"ours": lambda: ours(False),
-            "ours compiled": lambda: ours(True),  # not in the goals: compiling takes its own time, said apart
             "Trainer": lambda: run_trainer(frame, folder, args.batch_size, args.steps, precision),
-            "Trainer grouped": lambda: run_trainer(frame, folder, args.batch_size, args.steps, precision, True)}
-    results = {}
+            "Trainer grouped": lambda: run_trainer(frame, folder, args.batch_size, args.steps, precision, True),
+            "ours compiled": lambda: ours(True)}  # not in the goals: compiling takes its own time, said apart
+    report = {"card": card, "matmul_flops": rate, "datasheet_flops": peak, "precision": precision,
+              "rows": args.rows, "batch_size": args.batch_size, "runs": {}, "failed": {}}
+    results = report["runs"]
     for name, run in runs.items():
         try:
             seconds, samples_per_second, steady = run()
-        except subprocess.CalledProcessError as err:  # a compiler missing on the machine must not cost the rest
-            print(f"{name}: failed ({err}); its error is above", flush=True)
+        except Exception as err:  # a compiler missing on the machine, a Trainer API changed: the rest still run
+            report["failed"][name] = f"{type(err).__name__}: {err}"
+            print(f"{name}: failed ({report['failed'][name]}); its error is above", flush=True)
+            save(args.json, report)
             continue
         per_sample_flops = flops / args.rows
         results[name] = {"samples_s": samples_per_second, "tokens_s": samples_per_second * tokens / args.rows,
                          "mfu_measured": samples_per_second * per_sample_flops / rate,
                          "mfu_datasheet": samples_per_second * per_sample_flops / peak,
                          "epoch_25k_s": 25000 / samples_per_second, "seconds": seconds, "steady_samples_s": steady}
+        save(args.json, report)
         r = results[name]
         print(f"{name:<18} {r['tokens_s']:>10.0f} {r['samples_s']:>10.1f} {r['mfu_measured']:>6.1%} "
               f"{r['mfu_datasheet']:>9.1%} {r['epoch_25k_s']:>8.1f} {steady or float('nan'):>10.1f}", flush=True)
     for peer in ("Trainer", "Trainer grouped"):
-        print(f"ours / {peer}: {results['ours']['samples_s'] / results[peer]['samples_s']:.2f}x samples/s")
-    eager, compiled = results["ours"], results.get("ours compiled")
+        if "ours" in results and peer in results:
+            print(f"ours / {peer}: {results['ours']['samples_s'] / results[peer]['samples_s']:.2f}x samples/s")
+    eager, compiled = results.get("ours"), results.get("ours compiled")
     trained = min(args.rows, args.steps * args.batch_size) if args.steps else args.rows
-    if compiled and eager["steady_samples_s"] and compiled["steady_samples_s"]:
+    if eager and compiled and eager["steady_samples_s"] and compiled["steady_samples_s"]:
         print(f"ours compiled / ours, once compiled: {compiled['steady_samples_s'] / eager['steady_samples_s']:.2f}x; "
               f"compiling cost about {compiled['seconds'] - trained / compiled['steady_samples_s']:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"card": card, "matmul_flops": rate, "datasheet_flops": peak, "precision": precision,
-                       "rows": args.rows, "batch_size": args.batch_size, "runs": results}, f, indent=2)
+    if report["failed"]:
+        raise SystemExit(f"failed: {', '.join(report['failed'])}")
+
+
+def save(path, report):
+    """Write `report` to `path` (if given) whole: a kill while writing leaves the previous version."""
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

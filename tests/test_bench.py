@@ -122,3 +122,87 @@ def test_every_command_answers_help_and_does_nothing_else(tmp_path, command):
     if command.endswith(".sh"):
         assert os.listdir(root / ".whl") == ["kept-1.0-py3-none-any.whl"]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_step_over_its_time_limit_is_stopped_and_the_later_steps_still_run(tmp_path):
+    # A step that hung (a deadlocked GPU test, a compile that never ends) took the whole device call with it.
+    calls, python = tmp_path / "calls", tmp_path / "python"
+    python.write_text(f'#!/bin/sh\necho "$2" >> {calls}\n[ "$2" = bench.gpu_train ] && exec sleep 120\nexit 0\n')
+    python.chmod(0o755)
+    start = time.monotonic()
+    result = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--cpu-smoke"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": str(python),
+                                 "STEP_LIMITS": "30 2 30 30"})
+    assert time.monotonic() - start < 30
+    assert result.returncode == 1
+    assert calls.read_text().split() == ["pytest", "bench.gpu_train", "bench.gpu_score", "bench.gpu_report"]
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert "== step over its time limit of 2 s: 2. training" in log
+    assert log.rstrip().endswith("== failed steps: 2. training")
+
+
+def test_the_gpu_report_shows_what_was_measured_when_a_run_failed(tmp_path):
+    ours = {"samples_s": 900.0, "tokens_s": 2.6e5, "mfu_measured": 0.4, "mfu_datasheet": 0.3, "epoch_25k_s": 27.8,
+            "seconds": 30.0, "steady_samples_s": None}
+    train = {"card": "NVIDIA H200", "precision": "bf16", "matmul_flops": 7e14, "datasheet_flops": 9.89e14,
+             "runs": {"ours": ours, "Trainer": {**ours, "samples_s": 300.0}},
+             "failed": {"Trainer grouped": "TypeError: an argument the Trainer no longer takes"}}
+    (tmp_path / "train.json").write_text(json.dumps(train))
+    result = subprocess.run([sys.executable, "-m", "bench.gpu_report", str(tmp_path / "train.json"),
+                             str(tmp_path / "score.json"), "--json", str(tmp_path / "all.json")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "not measured: vs_grouped, vs_pipeline" in result.stderr, result.stderr
+    assert "| ours / Trainer, samples/s | 3.00 | 2.0 | yes |" in result.stdout
+    assert "| ours / Trainer group_by_length, samples/s | not measured | 1.3 | - |" in result.stdout
+    assert "failed: Trainer grouped: TypeError" in result.stdout and "score.json: no figures" in result.stdout
+    assert json.loads((tmp_path / "all.json").read_text())["figures"]["vs_trainer"] == 3.0
+
+
+def test_a_failing_training_run_costs_none_of_the_others_and_each_is_written_as_it_ends(tmp_path, monkeypatch):
+    # One run's exception (a Trainer argument a transformers release renamed) ended the step and lost every figure.
+    from bench import gpu_train
+    report = tmp_path / "train.json"
+    written_before = []
+
+    def ours(data, folder, out, batch_size, steps, precision, compiled=False):
+        if compiled:  # the last run: the ones before it are on disk already
+            written_before.append(sorted(json.loads(report.read_text())["failed"]))
+        return 10.0, 256 / 10.0, None
+
+    def trainer(*args, **kwargs):
+        raise TypeError("TrainingArguments.__init__() got an unexpected keyword argument")
+
+    monkeypatch.setattr(gpu_train, "run_ours", ours)
+    monkeypatch.setattr(gpu_train, "run_trainer", trainer)
+    monkeypatch.setattr(gpu_train, "bf16_matmul_rate", lambda: 1e12)
+    args = gpu_train.argparse.Namespace(rows=64, batch_size=8, steps=2, small=True, keep_model=None, json=str(report))
+    with pytest.raises(SystemExit, match="failed: Trainer, Trainer grouped"):
+        gpu_train.measure(args, str(tmp_path))
+    assert written_before == [["Trainer", "Trainer grouped"]]
+    figures = json.loads(report.read_text())
+    assert sorted(figures["runs"]) == ["ours", "ours compiled"]
+    assert figures["failed"]["Trainer"].startswith("TypeError: TrainingArguments")
+
+
+def test_a_failing_scoring_or_serving_part_costs_none_of_the_others(tmp_path, monkeypatch):
+    from bench import gpu_score
+    report = tmp_path / "score.json"
+
+    def pipeline(*args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def serve(name, *args):
+        if name == "per-request":
+            raise SystemExit("bench.pipeline_server:app did not start")  # as bench.serve.start_server says it
+        return {"req_s": 500.0, "p50_ms": 120.0, "errors": 0}
+
+    monkeypatch.setattr(gpu_score, "score_pipeline", pipeline)
+    monkeypatch.setattr(gpu_score, "score_predictor", lambda model, texts, precision: (["a"] * len(texts), 800.0))
+    monkeypatch.setattr(gpu_score, "serve", serve)
+    monkeypatch.setattr(sys, "argv", ["gpu_score", "--model", "unused", "--rows", "16", "--json", str(report)])
+    with pytest.raises(SystemExit, match="failed: pipeline scoring, serving, per-request"):
+        gpu_score.main()
+    figures = json.loads(report.read_text())
+    assert figures["scoring"] == {"predictor_reviews_s": 800.0} and list(figures["serving"]) == ["ours"]
+    assert figures["failed"]["serving, per-request"] == "SystemExit: bench.pipeline_server:app did not start"
