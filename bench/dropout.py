@@ -18,8 +18,8 @@ import torch
 from bench.common import DATA, cpu_description, imdb_rows, minilm_folder
 from sentiment.batching import Collator, LengthGroupedBatches, encode
 from sentiment.data import clean_texts
+from sentiment.devices import cpu_has_bf16
 from sentiment.modeling import load_model
-from sentiment.predictor import cpu_has_bf16
 
 
 def samples_per_second(ids, attention_dropout, steps, bf16):

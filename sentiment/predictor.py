@@ -17,45 +17,12 @@ import torch
 from .batching import Collator, by_length, encode
 from .config import CPU_BATCH_SIZE, CPU_BATCH_TOKENS, GPU_BATCH_SIZE, GPU_BATCH_TOKENS, PRECISIONS
 from .data import clean_texts
+from .devices import emulated_bf16, native_bf16, pick_device
 from .errors import SentimentError, SettingError
 from .metrics import softmax
 from .modeling import check_max_length, load_model_folder
 
 MAX_PADDING = 0.25  # most padding a batch may add to a text, as a share of the batch's width
-
-
-def cpu_has_bf16():
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
-                                                                        "_is_amx_tile_supported"))
-
-
-def gpu_has_bf16(device):
-    """Whether this GPU multiplies bf16 in hardware (compute capability 8.0 or later: A100, H100, RTX 30xx…);
-    `torch.cuda.is_bf16_supported()` also says yes where bf16 is only emulated (V100, T4)."""
-    return torch.cuda.get_device_capability(device)[0] >= 8
-
-
-def pick_device(device):
-    """The device `device` names ('auto': a CUDA GPU when there is one, else the CPU), once it is known to be
-    here: a GPU asked for where there is none, or one past the last, is a one-line error, not a traceback."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except RuntimeError:
-        raise SettingError("device", f"{device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if chosen.type == "cpu":
-        return chosen
-    here = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
-    if here is None or here.type != chosen.type:
-        has = f"its accelerator is {here.type}" if here else "it has only its CPU (or PyTorch was built without GPUs)"
-        raise SettingError("device", f"no {chosen.type} device on this machine: {has}; use auto or cpu")
-    count = torch.accelerator.device_count()
-    if chosen.index is not None and chosen.index >= count:
-        raise SettingError("device", f"there is no {device}: this machine has {count} {chosen.type} device"
-                                     f"{'s' if count > 1 else ''}, numbered from 0")
-    return chosen
 
 
 def half_precision(precision, quantize, device):
@@ -72,8 +39,7 @@ def half_precision(precision, quantize, device):
         raise SettingError("precision", "fp16 runs on a GPU only; on a CPU use bf16 (AVX512-BF16 or AMX) or fp32")
     if precision != "auto":
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    bf16 = not quantize and (cpu_has_bf16() if device.type == "cpu" else device.type == "cuda" and gpu_has_bf16(device))
-    return torch.bfloat16 if bf16 else None
+    return torch.bfloat16 if not quantize and native_bf16(device) else None
 
 
 class Predictor:
@@ -96,6 +62,10 @@ class Predictor:
         self.device = pick_device(device)
         on_gpu = self.device.type != "cpu"
         half = half_precision(precision, quantize, self.device)
+        emulated = emulated_bf16(self.device) if half is torch.bfloat16 else None  # asked for: auto never picks it
+        if emulated:
+            print(f"warning: precision bf16: {emulated}; {'fp16' if on_gpu else 'fp32'} is faster here",
+                  file=sys.stderr)
         if on_gpu and half is None:
             torch.set_float32_matmul_precision("high")  # TF32 matmuls for fp32 scoring
         # On a GPU the weights themselves are 16-bit; on a CPU bf16 autocast keeps layer norms and softmax in fp32.

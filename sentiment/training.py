@@ -30,6 +30,7 @@ from .batching import Collator, LengthGroupedBatches, TokenizedDataset, by_lengt
 from .checkpointing import (TrainState, best_weights, check_random_states, find_checkpoint, forget_after,
                             load_trainer_state, save_checkpoint)
 from .data import load_splits
+from .devices import emulated_bf16
 from .errors import SentimentError
 from .files import as_plain_files, disk_full, disk_full_error, replace_durably, write_atomically
 from .launcher import launcher_gone, stop_with_the_launcher
@@ -151,6 +152,11 @@ def make_accelerator(args):
                              f"or leave --report-to out")
     if accelerator.device.type == "cuda" and accelerator.mixed_precision == "no":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: fp32 training at tensor-core speed
+    emulated = emulated_bf16(accelerator.device) if accelerator.mixed_precision == "bf16" else None
+    if emulated:  # bf16 may come from the launcher's config, written for another machine
+        instead = "fp16" if accelerator.device.type == "cuda" else "no"
+        accelerator.print(f"warning: bf16 mixed precision: {emulated}; train with --mixed-precision {instead}",
+                          file=sys.stderr)
     return accelerator
 
 

@@ -185,6 +185,30 @@ def test_auto_precision_asks_the_chosen_gpu_and_ignores_emulated_bf16(monkeypatc
     assert module.half_precision("fp16", None, torch.device("cuda:0")) is torch.float16
 
 
+def test_emulated_bf16_is_told_apart_from_bf16_in_hardware(monkeypatch):
+    from sentiment import devices
+    monkeypatch.setattr(devices.torch.cuda, "get_device_capability", lambda device: {"cuda:0": (7, 5)}.get(
+        str(device), (9, 0)))
+    monkeypatch.setattr(devices.torch.cuda, "get_device_name", lambda device: "Tesla T4")
+    assert devices.emulated_bf16(torch.device("cuda:0")) == ("Tesla T4 (compute capability 7.5) has no bf16 "
+                                                             "arithmetic; bf16 is emulated there, far slower than fp16")
+    assert devices.emulated_bf16(torch.device("cuda:1")) is None
+    assert devices.emulated_bf16(torch.device("mps")) is None  # nothing known: nothing said
+    for native in (True, False):
+        monkeypatch.setattr(devices, "cpu_has_bf16", lambda: native)
+        assert (devices.emulated_bf16(torch.device("cpu")) is None) == native
+
+
+def test_scoring_in_bf16_where_it_is_emulated_says_what_is_faster(monkeypatch, trained_model, capfd):
+    from sentiment import devices
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
+    Predictor(str(trained_model), device="cpu", precision="bf16")
+    assert "warning: precision bf16: this CPU has neither AVX512-BF16 nor AMX; bf16 is emulated here, slower than " \
+           "fp32; fp32 is faster here" in capfd.readouterr().err
+    Predictor(str(trained_model), device="cpu", precision="auto")  # auto picks fp32 there, without a word
+    assert "warning" not in capfd.readouterr().err
+
+
 def test_auto_precision_picks_fp32_on_an_accelerator_that_is_not_cuda(monkeypatch):
     from sentiment import predictor as module
     monkeypatch.setattr(module.torch.cuda, "get_device_capability", lambda device: pytest.fail("asked CUDA"))

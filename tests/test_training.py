@@ -272,6 +272,22 @@ def test_a_tracker_that_is_not_installed_is_refused(monkeypatch, tmp_path):
     assert training.make_accelerator(args).log_with == [LoggerType.TENSORBOARD]
 
 
+@pytest.mark.parametrize("flags, env", [
+    (["--mixed-precision", "bf16"], {}),
+    ([], {"ACCELERATE_MIXED_PRECISION": "bf16"}),  # as `accelerate launch` passes its config file's choice
+])
+def test_bf16_where_it_is_emulated_is_named_with_what_to_train_in_instead(flags, env):
+    # accelerate_config.yaml asks for bf16; on a CPU without AVX512-BF16 or AMX (or a T4) it ran, slowly, unsaid.
+    code = ("import sys; from sentiment import devices, training; from sentiment.config import TrainArgs, parse_args; "
+            "devices.cpu_has_bf16 = lambda: False; "
+            "print(training.make_accelerator(parse_args(TrainArgs, '', sys.argv[1:])).mixed_precision)")
+    result = subprocess.run([sys.executable, "-c", code, "--data", "demo", *flags], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env={**os.environ, **env})
+    assert result.stdout.split() == ["bf16"], result.stderr  # said, not refused: it still trains
+    assert result.stderr.count("warning: bf16 mixed precision: this CPU has neither AVX512-BF16 nor AMX; bf16 is "
+                               "emulated here, slower than fp32; train with --mixed-precision no") == 1
+
+
 def test_labels_the_terminal_cannot_show_do_not_end_the_run(tmp_path):
     # Under a Latin-1 locale, Chinese label names ended the run with a UnicodeEncodeError as it printed them.
     frame = demo_reviews(200, seed=31)
