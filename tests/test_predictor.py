@@ -190,8 +190,9 @@ def test_emulated_bf16_is_told_apart_from_bf16_in_hardware(monkeypatch):
     monkeypatch.setattr(devices.torch.cuda, "get_device_capability", lambda device: {"cuda:0": (7, 5)}.get(
         str(device), (9, 0)))
     monkeypatch.setattr(devices.torch.cuda, "get_device_name", lambda device: "Tesla T4")
-    assert devices.emulated_bf16(torch.device("cuda:0")) == ("Tesla T4 (compute capability 7.5) has no bf16 "
-                                                             "arithmetic; bf16 is emulated there, far slower than fp16")
+    assert devices.emulated_bf16(torch.device("cuda:0")) == (
+        "Tesla T4 (compute capability 7.5) has no bf16 arithmetic; bf16 is emulated there, without the tensor cores "
+        "fp16 runs on")
     assert devices.emulated_bf16(torch.device("cuda:1")) is None
     assert devices.emulated_bf16(torch.device("mps")) is None  # nothing known: nothing said
     for native in (True, False):
