@@ -75,20 +75,20 @@ def main():
     # Each part is written as soon as it is measured, and a part that fails costs only itself.
     report = {"precision": precision, "rows": args.rows, "clients": CLIENTS, "scoring": {}, "serving": {},
               "failed": {}}
+    scoring, serving = report["scoring"], report["serving"]
 
     def attempt(name, measure):
+        """What `measure()` returns, or None where it failed (the failure goes into the report)."""
         try:
             return measure()
         except (Exception, SystemExit) as err:  # bench.serve.start_server exits when a server does not start
             report["failed"][name] = f"{type(err).__name__}: {err}"
             print(f"{name}: failed ({report['failed'][name]})", flush=True)
-        finally:
-            save(args.json, report)
 
-    scoring = report["scoring"]
     pipe = attempt("pipeline scoring", lambda: score_pipeline(args.model, texts, gpu))
     if pipe:
         scoring["pipeline_reviews_s"] = pipe[1]
+    save(args.json, report)
     ours = attempt("Predictor scoring", lambda: score_predictor(args.model, texts, precision))
     if ours:
         scoring["predictor_reviews_s"] = ours[1]
@@ -97,15 +97,15 @@ def main():
         print(f"scoring {args.rows} reviews, {precision}: Predictor {ours[1]:.0f} reviews/s, pipeline(batch_size=64) "
               f"{pipe[1]:.0f} reviews/s: {ours[1] / pipe[1]:.2f}x; same label on {scoring['same_label']:.1%}",
               flush=True)
-    serving = report["serving"]
+    save(args.json, report)
     for name in ("ours", "per-request"):
         r = attempt(f"serving, {name}", lambda: serve(name, args.model, texts, max(args.requests, 2 * CLIENTS),
                                                       precision))
         if r:
             serving[name] = r
-            save(args.json, report)
             print(f"serving, {CLIENTS} clients, {name}: {r['req_s']:.0f} req/s, p50 {r['p50_ms']:.0f} ms, "
                   f"{r['errors']} errors", flush=True)
+        save(args.json, report)
     if "ours" in serving and ours:
         print(f"service / offline Predictor: {serving['ours']['req_s'] / ours[1]:.2f}x")
     if "ours" in serving and "per-request" in serving:

@@ -192,7 +192,10 @@ def test_a_failing_scoring_or_serving_part_costs_none_of_the_others(tmp_path, mo
     def pipeline(*args):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
+    on_disk = []
+
     def serve(name, *args):
+        on_disk.append(json.loads(report.read_text())["scoring"])  # what a kill now would leave
         if name == "per-request":
             raise SystemExit("bench.pipeline_server:app did not start")  # as bench.serve.start_server says it
         return {"req_s": 500.0, "p50_ms": 120.0, "errors": 0}
@@ -206,3 +209,4 @@ def test_a_failing_scoring_or_serving_part_costs_none_of_the_others(tmp_path, mo
     figures = json.loads(report.read_text())
     assert figures["scoring"] == {"predictor_reviews_s": 800.0} and list(figures["serving"]) == ["ours"]
     assert figures["failed"]["serving, per-request"] == "SystemExit: bench.pipeline_server:app did not start"
+    assert on_disk[0] == {"predictor_reviews_s": 800.0}  # the scoring figure was written before serving began
