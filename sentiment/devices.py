@@ -55,10 +55,10 @@ def native_bf16(device):
 def emulated_bf16(device):
     """Why bf16 arithmetic on `device` is emulated, slower than the alternative (fp16 on a GPU, fp32 on a CPU:
     20x the time of fp32 in bench/bf16.py); None where it runs in hardware, or on a device this cannot tell about."""
-    if device.type == "cuda" and not gpu_has_bf16(device):
-        major, minor = torch.cuda.get_device_capability(device)
-        return (f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no bf16 arithmetic; "
-                f"bf16 is emulated there, without the tensor cores fp16 runs on")
-    if device.type == "cpu" and not cpu_has_bf16():
+    if device.type not in ("cpu", "cuda") or native_bf16(device):
+        return None
+    if device.type == "cpu":
         return "this CPU has neither AVX512-BF16 nor AMX; bf16 is emulated here, slower than fp32"
-    return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return (f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no bf16 arithmetic; "
+            f"bf16 is emulated there, without the tensor cores fp16 runs on")
