@@ -75,6 +75,18 @@ def test_the_gpu_check_runs_every_step_at_toy_size_in_the_gpu_machines_software(
     assert " passed" in log and "step failed" not in log and "| figure | measured | goal | met |" in log
 
 
+def gpu_check_with_fake_steps(tmp_path, behaviour, **env):
+    """`gpu_check.sh --cpu-smoke` whose steps run in a fake interpreter: it records the module each step
+    names (`-m MODULE`, its "$2"), then acts as the shell lines `behaviour` say. (result, modules called)."""
+    calls, python = tmp_path / "calls", tmp_path / "python"
+    python.write_text(f'#!/bin/sh\necho "$2" >> {calls}\n{behaviour}\n')
+    python.chmod(0o755)
+    result = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--cpu-smoke"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": str(python), **env})
+    return result, calls.read_text().split()
+
+
 @pytest.mark.parametrize("failing", ["1. GPU tests", "2. training", "3-4. scoring and serving"])
 def test_a_failing_step_of_the_gpu_check_costs_none_of_the_others(tmp_path, failing):
     # The first failing step ended the whole check: a failing GPU test would have cost every figure
@@ -82,14 +94,9 @@ def test_a_failing_step_of_the_gpu_check_costs_none_of_the_others(tmp_path, fail
     # fails the one named; the real steps run in the rehearsal above.
     modules = {"1. GPU tests": "pytest", "2. training": "bench.gpu_train",
                "3-4. scoring and serving": "bench.gpu_score"}
-    calls, python = tmp_path / "calls", tmp_path / "python"
-    python.write_text(f'#!/bin/sh\necho "$2" >> {calls}\n[ "$2" != {modules[failing]} ]\n')
-    python.chmod(0o755)
-    result = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--cpu-smoke"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": str(python)})
+    result, calls = gpu_check_with_fake_steps(tmp_path, f'[ "$2" != {modules[failing]} ]')
     assert result.returncode == 1
-    assert calls.read_text().split() == [*modules.values(), "bench.gpu_report"]
+    assert calls == [*modules.values(), "bench.gpu_report"]
     log = (tmp_path / "out" / "gpu_check.log").read_text()
     assert f"== step failed: {failing}" in log and log.rstrip().endswith(f"== failed steps: {failing}")
 
@@ -126,17 +133,12 @@ def test_every_command_answers_help_and_does_nothing_else(tmp_path, command):
 
 def test_a_step_over_its_time_limit_is_stopped_and_the_later_steps_still_run(tmp_path):
     # A step that hung (a deadlocked GPU test, a compile that never ends) took the whole device call with it.
-    calls, python = tmp_path / "calls", tmp_path / "python"
-    python.write_text(f'#!/bin/sh\necho "$2" >> {calls}\n[ "$2" = bench.gpu_train ] && exec sleep 120\nexit 0\n')
-    python.chmod(0o755)
     start = time.monotonic()
-    result = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--cpu-smoke"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": str(python),
-                                 "STEP_LIMITS": "30 2 30 30"})
+    result, calls = gpu_check_with_fake_steps(tmp_path, '[ "$2" = bench.gpu_train ] && exec sleep 120\nexit 0',
+                                              STEP_LIMITS="30 2 30 30")
     assert time.monotonic() - start < 30
     assert result.returncode == 1
-    assert calls.read_text().split() == ["pytest", "bench.gpu_train", "bench.gpu_score", "bench.gpu_report"]
+    assert calls == ["pytest", "bench.gpu_train", "bench.gpu_score", "bench.gpu_report"]
     log = (tmp_path / "out" / "gpu_check.log").read_text()
     assert "== step over its time limit of 2 s: 2. training" in log
     assert log.rstrip().endswith("== failed steps: 2. training")
