@@ -54,6 +54,8 @@ def main():
     parser.add_argument("--max-length", type=int, default=128, help="Longest input in tokens.")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # one setting, in this process
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
     if args.one:
         print(json.dumps({"fp32": seconds_per_step(args, False), "bf16": seconds_per_step(args, True)}))
         return

@@ -42,6 +42,10 @@ else
   train_size=() score_size=() limits="120 270 150 30"  # 570 s: within the device call's 600 s, with the install
 fi
 read -r -a limits <<< "${STEP_LIMITS:-$limits}"
+if [ "${#limits[@]}" -ne 4 ] || printf '%s\n' "${limits[@]}" | grep -qvxE '[1-9][0-9]*'; then
+  echo "STEP_LIMITS must be four whole numbers of seconds, one per step, got '${STEP_LIMITS:-}'" >&2
+  exit 2
+fi
 # Every step runs whatever the steps before it did: the GPU machine is lent for minutes, and a
 # failing test must not cost the figures. The check fails at the end if any step failed.
 failed=()

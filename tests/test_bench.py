@@ -84,7 +84,7 @@ def gpu_check_with_fake_steps(tmp_path, behaviour, **env):
     result = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--cpu-smoke"], cwd=ROOT,
                             capture_output=True, text=True, timeout=60,
                             env={**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": str(python), **env})
-    return result, calls.read_text().split()
+    return result, calls.read_text().split() if calls.exists() else []
 
 
 @pytest.mark.parametrize("failing", ["1. GPU tests", "2. training", "3-4. scoring and serving"])
@@ -142,6 +142,14 @@ def test_a_step_over_its_time_limit_is_stopped_and_the_later_steps_still_run(tmp
     log = (tmp_path / "out" / "gpu_check.log").read_text()
     assert "== step over its time limit of 2 s: 2. training" in log
     assert log.rstrip().endswith("== failed steps: 2. training")
+
+
+@pytest.mark.parametrize("limits", ["30 2", "30 2 30 30 30", "30 two 30 30", "30 0 30 30"])
+def test_step_limits_that_are_not_four_whole_seconds_are_refused_before_any_step(tmp_path, limits):
+    # Three values ended the check in bash's "unbound variable" after the first steps had run.
+    result, calls = gpu_check_with_fake_steps(tmp_path, "exit 0", STEP_LIMITS=limits)
+    assert result.returncode == 2 and calls == []
+    assert f"STEP_LIMITS must be four whole numbers of seconds, one per step, got '{limits}'" in result.stderr
 
 
 def test_the_gpu_report_shows_what_was_measured_when_a_run_failed(tmp_path):
