@@ -20,7 +20,7 @@ import numpy as np
 
 from bench.common import DATA, cpu_description, imdb_rows
 from bench.serve import Connection, start_server
-from sentiment.modeling import SETTINGS_FILE
+from sentiment.config import SETTINGS_FILE
 
 
 async def mixed(url, texts, singles, bulks, seconds, bulk_size=64):

@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 
 from bench.common import DATA, cpu_description, imdb_rows
-from sentiment.modeling import SETTINGS_FILE
+from sentiment.config import SETTINGS_FILE
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 

@@ -21,10 +21,9 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
-from .config import TrainArgs, invariants
+from .config import CONFIG_FILE, STATE_FILE, TrainArgs, invariants
 from .errors import SentimentError, flag
 from .files import as_plain_files, fsync_path, fsync_tree
-from .modeling import CONFIG_FILE, STATE_FILE
 
 BEST_WEIGHTS = "best.safetensors"
 INVARIANTS = tuple(invariants(TrainArgs))  # settings a resumed run must share with the saved one

@@ -5,9 +5,10 @@ checks in `__post_init__`. `parse_args` builds an argparse parser whose flags ma
 onto a dataclass's fields (`max_length` is `--max-length`), so the flags, their help and the
 saved `train_config.json` cannot drift apart. `ServeSettings` reads `SENTIMENT_*` variables the
 same way. An unset optional setting is `None` everywhere. The settings' vocabulary (the lists of
-choices, the shortest max length, the default batch limits) is defined here and imported by the
-modules that act on it, so that parsing flags needs neither torch nor transformers: `--help` and
-a mistyped flag answer at once. Nothing here reads data or touches a model.
+choices, the shortest max length, the default batch limits) and the model folder's file names
+are defined here and imported by the modules that act on them, so that parsing flags and
+rebuilding a report need neither torch nor transformers: `--help` and a mistyped flag answer at
+once. Nothing here reads data or touches a model.
 """
 
 import argparse
@@ -28,6 +29,26 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # scoring: auto is bf16 where the
 # ones by a quarter; a GPU wants large batches.
 CPU_BATCH_SIZE, CPU_BATCH_TOKENS = 16, 4096
 GPU_BATCH_SIZE, GPU_BATCH_TOKENS = 64, 32768
+
+# The files of the model folder, named once: training writes them, inference and reports read them.
+SETTINGS_FILE = "sentiment.json"  # ModelSettings
+WEIGHTS_FILE = "model.safetensors"  # written by save_pretrained
+CONFIG_FILE = "train_config.json"  # every setting of the run (also in each checkpoint)
+METRICS_FILE = "metrics.json"  # the run's final figures
+LOG_FILE = "log.jsonl"  # one line per logged step and per evaluation
+STATE_FILE = "trainer_state.json"  # where a checkpoint's loop stands (checkpointing.TrainState)
+# Present while train.py swaps a new model in, file by file (outputs.publish_model): until it is gone
+# the folder may hold old and new files mixed. It names the writer: host and process id.
+PUBLISHING_FILE = ".publishing"
+# A folder needs one of these for AutoTokenizer to read a vocabulary: without any, transformers
+# builds a tokenizer of special tokens alone that turns every word into [UNK], without a word.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+# Files a Hugging Face model folder may hold (sharded weights aside).
+MODEL_FILES = {"config.json", WEIGHTS_FILE, "model.safetensors.index.json", "pytorch_model.bin",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+               "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+               "chat_template.jinja", SETTINGS_FILE}
 
 
 def arg(default, help, **kwargs):

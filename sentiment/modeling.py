@@ -19,31 +19,13 @@ import tokenizers
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DistilBertConfig
 
-from .config import MIN_LENGTH, TRUNCATIONS
+from .config import (CONFIG_FILE, MIN_LENGTH, MODEL_FILES, PUBLISHING_FILE, SETTINGS_FILE, STATE_FILE, TOKENIZER_FILES,
+                     TRUNCATIONS)
 from .errors import SentimentError, SettingError
 from .files import as_plain_files, did_you_mean, process_alive
 from .hub import download_options, offline_note
 
-# The files of the model folder, named once: training writes them, inference and reports read them.
-SETTINGS_FILE = "sentiment.json"  # ModelSettings
-WEIGHTS_FILE = "model.safetensors"  # written by save_pretrained
-CONFIG_FILE = "train_config.json"  # every setting of the run (also in each checkpoint)
-METRICS_FILE = "metrics.json"  # the run's final figures
-LOG_FILE = "log.jsonl"  # one line per logged step and per evaluation
-STATE_FILE = "trainer_state.json"  # where a checkpoint's loop stands (checkpointing.TrainState)
-# Present while train.py swaps a new model in, file by file (outputs.publish_model): until it is gone
-# the folder may hold old and new files mixed. It names the writer: host and process id.
-PUBLISHING_FILE = ".publishing"
 TINY_VOCAB = 1000
-# A folder needs one of these for AutoTokenizer to read a vocabulary: without any, transformers
-# builds a tokenizer of special tokens alone that turns every word into [UNK], without a word.
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
-                   "tokenizer.model")
-# Files a Hugging Face model folder may hold (sharded weights aside).
-MODEL_FILES = {"config.json", WEIGHTS_FILE, "model.safetensors.index.json", "pytorch_model.bin",
-               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-               "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
-               "chat_template.jinja", SETTINGS_FILE}
 
 
 @dataclass

@@ -17,7 +17,8 @@ import socket
 from .checkpointing import remove_leftovers
 from .errors import SentimentError
 from .files import fsync_path, fsync_tree, write_atomically
-from .modeling import CONFIG_FILE, LOG_FILE, METRICS_FILE, MODEL_FILES, PUBLISHING_FILE, save_model_folder
+from .config import CONFIG_FILE, LOG_FILE, METRICS_FILE, MODEL_FILES, PUBLISHING_FILE
+from .modeling import save_model_folder
 
 LOCK_FILE = ".lock"
 STAGING = ".tmp-model"

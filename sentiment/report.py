@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from .modeling import CONFIG_FILE, LOG_FILE, METRICS_FILE
+from .config import CONFIG_FILE, LOG_FILE, METRICS_FILE
 from .errors import SentimentError, exit_on_user_error
 from .files import write_atomically
 

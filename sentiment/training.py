@@ -29,6 +29,7 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 from .batching import Collator, LengthGroupedBatches, TokenizedDataset, by_length, encode
 from .checkpointing import (TrainState, best_weights, check_random_states, find_checkpoint, forget_after,
                             load_trainer_state, save_checkpoint)
+from .config import CONFIG_FILE, LOG_FILE
 from .data import load_splits
 from .devices import emulated_bf16
 from .errors import SentimentError
@@ -36,8 +37,7 @@ from .files import as_plain_files, disk_full, disk_full_error, replace_durably, 
 from .launcher import launcher_gone, stop_with_the_launcher
 from .metrics import (classification_report, expected_calibration_error, fit_temperature, inverse_frequency_weights,
                       reliability_bins, softmax)
-from .modeling import (CONFIG_FILE, LOG_FILE, ModelSettings, check_max_length, load_model, load_tokenizer,
-                       padding_id)
+from .modeling import ModelSettings, check_max_length, load_model, load_tokenizer, padding_id
 from .outputs import claim, log_line, publish_model, truncate_log
 from .report import write_report_or_say_how
 
