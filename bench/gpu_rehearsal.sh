@@ -20,10 +20,10 @@ flock -n 9 || { echo "waiting for the other GPU rehearsal or wheel download in t
 export SENTIMENT_WHEELS_LOCKED=1
 # What the GPU machine's Python 3.12 has (the device tool's notes; uvicorn runs on uvloop there, as it
 # does wherever uvloop is installed); update these with it.
-gpu_machine=("transformers==5.17.0" "accelerate==1.15.0" tokenizers numpy tqdm prometheus-client pytest httpx uvloop)
+gpu_machine=("transformers==5.17.0" "accelerate==1.15.0" tokenizers numpy tqdm prometheus-client pytest pytest-xdist httpx uvloop)
 venv="$(mktemp -d)"
 trap 'rm -rf "$venv"' EXIT
 python3 -m venv "$venv"
-"$venv/bin/python" -m pip install -q --no-compile torch==2.13.0 "${gpu_machine[@]}"  # no .pyc: 34 s, not 76
+"$venv/bin/python" -m pip install -q torch==2.13.0 "${gpu_machine[@]}"
 bash bench/gpu_wheels.sh
 PATH="$venv/bin:$PATH" PYTHON="$venv/bin/python" bash bench/gpu_check.sh --cpu-smoke
