@@ -20,7 +20,8 @@ flock -n 9 || { echo "waiting for the other GPU rehearsal or wheel download in t
 export SENTIMENT_WHEELS_LOCKED=1
 # What the GPU machine's Python 3.12 has (the device tool's notes; uvicorn runs on uvloop there, as it
 # does wherever uvloop is installed); update these with it.
-gpu_machine=("transformers==5.17.0" "accelerate==1.15.0" tokenizers numpy tqdm prometheus-client pytest pytest-xdist httpx uvloop)
+gpu_machine=("transformers==5.17.0" "accelerate==1.15.0" tokenizers numpy tqdm prometheus-client pytest pytest-xdist httpx
+             uvloop)
 venv="$(mktemp -d)"
 trap 'rm -rf "$venv"' EXIT
 python3 -m venv "$venv"

@@ -77,9 +77,10 @@ def test_the_gpu_check_runs_every_step_at_toy_size_in_the_gpu_machines_software(
 
 def gpu_check_with_fake_steps(tmp_path, behaviour, **env):
     """`gpu_check.sh --cpu-smoke` whose steps run in a fake interpreter: it records the module each step
-    names (`-m MODULE`, its "$2"), then acts as the shell lines `behaviour` say. (result, modules called)."""
+    names (`-m MODULE`, its "$2"; the check's other calls, such as its probe for pytest-xdist, are not
+    steps), then acts as the shell lines `behaviour` say. (result, modules called)."""
     calls, python = tmp_path / "calls", tmp_path / "python"
-    python.write_text(f'#!/bin/sh\necho "$2" >> {calls}\n{behaviour}\n')
+    python.write_text(f'#!/bin/sh\n[ "$1" = -m ] && echo "$2" >> {calls}\n{behaviour}\n')
     python.chmod(0o755)
     result = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--cpu-smoke"], cwd=ROOT,
                             capture_output=True, text=True, timeout=60,
