@@ -350,14 +350,19 @@ def test_every_flag_has_help():
         assert "(default: None)" not in text and "(default: [])" not in text and "(default: False)" not in text
 
 
+def libraries_loaded(run, argv):
+    """Run `run` (a runpy call) with `argv` in a fresh interpreter. Its stdout ends with "exit N" where it
+    exits, then the list of torch, transformers, accelerate and polars it imported."""
+    code = (f"import runpy, sys\ntry:\n    {run}\nexcept SystemExit as stop:\n    print('exit', stop.code)\n"
+            f"print(sorted({{'torch', 'transformers', 'accelerate', 'polars'}} & set(sys.modules)))")
+    return subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["--no-such-flag"], ["--batch-size", "0"]])
 @pytest.mark.parametrize("script", ["train.py", "infer.py"])
 def test_help_and_bad_flags_answer_before_torch_loads(script, argv):
     # Importing torch and transformers took 4.5 s here before `--help` or "unrecognized arguments" came.
-    code = (f"import runpy, sys\nsys.argv = {[script, *argv]!r}\ntry:\n    runpy.run_path({script!r}, "
-            f"run_name='__main__')\nexcept SystemExit as stop:\n    print('exit', stop.code)\n"
-            f"print(sorted({{'torch', 'transformers', 'accelerate', 'polars'}} & set(sys.modules)))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = libraries_loaded(f"runpy.run_path({script!r}, run_name='__main__')", argv)
     assert result.stdout.splitlines()[-2:] == [f"exit {0 if argv == ['--help'] else 2}", "[]"], result.stderr
 
 
@@ -1061,12 +1066,8 @@ def test_rebuilding_the_report_loads_no_model_library(tmp_path, trained_model):
     import shutil
     folder = tmp_path / "model"
     shutil.copytree(trained_model, folder, ignore=shutil.ignore_patterns("report.html"))
-    code = ("import runpy, sys\ntry:\n    runpy.run_module('sentiment.report', run_name='__main__')\n"
-            "except SystemExit as stop:\n    print('exit', stop.code)\n"
-            "print(sorted({'torch', 'transformers', 'accelerate', 'polars'} & set(sys.modules)))")
     for argv, code_expected in ([str(folder)], None), (["--help"], 0), ([str(tmp_path)], 2):
-        result = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True,
-                                timeout=60)
+        result = libraries_loaded("runpy.run_module('sentiment.report', run_name='__main__')", argv)
         assert result.stdout.splitlines()[-1] == "[]", (argv, result.stdout, result.stderr)
         if code_expected is not None:
             assert f"exit {code_expected}" in result.stdout, (argv, result.stdout)
