@@ -15,9 +15,9 @@ import shutil
 import socket
 
 from .checkpointing import remove_leftovers
+from .config import CONFIG_FILE, LOG_FILE, METRICS_FILE, MODEL_FILES, PUBLISHING_FILE
 from .errors import SentimentError
 from .files import fsync_path, fsync_tree, write_atomically
-from .config import CONFIG_FILE, LOG_FILE, METRICS_FILE, MODEL_FILES, PUBLISHING_FILE
 from .modeling import save_model_folder
 
 LOCK_FILE = ".lock"
