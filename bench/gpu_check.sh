@@ -24,6 +24,20 @@ case "$*" in
   -h|--help) awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; exit 0 ;;
   *) echo "usage: bash bench/gpu_check.sh [--cpu-smoke]   (--help says more)" >&2; exit 2 ;;
 esac
+if [ "$smoke" = 1 ]; then
+  export CUDA_VISIBLE_DEVICES="" SENTIMENT_GPU_TESTS_ON_CPU=1
+  train_size=(--small --rows 256 --steps 4) score_size=(--rows 256 --requests 128) limits="900 900 900 300"
+  test_workers=2
+else
+  export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"  # one GPU, as the goals are stated
+  train_size=() score_size=() limits="120 270 150 30"  # 570 s: within the device call's 600 s, with the install
+  test_workers=4
+fi
+read -r -a limits <<< "${STEP_LIMITS:-$limits}"
+if [ "${#limits[@]}" -ne 4 ] || printf '%s\n' "${limits[@]}" | grep -qvxE '[1-9][0-9]*'; then
+  echo "STEP_LIMITS must be four whole numbers of seconds, one per step, got '${STEP_LIMITS:-}'" >&2
+  exit 2
+fi
 out="${OUT:-outputs/gpu-check}"
 mkdir -p "$out"
 work="$(mktemp -d)"
@@ -36,25 +50,11 @@ fi
 # times (to count their tokens, then in each run), 22 s each here on one thread, 13 s on two, all in one time limit.
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 py="${PYTHON:-python3}"
-if [ "$smoke" = 1 ]; then
-  export CUDA_VISIBLE_DEVICES="" SENTIMENT_GPU_TESTS_ON_CPU=1
-  train_size=(--small --rows 256 --steps 4) score_size=(--rows 256 --requests 128) limits="900 900 900 300"
-  test_workers=2
-else
-  export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"  # one GPU, as the goals are stated
-  train_size=() score_size=() limits="120 270 150 30"  # 570 s: within the device call's 600 s, with the install
-  test_workers=4
-fi
 # Each GPU test starts a training run or loads a model, mostly CPU-bound start-up: where pytest-xdist is
 # installed (the GPU machine has it) they run side by side, well inside step 1's time limit.
 workers=()
 if "$py" -c "import xdist" 2>/dev/null; then
   workers=(-n "$test_workers")
-fi
-read -r -a limits <<< "${STEP_LIMITS:-$limits}"
-if [ "${#limits[@]}" -ne 4 ] || printf '%s\n' "${limits[@]}" | grep -qvxE '[1-9][0-9]*'; then
-  echo "STEP_LIMITS must be four whole numbers of seconds, one per step, got '${STEP_LIMITS:-}'" >&2
-  exit 2
 fi
 # Every step runs whatever the steps before it did: the GPU machine is lent for minutes, and a
 # failing test must not cost the figures. The check fails at the end if any step failed.

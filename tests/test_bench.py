@@ -150,6 +150,7 @@ def test_step_limits_that_are_not_four_whole_seconds_are_refused_before_any_step
     # Three values ended the check in bash's "unbound variable" after the first steps had run.
     result, calls = gpu_check_with_fake_steps(tmp_path, "exit 0", STEP_LIMITS=limits)
     assert result.returncode == 2 and calls == []
+    assert not (tmp_path / "out").exists()  # nor an output folder made, nor the wheels installed, first
     assert f"STEP_LIMITS must be four whole numbers of seconds, one per step, got '{limits}'" in result.stderr
 
 
