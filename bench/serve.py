@@ -59,13 +59,15 @@ class Connection:
     generator spends far less CPU per request than a full client library and leaves the cores
     to the servers it measures (it shares the machine with them)."""
 
-    def __init__(self, url):
+    def __init__(self, url, local_address=None):
         self.host, self.port = url.removeprefix("http://").split(":")
+        self.local_address = local_address  # another loopback address (127.0.0.2, …) is another client to the server
         self.streams = None
 
     async def connect(self):
         if self.streams is None:
-            self.streams = await asyncio.open_connection(self.host, int(self.port))
+            local = (self.local_address, 0) if self.local_address else None
+            self.streams = await asyncio.open_connection(self.host, int(self.port), local_addr=local)
 
     async def post(self, path, body):
         await self.connect()
@@ -197,7 +199,9 @@ def main():
                   f"({ours[0] / same[0]:.2f}x per-request {precision}), {ours[0] / alone[0]:.2f}x offline rate, "
                   f"p50 {ours[1] - peer[1]:+.0f} ms vs per-request fp32")
 
-    process, url = start_server("app:app", args.model, "app:HTTP", SENTIMENT_QUEUE_SIZE="32")
+    # The whole queue open to one address, as all these clients share 127.0.0.1.
+    process, url = start_server("app:app", args.model, "app:HTTP", SENTIMENT_QUEUE_SIZE="32", SENTIMENT_MAX_TEXTS="32",
+                                SENTIMENT_QUEUE_SIZE_PER_CLIENT="32")
     try:
         latencies, rejected, statuses, seconds = asyncio.run(load(url, texts, 128, 512))
     finally:

@@ -1,14 +1,16 @@
 """The micro-batcher: texts of concurrent requests gathered into model batches, run on one model thread.
 
 Each text of each request becomes one `asyncio.Future` in a bounded queue. One batching task
-takes what is queued, a text from each waiting request in turn (so a request of many texts
-cannot hold back one that comes after it), up to the Predictor's batch size and token budget
-(waiting up to `max_wait_ms` for more only while traffic is heavy, so a lone request is never
-held back), drops texts whose client has gone, and runs the `Predictor` on the model thread so
-the event loop keeps accepting requests. If a batch fails, its texts are scored one by one, so only a text that
-fails alone fails its request. `room()` tells the app whether a request can fit before its body
-is read; the slots are taken when the texts are queued. `stalled()` tells it when the batcher can
-no longer answer: a model call that never returns (a hung GPU), or a batching task that ended.
+takes what is queued in turn, a text from each waiting client and, within a client, from each of
+its requests (so neither a client of many requests nor a request of many texts holds back one
+that comes after it), up to the Predictor's batch size and token budget (waiting up to
+`max_wait_ms` for more only while traffic is heavy, so a lone request is never held back), drops
+texts whose client has gone, and runs the `Predictor` on the model thread so the event loop keeps
+accepting requests. If a batch fails, its texts are scored one by one, so only a text that fails
+alone fails its request. `refusal()` tells the app whether a request can fit, in the queue and in
+its client's share of it, before its body is read; the slots are taken when the texts are queued.
+`stalled()` tells it when the batcher can no longer answer: a model call that never returns (a
+hung GPU), or a batching task that ended.
 It knows nothing of HTTP: routes and error statuses live in `serving`.
 """
 
@@ -23,16 +25,20 @@ log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
-    pass
+    """No room for a request: the message says whose limit it met."""
 
 
 class FairQueue:
-    """Waiting texts, kept per request and taken from the requests in turn (round robin): one text
-    of the first request, which then goes to the back of the line. Bounded in texts, not requests."""
+    """Waiting texts, kept per client and per request, and taken in turn (round robin): one text of
+    the first client's first request; that request goes to the back of its client's line, and the
+    client to the back of the clients' line. A client with a hundred requests waiting gets no more
+    turns than a client with one, and a request of many texts holds back none after it. Bounded in
+    texts: `maxsize` in all, `client_maxsize` per client, so one client cannot fill the queue."""
 
-    def __init__(self, maxsize):
-        self.maxsize, self.count = maxsize, 0
-        self.requests = collections.deque()  # one deque of (text, future, time queued) per request
+    def __init__(self, maxsize, client_maxsize):
+        self.maxsize, self.client_maxsize, self.count = maxsize, client_maxsize, 0
+        self.clients = {}  # client -> deque of its requests, each a deque of (text, future, time queued); in turn
+        self.held = collections.Counter()  # texts waiting, per client
         self.nonempty = asyncio.Event()
 
     def qsize(self):
@@ -41,17 +47,33 @@ class FairQueue:
     def empty(self):
         return self.count == 0
 
-    def put_request(self, items):
-        request = collections.deque(items)
-        self.requests.append(request)
-        self.count += len(request)
+    def refusal(self, client, texts):
+        """Why `texts` more of `client`'s texts cannot wait, or None when they can."""
+        if self.count + texts > self.maxsize:
+            return "the queue is full (SENTIMENT_QUEUE_SIZE); retry shortly"
+        if self.held[client] + texts > self.client_maxsize:
+            return (f"this client has {self.held[client]} texts waiting, its share of the queue "
+                    f"(SENTIMENT_QUEUE_SIZE_PER_CLIENT is {self.client_maxsize}); retry shortly")
+        return None
+
+    def put_request(self, client, items):
+        self.clients.setdefault(client, collections.deque()).append(collections.deque(items))
+        self.held[client] += len(items)
+        self.count += len(items)
         self.nonempty.set()
 
     def get_nowait(self):
-        request = self.requests.popleft()
+        client, requests = next(iter(self.clients.items()))
+        del self.clients[client]
+        request = requests.popleft()
         item = request.popleft()
         if request:
-            self.requests.append(request)
+            requests.append(request)
+        if requests:
+            self.clients[client] = requests  # to the back of the line
+        self.held[client] -= 1
+        if not self.held[client]:
+            del self.held[client]
         self.count -= 1
         if not self.count:
             self.nonempty.clear()
@@ -101,7 +123,7 @@ class MicroBatcher:
         self.executor = executor
         self.max_wait_s = settings.max_wait_ms / 1000
         self.metrics = metrics
-        self.queue = FairQueue(settings.queue_size)
+        self.queue = FairQueue(settings.queue_size, settings.queue_size_per_client)
         self.heavy = False  # the last batch had company: worth waiting a moment for more
         self.busy_since = None  # when the model call under way began
         self.task = asyncio.create_task(self.run())
@@ -116,18 +138,20 @@ class MicroBatcher:
             return f"a model call has run for {busy_s:.0f} s, over SENTIMENT_STALL_TIMEOUT_S ({limit_s:g} s)"
         return None
 
-    def room(self):
-        return self.queue.maxsize - self.queue.qsize()
+    def refusal(self, client, texts=1):
+        """Why `texts` more texts of `client` (its address) cannot be queued now, or None."""
+        return self.queue.refusal(client, texts)
 
-    async def submit(self, texts):
-        """Queue the texts and wait for their answers: (answer, seconds queued, seconds in the model)
-        per text. `QueueFull` at once if there is no room; `ModelError` if the model fails on one."""
-        if self.room() < len(texts):
-            raise QueueFull
+    async def submit(self, texts, client):
+        """Queue `client`'s texts and wait for their answers: (answer, seconds queued, seconds in the
+        model) per text. `QueueFull` at once if there is no room; `ModelError` if the model fails on one."""
+        refusal = self.queue.refusal(client, len(texts))
+        if refusal:
+            raise QueueFull(refusal)
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in texts]
         queued = time.perf_counter()
-        self.queue.put_request([(text, future, queued) for text, future in zip(texts, futures)])
+        self.queue.put_request(client, [(text, future, queued) for text, future in zip(texts, futures)])
         try:
             return await asyncio.gather(*futures)
         finally:

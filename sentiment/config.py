@@ -263,6 +263,9 @@ class ServeSettings:
     max_batch_tokens: typing.Optional[int] = None  # most tokens per model call
     max_wait_ms: float = 5.0  # longest wait for a batch to fill, under load
     queue_size: int = 256  # texts waiting at most; beyond it, 503 at once
+    # Texts one client (one address) may have waiting; beyond it, 503 at once for that client alone, so
+    # one client cannot fill the queue. Unset: half the queue, and at least max_texts.
+    queue_size_per_client: typing.Optional[int] = None
     max_body_bytes: int = 1 << 20  # larger bodies get 413
     # Bytes of bodies held while they arrive and are parsed, all requests together; beyond it, 503
     # at once: many slow large bodies must not take the memory every request needs.
@@ -292,15 +295,23 @@ class ServeSettings:
         return cls(**values)
 
     def __post_init__(self):
-        for name in ("queue_size", "max_body_bytes", "max_body_bytes_total", "max_texts", "max_chars",
-                     "request_timeout_s", "body_timeout_s", "head_timeout_s", "stall_timeout_s", "max_batch_size",
-                     "max_batch_tokens", "threads"):
+        for name in ("queue_size", "queue_size_per_client", "max_body_bytes", "max_body_bytes_total", "max_texts",
+                     "max_chars", "request_timeout_s", "body_timeout_s", "head_timeout_s", "stall_timeout_s",
+                     "max_batch_size", "max_batch_tokens", "threads"):
             value = getattr(self, name)
             if value is not None and not value > 0:  # `not >` also refuses NaN
                 raise ValueError(f"SENTIMENT_{name.upper()} must be above 0, got {value}")
         if self.max_body_bytes_total < self.max_body_bytes:
             raise ValueError(f"SENTIMENT_MAX_BODY_BYTES_TOTAL must be at least SENTIMENT_MAX_BODY_BYTES "
                              f"({self.max_body_bytes}), got {self.max_body_bytes_total}")
+        if self.queue_size < self.max_texts:  # a request of max_texts texts could never be queued
+            raise ValueError(f"SENTIMENT_QUEUE_SIZE must be at least SENTIMENT_MAX_TEXTS ({self.max_texts}), "
+                             f"got {self.queue_size}")
+        if self.queue_size_per_client is None:
+            self.queue_size_per_client = max((self.queue_size + 1) // 2, self.max_texts)
+        if not self.max_texts <= self.queue_size_per_client <= self.queue_size:
+            raise ValueError(f"SENTIMENT_QUEUE_SIZE_PER_CLIENT must be at least SENTIMENT_MAX_TEXTS ({self.max_texts}) "
+                             f"and at most SENTIMENT_QUEUE_SIZE ({self.queue_size}), got {self.queue_size_per_client}")
         if not self.max_wait_ms >= 0:
             raise ValueError(f"SENTIMENT_MAX_WAIT_MS must not be negative, got {self.max_wait_ms}")
         for name in ("max_wait_ms", "request_timeout_s", "body_timeout_s", "head_timeout_s", "stall_timeout_s"):

@@ -67,8 +67,8 @@ def error(status, kind, message, headers=None):
     return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
 
 
-def overloaded():
-    return error(503, "overloaded", "the queue is full; retry shortly", headers={"Retry-After": "1"})
+def overloaded(reason):
+    return error(503, "overloaded", reason, headers={"Retry-After": "1"})
 
 
 def not_ready(state):
@@ -139,15 +139,19 @@ async def answer(request):
     batcher, settings = state.batcher, state.settings
     if batcher is None:
         return not_ready(state)
-    # A full queue is answered before the body is read, so a burst costs a parse only for what
-    # fits; the slots themselves are taken once the body is in, so a slow body holds none.
-    if batcher.room() < 1:
-        return overloaded()
+    # A client is its address: the connection's, or the one a trusted proxy names in X-Forwarded-For
+    # (uvicorn's --forwarded-allow-ips). A full queue, or a client holding its whole share of it, is
+    # answered before the body is read, so a burst costs a parse only for what fits; the slots
+    # themselves are taken once the body is in, so a slow body holds none.
+    client = request.client.host if request.client else ""
+    refusal = batcher.refusal(client)
+    if refusal:
+        return overloaded(refusal)
     try:
         parsed = await read_request(request, settings, state.body_budget)
     except BadRequest as bad:
         return error(bad.status, bad.kind, bad.message, bad.headers)
-    scoring = asyncio.ensure_future(asyncio.wait_for(batcher.submit(parsed.texts), settings.request_timeout_s))
+    scoring = asyncio.ensure_future(asyncio.wait_for(batcher.submit(parsed.texts, client), settings.request_timeout_s))
     gone = asyncio.ensure_future(client_gone(request))
     await asyncio.wait({scoring, gone}, return_when=asyncio.FIRST_COMPLETED)
     gone.cancel()
@@ -156,8 +160,8 @@ async def answer(request):
         return error(499, "client_disconnected", "the client went away")
     try:
         results = scoring.result()
-    except QueueFull:
-        return overloaded()
+    except QueueFull as full:
+        return overloaded(str(full))
     except TimeoutError:
         return error(504, "timeout", f"no answer within {settings.request_timeout_s} s (SENTIMENT_REQUEST_TIMEOUT_S)")
     except ModelError:

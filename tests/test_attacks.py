@@ -101,7 +101,7 @@ def test_a_lone_surrogate_is_refused_and_fails_no_other_request(serve):
 
 
 def test_a_body_of_unclosed_markup_does_not_hold_up_other_requests(serve):
-    server = serve()
+    server = serve(queue_size_per_client=256)  # the three attacks come from one address: all must be queued
     attack = json.dumps({"texts": ["<" * 16000] * 64}).encode()
     assert len(attack) < 1 << 20
     with ThreadPoolExecutor(4) as pool:
@@ -140,8 +140,39 @@ def read_status(sock, seconds):
     return int(head.split()[1]) if head.startswith("HTTP/") else None
 
 
+def test_a_client_that_floods_the_queue_is_held_to_its_share_and_fails_no_other_client(serve):
+    # One address sending request after request kept the whole queue full: every other client's
+    # request was answered 503 for as long as the flood went on.
+    server = serve(queue_size=16, max_texts=4)  # half the queue per address: 8 texts waiting at most
+    flooding, flood_refusals = threading.Event(), []
+
+    def flood():
+        with httpx.Client(timeout=30) as client:
+            while flooding.is_set():
+                answer = client.post(server.url + "/predict", json={"texts": [GOOD] * 4})
+                if answer.status_code == 503:
+                    flood_refusals.append((answer.json()["error"]["message"], answer.headers.get("retry-after")))
+                    time.sleep(0.02)
+
+    direct = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=30)
+    # A proxy on this host names its client in X-Forwarded-For, which uvicorn trusts from 127.0.0.1.
+    proxied = httpx.Client(headers={"x-forwarded-for": "203.0.113.7"}, timeout=30)
+    flooding.set()
+    with ThreadPoolExecutor(8) as pool, direct, proxied:
+        floods = [pool.submit(flood) for _ in range(8)]  # 32 texts wanted at once, from 127.0.0.1
+        time.sleep(1)
+        answers = [client.post(server.url + "/predict", json={"text": GOOD}) for _ in range(10)
+                   for client in (direct, proxied)]
+        flooding.clear()
+        for f in floods:
+            f.result()
+    assert [r.status_code for r in answers] == [200] * 20
+    assert flood_refusals and all("SENTIMENT_QUEUE_SIZE_PER_CLIENT is 8" in message and retry == "1"
+                                  for message, retry in flood_refusals)
+
+
 def test_bodies_that_never_finish_hold_no_slot_get_408_and_do_not_block_shutdown(serve):
-    server = serve(queue_size=32, body_timeout_s=1.5)
+    server = serve(queue_size=32, max_texts=32, body_timeout_s=1.5)
     slow = [slow_body(server.port) for _ in range(48)]  # more than the queue holds
     time.sleep(0.3)
     answers = [httpx.post(server.url + "/predict", json={"text": GOOD}, timeout=30) for _ in range(5)]

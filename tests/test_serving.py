@@ -15,7 +15,7 @@ from helpers import ROOT, FakePredictor, free_port
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
-from sentiment.batcher import MicroBatcher
+from sentiment.batcher import MicroBatcher, QueueFull
 from sentiment.config import ServeSettings
 from sentiment.serving import ServiceMetrics, create_app
 
@@ -189,7 +189,7 @@ def test_a_request_that_waits_too_long_gets_504():
 def test_a_full_queue_answers_503_at_once_while_admitted_requests_finish():
     gate = threading.Event()
     predictor = FakePredictor(gate=gate, batch_size=1)
-    with client_for(predictor, queue_size=4) as client:
+    with client_for(predictor, queue_size=4, max_texts=4) as client:
         gate.set()
         wait_ready(client)  # the warm-up call has passed the gate
         gate.clear()
@@ -231,10 +231,10 @@ def test_texts_of_a_departed_client_are_dropped_and_the_batch_goes_on():
         gate = threading.Event()
         predictor = FakePredictor(gate=gate)
         batcher = MicroBatcher(predictor, ServeSettings(), ServiceMetrics())
-        first = asyncio.create_task(batcher.submit(["good first"]))  # occupies the model
+        first = asyncio.create_task(batcher.submit(["good first"], "a"))  # occupies the model
         await asyncio.sleep(0.05)
-        left = asyncio.create_task(batcher.submit(["good left"]))
-        stayed = asyncio.create_task(batcher.submit(["bad stayed"]))
+        left = asyncio.create_task(batcher.submit(["good left"], "b"))
+        stayed = asyncio.create_task(batcher.submit(["bad stayed"], "c"))
         await asyncio.sleep(0.05)
         left.cancel()  # the client went away while its text waited
         gate.set()
@@ -252,11 +252,11 @@ def test_a_request_of_many_texts_does_not_hold_back_one_that_comes_after_it():
         gate = threading.Event()
         predictor = FakePredictor(gate=gate, batch_size=4)
         batcher = MicroBatcher(predictor, ServeSettings(), ServiceMetrics())
-        first = asyncio.create_task(batcher.submit(["good first"]))  # occupies the model
+        first = asyncio.create_task(batcher.submit(["good first"], "a"))  # occupies the model
         await asyncio.sleep(0.05)
-        many = asyncio.create_task(batcher.submit([f"good {i}" for i in range(12)]))
+        many = asyncio.create_task(batcher.submit([f"good {i}" for i in range(12)], "a"))
         await asyncio.sleep(0.01)
-        one = asyncio.create_task(batcher.submit(["bad one"]))
+        one = asyncio.create_task(batcher.submit(["bad one"], "a"))
         await asyncio.sleep(0.05)
         gate.set()
         answers = await asyncio.gather(first, many, one)
@@ -269,6 +269,37 @@ def test_a_request_of_many_texts_does_not_hold_back_one_that_comes_after_it():
     assert sorted(text for batch in batches for text in batch) == sorted(
         ["good first", "bad one", *(f"good {i}" for i in range(12))])
     assert [a[0]["label"] for a in answers[1]] == ["positive"] * 12 and answers[2][0][0]["label"] == "negative"
+
+
+def test_a_client_of_many_requests_gets_one_turn_in_each_round_and_half_the_queue_at_most():
+    async def scenario():
+        gate = threading.Event()
+        predictor = FakePredictor(gate=gate, batch_size=1)
+        batcher = MicroBatcher(predictor, ServeSettings(queue_size=8, max_texts=2), ServiceMetrics())
+        first = asyncio.create_task(batcher.submit(["good first"], "greedy"))  # occupies the model
+        await asyncio.sleep(0.05)
+        greedy = [asyncio.create_task(batcher.submit([f"good {i}"], "greedy")) for i in range(6)]
+        await asyncio.sleep(0.01)
+        polite = asyncio.create_task(batcher.submit(["bad polite"], "polite"))
+        crowd = [asyncio.create_task(batcher.submit(["good x", "good y"], "crowd")) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        answers = await asyncio.gather(first, *greedy, polite, *crowd, return_exceptions=True)
+        batcher.task.cancel()
+        return predictor.batches, answers
+
+    batches, answers = asyncio.run(scenario())
+    greedy, polite, crowd = answers[1:7], answers[7], answers[8:]
+    # Half the queue of 8 per client: four of the greedy client's six requests wait, two are refused at
+    # once, and the other clients still find room (before, the greedy client took all eight places).
+    refused = [a for a in greedy if isinstance(a, QueueFull)]
+    assert len(refused) == 2 and all("SENTIMENT_QUEUE_SIZE_PER_CLIENT is 4" in str(a) for a in refused)
+    assert polite[0][0]["label"] == "negative"
+    assert not isinstance(crowd[0], Exception) and "queue is full" in str(crowd[1])  # 4 + 1 + 2 of 8
+    # Clients take turns: the polite client's one text comes after one greedy text, not after all four.
+    assert batches[:4] == [["good first"], ["good 0"], ["bad polite"], ["good x"]]
+    assert sorted(text for batch in batches for text in batch) == sorted(
+        ["good first", "bad polite", "good x", "good y", *(f"good {i}" for i in range(4))])
 
 
 @pytest.fixture
@@ -373,8 +404,16 @@ def test_every_model_call_runs_on_one_thread():
 
 
 def test_settings_come_from_the_environment_and_bad_ones_are_named():
-    settings = ServeSettings.from_env({"SENTIMENT_QUEUE_SIZE": "8", "SENTIMENT_PRECISION": "fp32"})
-    assert (settings.queue_size, settings.precision, settings.max_texts) == (8, "fp32", 64)
+    settings = ServeSettings.from_env({"SENTIMENT_QUEUE_SIZE": "100", "SENTIMENT_PRECISION": "fp32"})
+    assert (settings.queue_size, settings.precision, settings.max_texts) == (100, "fp32", 64)
+    # A client's share of the queue: half of it unless set, and room for one request of the most texts.
+    assert settings.queue_size_per_client == 64 and ServeSettings().queue_size_per_client == 128
+    assert ServeSettings.from_env({"SENTIMENT_QUEUE_SIZE_PER_CLIENT": "256"}).queue_size_per_client == 256
+    for env, limit in (({"SENTIMENT_QUEUE_SIZE": "32"}, "SENTIMENT_QUEUE_SIZE must be at least SENTIMENT_MAX_TEXTS"),
+                       ({"SENTIMENT_QUEUE_SIZE_PER_CLIENT": "32"}, "SENTIMENT_QUEUE_SIZE_PER_CLIENT must be at least"),
+                       ({"SENTIMENT_QUEUE_SIZE_PER_CLIENT": "257"}, "at most SENTIMENT_QUEUE_SIZE \\(256\\)")):
+        with pytest.raises(ValueError, match=limit):
+            ServeSettings.from_env(env)
     with pytest.raises(ValueError, match="SENTIMENT_QUEUE_SIZE must be above 0"):
         ServeSettings.from_env({"SENTIMENT_QUEUE_SIZE": "0"})
     with pytest.raises(ValueError, match="SENTIMENT_MAX_WAIT_MS='soon' is not a float"):
