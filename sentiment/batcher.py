@@ -162,11 +162,16 @@ class MicroBatcher:
         return min(len(text) // CHARS_PER_TOKEN, self.predictor.max_length)
 
     async def next_batch(self):
-        batch = [await self.queue.get()]  # (text, future, time queued)
-        tokens = self.tokens(batch[0][0])
-        deadline = time.monotonic() + self.max_wait_s
+        """The texts of one model call, (text, future, time queued) each, taken in turn. A text whose
+        client has gone is dropped as it is taken, so it takes no place in the batch."""
+        batch, tokens = [], 0
         while len(batch) < self.predictor.batch_size and tokens < self.predictor.max_batch_tokens:
-            if self.queue.empty():
+            if not batch:
+                item = await self.queue.get()
+                deadline = time.monotonic() + self.max_wait_s
+            elif not self.queue.empty():
+                item = self.queue.get_nowait()
+            else:
                 wait = deadline - time.monotonic()
                 if not self.heavy or wait <= 0:
                     break
@@ -174,19 +179,17 @@ class MicroBatcher:
                     item = await asyncio.wait_for(self.queue.get(), wait)
                 except TimeoutError:
                     break
-            else:
-                item = self.queue.get_nowait()
+            if item[1].done():
+                continue
             batch.append(item)
             tokens += self.tokens(item[0])
-        return [item for item in batch if not item[1].done()]
+        return batch
 
     async def run(self):
         loop = asyncio.get_running_loop()
         while True:
             batch = await self.next_batch()
             self.heavy = len(batch) > 1 or not self.queue.empty()
-            if not batch:
-                continue
             self.metrics.batch_sizes.observe(len(batch))
             texts, start = [text for text, _, _ in batch], time.perf_counter()
             self.busy_since = time.monotonic()

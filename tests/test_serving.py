@@ -226,25 +226,26 @@ def test_concurrent_requests_share_batches():
         assert metrics["sentiment_texts_scored_total", ()] == 10
 
 
-def test_texts_of_a_departed_client_are_dropped_and_the_batch_goes_on():
+def test_texts_of_a_departed_client_are_dropped_and_take_no_place_in_a_batch():
     async def scenario():
         gate = threading.Event()
-        predictor = FakePredictor(gate=gate)
+        predictor = FakePredictor(gate=gate, batch_size=2)
         batcher = MicroBatcher(predictor, ServeSettings(), ServiceMetrics())
         first = asyncio.create_task(batcher.submit(["good first"], "a"))  # occupies the model
         await asyncio.sleep(0.05)
-        left = asyncio.create_task(batcher.submit(["good left"], "b"))
-        stayed = asyncio.create_task(batcher.submit(["bad stayed"], "c"))
+        left = asyncio.create_task(batcher.submit(["good left 1", "good left 2"], "b"))
+        stayed = asyncio.create_task(batcher.submit(["bad stayed 1", "bad stayed 2"], "c"))
         await asyncio.sleep(0.05)
-        left.cancel()  # the client went away while its text waited
+        left.cancel()  # the client went away while its texts waited
         gate.set()
         answers = await asyncio.gather(first, stayed)
         batcher.task.cancel()
         return predictor.batches, answers
 
     batches, answers = asyncio.run(scenario())
-    assert batches == [["good first"], ["bad stayed"]]
-    assert [a[0][0]["label"] for a in answers] == ["positive", "negative"]
+    # Before, each departed text took a place in a batch and was dropped after: two batches of one.
+    assert batches == [["good first"], ["bad stayed 1", "bad stayed 2"]]
+    assert [a[0]["label"] for a in answers[1]] == ["negative", "negative"]
 
 
 def test_a_request_of_many_texts_does_not_hold_back_one_that_comes_after_it():
