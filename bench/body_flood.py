@@ -2,7 +2,8 @@
 without one (SENTIMENT_MAX_BODY_BYTES_TOTAL as large as can be), same attack, in one run.
 
 For each, N connections each send a 1 MiB body but for its last bytes and hold it; the service's
-resident memory is read before and after, and one ordinary review is sent meanwhile. The budget
+resident memory is read before and after, and one ordinary review is sent meanwhile by another
+client (another loopback address; the flood comes from 127.0.0.1). The budget
 bounds what bodies hold; what is left per connection is uvicorn's own buffering (bound the
 connections with `--limit-concurrency` or the proxy in front).
 
@@ -51,7 +52,8 @@ def attack(model, connections, budget):
         time.sleep(2)  # the service reads what arrived
         during = resident_mb(process.pid)
         start = time.perf_counter()
-        status = httpx.post(url + "/predict", json={"text": "A fine film."}, timeout=60).status_code
+        with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=60) as other:
+            status = other.post(url + "/predict", json={"text": "A fine film."}).status_code  # another client
         seconds = time.perf_counter() - start
         for sock in socks:
             sock.close()

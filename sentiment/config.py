@@ -270,6 +270,8 @@ class ServeSettings:
     # Bytes of bodies held while they arrive and are parsed, all requests together; beyond it, 503
     # at once: many slow large bodies must not take the memory every request needs.
     max_body_bytes_total: int = 64 << 20
+    # The part of it one client (one address) may hold; unset: half of it, and at least max_body_bytes.
+    max_body_bytes_per_client: typing.Optional[int] = None
     max_texts: int = 64  # most texts in one request
     max_chars: int = 20000  # longest text accepted
     request_timeout_s: float = 30.0  # then 504
@@ -295,15 +297,21 @@ class ServeSettings:
         return cls(**values)
 
     def __post_init__(self):
-        for name in ("queue_size", "queue_size_per_client", "max_body_bytes", "max_body_bytes_total", "max_texts",
-                     "max_chars", "request_timeout_s", "body_timeout_s", "head_timeout_s", "stall_timeout_s",
-                     "max_batch_size", "max_batch_tokens", "threads"):
+        for name in ("queue_size", "queue_size_per_client", "max_body_bytes", "max_body_bytes_total",
+                     "max_body_bytes_per_client", "max_texts", "max_chars", "request_timeout_s", "body_timeout_s",
+                     "head_timeout_s", "stall_timeout_s", "max_batch_size", "max_batch_tokens", "threads"):
             value = getattr(self, name)
             if value is not None and not value > 0:  # `not >` also refuses NaN
                 raise ValueError(f"SENTIMENT_{name.upper()} must be above 0, got {value}")
         if self.max_body_bytes_total < self.max_body_bytes:
             raise ValueError(f"SENTIMENT_MAX_BODY_BYTES_TOTAL must be at least SENTIMENT_MAX_BODY_BYTES "
                              f"({self.max_body_bytes}), got {self.max_body_bytes_total}")
+        if self.max_body_bytes_per_client is None:
+            self.max_body_bytes_per_client = max(self.max_body_bytes_total // 2, self.max_body_bytes)
+        if not self.max_body_bytes <= self.max_body_bytes_per_client <= self.max_body_bytes_total:
+            raise ValueError(f"SENTIMENT_MAX_BODY_BYTES_PER_CLIENT must be at least SENTIMENT_MAX_BODY_BYTES "
+                             f"({self.max_body_bytes}) and at most SENTIMENT_MAX_BODY_BYTES_TOTAL "
+                             f"({self.max_body_bytes_total}), got {self.max_body_bytes_per_client}")
         if self.queue_size < self.max_texts:  # a request of max_texts texts could never be queued
             raise ValueError(f"SENTIMENT_QUEUE_SIZE must be at least SENTIMENT_MAX_TEXTS ({self.max_texts}), "
                              f"got {self.queue_size}")

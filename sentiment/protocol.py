@@ -9,6 +9,7 @@ with its HTTP status. Nothing here touches the model or the queue.
 """
 
 import asyncio
+import collections
 import contextlib
 import json
 from dataclasses import dataclass
@@ -28,32 +29,43 @@ class BadRequest(Exception):
 
 
 class BodyBudget:
-    """The bytes of request bodies the service holds at once, all requests together
-    (SENTIMENT_MAX_BODY_BYTES_TOTAL): bytes are counted as they arrive and given back once the body
-    is parsed or abandoned, so slow large bodies cannot take the memory every request needs."""
+    """The bytes of request bodies the service holds at once (SENTIMENT_MAX_BODY_BYTES_TOTAL), and
+    the part of it one client may hold (SENTIMENT_MAX_BODY_BYTES_PER_CLIENT): bytes are counted as
+    they arrive and given back once the body is parsed or abandoned, so slow large bodies cannot take
+    the memory every request needs, nor one client's bodies the room every other client needs."""
 
-    def __init__(self, limit):
-        self.limit, self.held = limit, 0
+    def __init__(self, limit, client_limit):
+        self.limit, self.client_limit, self.held = limit, client_limit, 0
+        self.by_client = collections.Counter()
 
     @contextlib.contextmanager
-    def reserve(self):
-        """A reservation for one body: `take(n)` as bytes arrive; all of it given back on leaving."""
-        reservation = Reservation(self)
+    def reserve(self, client):
+        """A reservation for one body of `client`: `take(n)` as bytes arrive; all of it given back on leaving."""
+        reservation = Reservation(self, client)
         try:
             yield reservation
         finally:
             self.held -= reservation.taken
+            self.by_client[client] -= reservation.taken
+            if not self.by_client[client]:
+                del self.by_client[client]
 
 
 class Reservation:
-    def __init__(self, budget):
-        self.budget, self.taken = budget, 0
+    def __init__(self, budget, client):
+        self.budget, self.client, self.taken = budget, client, 0
 
     def take(self, size):
-        if self.budget.held + size > self.budget.limit:
+        budget = self.budget
+        if budget.held + size > budget.limit:
             raise BadRequest(503, "overloaded", "the service holds as many request bodies as it may "
                                                 "(SENTIMENT_MAX_BODY_BYTES_TOTAL); retry shortly", {"Retry-After": "1"})
-        self.budget.held += size
+        if budget.by_client[self.client] + size > budget.client_limit:
+            raise BadRequest(503, "overloaded", "the service holds as many of this client's request bodies as it "
+                                                "may (SENTIMENT_MAX_BODY_BYTES_PER_CLIENT); retry shortly",
+                             {"Retry-After": "1"})
+        budget.held += size
+        budget.by_client[self.client] += size
         self.taken += size
 
 
@@ -112,8 +124,8 @@ async def read_body(request, settings, reservation):
         raise BadRequest(499, "client_disconnected", "the client went away") from None
 
 
-async def read_request(request, settings, budget):
-    """The checked `Request` of a /predict body, or `BadRequest` naming what is wrong with it."""
+async def read_request(request, settings, budget, client):
+    """The checked `Request` of `client`'s /predict body, or `BadRequest` naming what is wrong with it."""
     kind, charset = media_type(request)
     if kind != "application/json":
         raise BadRequest(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
@@ -123,7 +135,7 @@ async def read_request(request, settings, budget):
     if encoding != "identity":
         raise BadRequest(415, "unsupported_media_type", f"Content-Encoding {encoding} is not accepted: send the "
                                                         f"body uncompressed")
-    with budget.reserve() as reservation:
+    with budget.reserve(client) as reservation:
         body = await read_body(request, settings, reservation)
         if len(body) > PARSE_OFF_LOOP_BYTES:  # a large body must not hold up the event loop
             return await asyncio.to_thread(parse, body, settings)

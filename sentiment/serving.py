@@ -148,7 +148,7 @@ async def answer(request):
     if refusal:
         return overloaded(refusal)
     try:
-        parsed = await read_request(request, settings, state.body_budget)
+        parsed = await read_request(request, settings, state.body_budget, client)
     except BadRequest as bad:
         return error(bad.status, bad.kind, bad.message, bad.headers)
     scoring = asyncio.ensure_future(asyncio.wait_for(batcher.submit(parsed.texts, client), settings.request_timeout_s))
@@ -272,10 +272,10 @@ def create_app(settings=None, predictor_factory=None):
     json_protocol_errors()
     app = Starlette(routes=ROUTES, lifespan=lifespan, middleware=[Middleware(TotalTime)],
                     exception_handlers={HTTPException: http_error, Exception: server_error})
-    app.state.settings = settings or ServeSettings.from_env()
+    settings = app.state.settings = settings or ServeSettings.from_env()
     app.state.predictor_factory = predictor_factory or load_predictor
     app.state.metrics = ServiceMetrics()
-    app.state.body_budget = BodyBudget(app.state.settings.max_body_bytes_total)
+    app.state.body_budget = BodyBudget(settings.max_body_bytes_total, settings.max_body_bytes_per_client)
     app.state.batcher = None
     app.state.load_error = None
     return app

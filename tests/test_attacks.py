@@ -4,6 +4,7 @@ counts and times. No client may slow down or fail another client's request."""
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -123,20 +124,35 @@ def timed_get(url):
     return time.monotonic() - start
 
 
-def slow_body(port, promised=100, sent=4):
-    """A connection that promises a body and sends a few bytes of it, then nothing."""
-    sock = socket.create_connection(("127.0.0.1", port))
+def slow_body(port, promised=100, sent=4, source="127.0.0.1"):
+    """A connection from `source` that promises a body and sends a few bytes of it, then nothing."""
+    sock = socket.create_connection(("127.0.0.1", port), source_address=(source, 0))
     sock.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {promised}\r\n\r\n".encode() + b'{"te'[:sent])
     return sock
 
 
-def read_status(sock, seconds):
+def read_answer(sock, seconds):
+    """The answer the server sent on `sock` within `seconds`, head and body, as text ("" if none)."""
     sock.settimeout(seconds)
+    answer = b""
     try:
-        head = sock.recv(4096).decode("latin-1")
+        while True:
+            head, _, body = answer.partition(b"\r\n\r\n")
+            length = re.search(rb"content-length: *(\d+)", head, re.IGNORECASE)
+            if length and len(body) >= int(length[1]):
+                break
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
     except OSError:
-        return None
+        pass
+    return answer.decode("latin-1")
+
+
+def read_status(sock, seconds):
+    head = read_answer(sock, seconds)
     return int(head.split()[1]) if head.startswith("HTTP/") else None
 
 
@@ -194,13 +210,11 @@ def test_bodies_on_their_way_are_held_within_one_memory_budget(serve):
     # sending 1 MB bodies but for their last bytes grew the service by 640 MB; a few thousand
     # would have it killed for want of memory, every client's request with it.
     server = serve(max_body_bytes=100_000, max_body_bytes_total=250_000, body_timeout_s=30)
-    held = [slow_body(server.port, promised=100_000, sent=0) for _ in range(2)]
+    held = [slow_body(server.port, promised=100_000, sent=0, source=f"127.0.0.{2 + i}") for i in range(2)]
     for sock in held:
         sock.sendall(b'{"text": "' + b"a" * 90_000)  # 180,000 bytes held of 250,000
-    deadline = time.monotonic() + 10
-    while server.metrics()[("sentiment_body_bytes_held", ())] < 180_000 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    over = slow_body(server.port, promised=100_000, sent=0)
+    wait_for_bytes_held(server, 180_000)
+    over = slow_body(server.port, promised=100_000, sent=0, source="127.0.0.4")
     over.sendall(b'{"text": "' + b"a" * 90_000)  # would be 270,000
     assert read_status(over, 10) == 503
     small = httpx.post(server.url + "/predict", json={"text": GOOD}, timeout=30)  # still fits
@@ -236,6 +250,33 @@ def closes_within(sock, seconds):
     except OSError:
         return False
     return False
+
+
+def wait_for_bytes_held(server, size, seconds=10):
+    deadline = time.monotonic() + seconds
+    while server.metrics()[("sentiment_body_bytes_held", ())] < size and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_one_client_s_bodies_hold_only_its_share_of_the_memory_budget(serve):
+    # One address sending slow large bodies could hold the whole budget: every other client's
+    # request was answered 503 for as long as its bodies stayed.
+    server = serve(max_body_bytes=100_000, max_body_bytes_total=250_000, body_timeout_s=30)  # 125,000 an address
+    first = slow_body(server.port, promised=100_000, sent=0, source="127.0.0.2")
+    first.sendall(b'{"text": "' + b"a" * 90_000)
+    wait_for_bytes_held(server, 90_000)
+    second = slow_body(server.port, promised=100_000, sent=0, source="127.0.0.2")
+    second.sendall(b'{"text": "' + b"a" * 90_000)  # 180,000 for one address
+    refused = read_answer(second, 10)
+    assert refused.startswith("HTTP/1.1 503") and "SENTIMENT_MAX_BODY_BYTES_PER_CLIENT" in refused
+    other = slow_body(server.port, promised=100_000, sent=0, source="127.0.0.3")
+    start = json.dumps({"text": GOOD})[:-1].encode()  # the body's end, "}", comes last, after padding
+    other.sendall(start + b" " * (90_000 - len(start)))  # was refused: the first address held 180,000 of 250,000
+    wait_for_bytes_held(server, 180_000)
+    other.sendall(b" " * 9_999 + b"}")
+    assert read_status(other, 30) == 200
+    for sock in (first, second, other):
+        sock.close()
 
 
 def test_heads_that_never_finish_are_cut_off_and_hold_back_no_one(serve):

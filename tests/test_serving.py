@@ -410,7 +410,12 @@ def test_settings_come_from_the_environment_and_bad_ones_are_named():
     # A client's share of the queue: half of it unless set, and room for one request of the most texts.
     assert settings.queue_size_per_client == 64 and ServeSettings().queue_size_per_client == 128
     assert ServeSettings.from_env({"SENTIMENT_QUEUE_SIZE_PER_CLIENT": "256"}).queue_size_per_client == 256
+    # And of the bodies held while they arrive: half the budget unless set, and room for one of the largest.
+    assert ServeSettings().max_body_bytes_per_client == 32 << 20
+    assert ServeSettings(max_body_bytes=1000, max_body_bytes_total=1500).max_body_bytes_per_client == 1000
     for env, limit in (({"SENTIMENT_QUEUE_SIZE": "32"}, "SENTIMENT_QUEUE_SIZE must be at least SENTIMENT_MAX_TEXTS"),
+                       ({"SENTIMENT_MAX_BODY_BYTES_PER_CLIENT": "1000"},
+                        "SENTIMENT_MAX_BODY_BYTES_PER_CLIENT must be at least SENTIMENT_MAX_BODY_BYTES"),
                        ({"SENTIMENT_QUEUE_SIZE_PER_CLIENT": "32"}, "SENTIMENT_QUEUE_SIZE_PER_CLIENT must be at least"),
                        ({"SENTIMENT_QUEUE_SIZE_PER_CLIENT": "257"}, "at most SENTIMENT_QUEUE_SIZE \\(256\\)")):
         with pytest.raises(ValueError, match=limit):
