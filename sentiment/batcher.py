@@ -25,7 +25,11 @@ log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
-    """No room for a request: the message says whose limit it met."""
+    """No room for a request: `limit` is the one it met ("queue" or "client_queue"), the message says so."""
+
+    def __init__(self, message, limit):
+        super().__init__(message)
+        self.limit = limit
 
 
 class FairQueue:
@@ -48,12 +52,13 @@ class FairQueue:
         return self.count == 0
 
     def refusal(self, client, texts):
-        """Why `texts` more of `client`'s texts cannot wait, or None when they can."""
+        """`QueueFull` saying why `texts` more of `client`'s texts cannot wait, or None when they can."""
         if self.count + texts > self.maxsize:
-            return "the queue is full (SENTIMENT_QUEUE_SIZE); retry shortly"
+            return QueueFull("the queue is full (SENTIMENT_QUEUE_SIZE); retry shortly", "queue")
         if self.held[client] + texts > self.client_maxsize:
-            return (f"this client has {self.held[client]} texts waiting, its share of the queue "
-                    f"(SENTIMENT_QUEUE_SIZE_PER_CLIENT is {self.client_maxsize}); retry shortly")
+            return QueueFull(f"this client has {self.held[client]} texts waiting, its share of the queue "
+                             f"(SENTIMENT_QUEUE_SIZE_PER_CLIENT is {self.client_maxsize}); retry shortly",
+                             "client_queue")
         return None
 
     def put_request(self, client, items):
@@ -139,15 +144,15 @@ class MicroBatcher:
         return None
 
     def refusal(self, client, texts=1):
-        """Why `texts` more texts of `client` (its address) cannot be queued now, or None."""
+        """`QueueFull` if `texts` more texts of `client` (its address) cannot be queued now, else None."""
         return self.queue.refusal(client, texts)
 
     async def submit(self, texts, client):
         """Queue `client`'s texts and wait for their answers: (answer, seconds queued, seconds in the
         model) per text. `QueueFull` at once if there is no room; `ModelError` if the model fails on one."""
-        refusal = self.queue.refusal(client, len(texts))
-        if refusal:
-            raise QueueFull(refusal)
+        full = self.queue.refusal(client, len(texts))
+        if full:
+            raise full
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in texts]
         queued = time.perf_counter()

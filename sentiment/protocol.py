@@ -23,9 +23,11 @@ FUNCTIONS = ("softmax",)  # the scores are calibrated probabilities; raw logits 
 
 
 class BadRequest(Exception):
-    def __init__(self, status, kind, message, headers=None):
+    """A request answered with an error; `limit` names the service's limit a 503 met ("bodies", "client_bodies")."""
+
+    def __init__(self, status, kind, message, headers=None, limit=None):
         super().__init__(message)
-        self.status, self.kind, self.message, self.headers = status, kind, message, headers
+        self.status, self.kind, self.message, self.headers, self.limit = status, kind, message, headers, limit
 
 
 class BodyBudget:
@@ -59,11 +61,12 @@ class Reservation:
         budget = self.budget
         if budget.held + size > budget.limit:
             raise BadRequest(503, "overloaded", "the service holds as many request bodies as it may "
-                                                "(SENTIMENT_MAX_BODY_BYTES_TOTAL); retry shortly", {"Retry-After": "1"})
+                                                "(SENTIMENT_MAX_BODY_BYTES_TOTAL); retry shortly",
+                             {"Retry-After": "1"}, limit="bodies")
         if budget.by_client[self.client] + size > budget.client_limit:
             raise BadRequest(503, "overloaded", "the service holds as many of this client's request bodies as it "
                                                 "may (SENTIMENT_MAX_BODY_BYTES_PER_CLIENT); retry shortly",
-                             {"Retry-After": "1"})
+                             {"Retry-After": "1"}, limit="client_bodies")
         budget.held += size
         budget.by_client[self.client] += size
         self.taken += size

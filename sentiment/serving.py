@@ -57,6 +57,9 @@ class ServiceMetrics:
         self.body_bytes = Gauge("sentiment_body_bytes_held", "Bytes of request bodies held while they arrive "
                                 "and are parsed.", registry=self.registry)
         self.texts_scored = Counter("sentiment_texts_scored", "Texts the model has scored.", registry=self.registry)
+        # Which limit each 503 met: the queue or the bodies' budget, in all or a client's share of it.
+        self.refused = Counter("sentiment_refused", "Requests refused (503) for a limit, by the limit met.", ["limit"],
+                               registry=self.registry)
 
     def count_request(self, status, seconds):
         self.requests.labels(status=status).inc()
@@ -67,8 +70,9 @@ def error(status, kind, message, headers=None):
     return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
 
 
-def overloaded(reason):
-    return error(503, "overloaded", reason, headers={"Retry-After": "1"})
+def overloaded(metrics, full):
+    metrics.refused.labels(limit=full.limit).inc()
+    return error(503, "overloaded", str(full), headers={"Retry-After": "1"})
 
 
 def not_ready(state):
@@ -144,12 +148,14 @@ async def answer(request):
     # answered before the body is read, so a burst costs a parse only for what fits; the slots
     # themselves are taken once the body is in, so a slow body holds none.
     client = request.client.host if request.client else ""
-    refusal = batcher.refusal(client)
-    if refusal:
-        return overloaded(refusal)
+    full = batcher.refusal(client)
+    if full:
+        return overloaded(state.metrics, full)
     try:
         parsed = await read_request(request, settings, state.body_budget, client)
     except BadRequest as bad:
+        if bad.limit:
+            state.metrics.refused.labels(limit=bad.limit).inc()
         return error(bad.status, bad.kind, bad.message, bad.headers)
     scoring = asyncio.ensure_future(asyncio.wait_for(batcher.submit(parsed.texts, client), settings.request_timeout_s))
     gone = asyncio.ensure_future(client_gone(request))
@@ -161,7 +167,7 @@ async def answer(request):
     try:
         results = scoring.result()
     except QueueFull as full:
-        return overloaded(str(full))
+        return overloaded(state.metrics, full)
     except TimeoutError:
         return error(504, "timeout", f"no answer within {settings.request_timeout_s} s (SENTIMENT_REQUEST_TIMEOUT_S)")
     except ModelError:

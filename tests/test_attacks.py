@@ -185,6 +185,9 @@ def test_a_client_that_floods_the_queue_is_held_to_its_share_and_fails_no_other_
     assert [r.status_code for r in answers] == [200] * 20
     assert flood_refusals and all("SENTIMENT_QUEUE_SIZE_PER_CLIENT is 8" in message and retry == "1"
                                   for message, retry in flood_refusals)
+    refused = {dict(labels)["limit"]: n for (name, labels), n in server.metrics().items()
+               if name == "sentiment_refused_total"}
+    assert refused == {"client_queue": len(flood_refusals)}
 
 
 def test_bodies_that_never_finish_hold_no_slot_get_408_and_do_not_block_shutdown(serve):
@@ -229,6 +232,7 @@ def test_bodies_on_their_way_are_held_within_one_memory_budget(serve):
                          timeout=30)
     assert chunked.status_code == 503 and chunked.json()["error"]["type"] == "overloaded"
     assert chunked.headers["retry-after"] == "1"
+    assert server.metrics()[("sentiment_refused_total", (("limit", "bodies"),))] == 2
     for sock in held + [over]:
         sock.close()
     deadline = time.monotonic() + 10  # the server sees them go and gives their bytes back
@@ -275,6 +279,7 @@ def test_one_client_s_bodies_hold_only_its_share_of_the_memory_budget(serve):
     wait_for_bytes_held(server, 180_000)
     other.sendall(b" " * 9_999 + b"}")
     assert read_status(other, 30) == 200
+    assert server.metrics()[("sentiment_refused_total", (("limit", "client_bodies"),))] == 1
     for sock in (first, second, other):
         sock.close()
 

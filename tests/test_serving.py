@@ -205,6 +205,8 @@ def test_a_full_queue_answers_503_at_once_while_admitted_requests_finish():
         assert all(r.headers["retry-after"] for r in overflow)
         statuses = sorted(r.status_code for r in answers)
         assert statuses.count(200) >= 4 and set(statuses) == {200, 503}
+        refused = samples(client.get("/metrics").text)[("sentiment_refused_total", (("limit", "queue"),))]
+        assert refused == statuses.count(503)
 
 
 def test_concurrent_requests_share_batches():
