@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import gc
 import importlib
+import ipaddress
 import json
 import logging
 import time
@@ -143,11 +144,10 @@ async def answer(request):
     batcher, settings = state.batcher, state.settings
     if batcher is None:
         return not_ready(state)
-    # A client is its address: the connection's, or the one a trusted proxy names in X-Forwarded-For
-    # (uvicorn's --forwarded-allow-ips). A full queue, or a client holding its whole share of it, is
-    # answered before the body is read, so a burst costs a parse only for what fits; the slots
-    # themselves are taken once the body is in, so a slow body holds none.
-    client = request.client.host if request.client else ""
+    # A full queue, or a client holding its whole share of it, is answered before the body is read,
+    # so a burst costs a parse only for what fits; the slots themselves are taken once the body is
+    # in, so a slow body holds none.
+    client = client_of(request)
     full = batcher.refusal(client)
     if full:
         return overloaded(state.metrics, full)
@@ -175,6 +175,22 @@ async def answer(request):
     answers, queued, scored = zip(*results)
     return JSONResponse(parsed.answer(list(answers)), headers={"x-queue-time": milliseconds(max(queued)),
                                                                "x-inference-time": milliseconds(max(scored))})
+
+
+def client_of(request):
+    """Who sent `request`, for the limits each client has: its address (the connection's, or the one a
+    trusted proxy names in X-Forwarded-For: uvicorn's --forwarded-allow-ips), and for IPv6 its /64
+    network, which one host or one home network commonly holds whole."""
+    host = request.client.host if request.client else ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # no address: a Unix socket, a test client
+        return host
+    if address.version == 6:
+        if address.ipv4_mapped:  # an IPv4 client of a dual-stack socket
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return host
 
 
 async def client_gone(request):

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 from helpers import ROOT, FakePredictor, free_port
@@ -17,7 +18,7 @@ from starlette.testclient import TestClient
 
 from sentiment.batcher import MicroBatcher, QueueFull
 from sentiment.config import ServeSettings
-from sentiment.serving import ServiceMetrics, create_app
+from sentiment.serving import ServiceMetrics, client_of, create_app
 
 
 def client_for(predictor, **settings):
@@ -303,6 +304,17 @@ def test_a_client_of_many_requests_gets_one_turn_in_each_round_and_half_the_queu
     assert batches[:4] == [["good first"], ["good 0"], ["bad polite"], ["good x"]]
     assert sorted(text for batch in batches for text in batch) == sorted(
         ["good first", "bad polite", "good x", "good y", *(f"good {i}" for i in range(4))])
+
+
+def test_a_client_is_its_address_and_an_ipv6_client_its_network():
+    def client(host):
+        return client_of(SimpleNamespace(client=SimpleNamespace(host=host) if host else None))
+
+    assert client("203.0.113.7") == "203.0.113.7" and client("::ffff:203.0.113.7") == "203.0.113.7"
+    # One host commonly holds a whole /64: its addresses are one client, another /64 another.
+    assert client("2001:db8::1") == client("2001:db8::ffff:abcd:1") == "2001:db8::/64"
+    assert client("2001:db8:0:1::1") == "2001:db8:0:1::/64"
+    assert client(None) == "" and client("testclient") == "testclient"
 
 
 @pytest.fixture
