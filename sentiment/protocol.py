@@ -25,9 +25,9 @@ FUNCTIONS = ("softmax",)  # the scores are calibrated probabilities; raw logits 
 class BadRequest(Exception):
     """A request answered with an error; `limit` names the service's limit a 503 met ("bodies", "client_bodies")."""
 
-    def __init__(self, status, kind, message, headers=None, limit=None):
+    def __init__(self, status, kind, message, limit=None):
         super().__init__(message)
-        self.status, self.kind, self.message, self.headers, self.limit = status, kind, message, headers, limit
+        self.status, self.kind, self.message, self.limit = status, kind, message, limit
 
 
 class BodyBudget:
@@ -61,12 +61,11 @@ class Reservation:
         budget = self.budget
         if budget.held + size > budget.limit:
             raise BadRequest(503, "overloaded", "the service holds as many request bodies as it may "
-                                                "(SENTIMENT_MAX_BODY_BYTES_TOTAL); retry shortly",
-                             {"Retry-After": "1"}, limit="bodies")
+                                                "(SENTIMENT_MAX_BODY_BYTES_TOTAL); retry shortly", limit="bodies")
         if budget.by_client[self.client] + size > budget.client_limit:
             raise BadRequest(503, "overloaded", "the service holds as many of this client's request bodies as it "
                                                 "may (SENTIMENT_MAX_BODY_BYTES_PER_CLIENT); retry shortly",
-                             {"Retry-After": "1"}, limit="client_bodies")
+                             limit="client_bodies")
         budget.held += size
         budget.by_client[self.client] += size
         self.taken += size

@@ -71,9 +71,10 @@ def error(status, kind, message, headers=None):
     return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
 
 
-def overloaded(metrics, full):
-    metrics.refused.labels(limit=full.limit).inc()
-    return error(503, "overloaded", str(full), headers={"Retry-After": "1"})
+def overloaded(metrics, limit, message):
+    """A 503 for a limit the request met (the queue's or the bodies', in all or its client's share), counted by it."""
+    metrics.refused.labels(limit=limit).inc()
+    return error(503, "overloaded", message, headers={"Retry-After": "1"})
 
 
 def not_ready(state):
@@ -150,13 +151,13 @@ async def answer(request):
     client = client_of(request)
     full = batcher.refusal(client)
     if full:
-        return overloaded(state.metrics, full)
+        return overloaded(state.metrics, full.limit, str(full))
     try:
         parsed = await read_request(request, settings, state.body_budget, client)
     except BadRequest as bad:
         if bad.limit:
-            state.metrics.refused.labels(limit=bad.limit).inc()
-        return error(bad.status, bad.kind, bad.message, bad.headers)
+            return overloaded(state.metrics, bad.limit, bad.message)
+        return error(bad.status, bad.kind, bad.message)
     scoring = asyncio.ensure_future(asyncio.wait_for(batcher.submit(parsed.texts, client), settings.request_timeout_s))
     gone = asyncio.ensure_future(client_gone(request))
     await asyncio.wait({scoring, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -167,7 +168,7 @@ async def answer(request):
     try:
         results = scoring.result()
     except QueueFull as full:
-        return overloaded(state.metrics, full)
+        return overloaded(state.metrics, full.limit, str(full))
     except TimeoutError:
         return error(504, "timeout", f"no answer within {settings.request_timeout_s} s (SENTIMENT_REQUEST_TIMEOUT_S)")
     except ModelError:
