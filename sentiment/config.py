@@ -282,6 +282,17 @@ class ServeSettings:
     threads: typing.Optional[int] = None  # CPU threads for the model; unset: PyTorch's choice
     precision: str = "auto"  # auto, fp32, bf16 (on a CPU: AVX512-BF16 or AMX) or fp16 (GPUs without bf16)
 
+    def client_share(self, name, whole, least):
+        """Setting `name`, what one client may take of setting `whole`: half of it where unset, and
+        never less than setting `least` (one request's worth) nor more than the whole."""
+        share, whole_value, least_value = getattr(self, name), getattr(self, whole), getattr(self, least)
+        if share is None:
+            share = max(whole_value // 2, least_value)
+        if not least_value <= share <= whole_value:
+            raise ValueError(f"SENTIMENT_{name.upper()} must be at least SENTIMENT_{least.upper()} ({least_value}) "
+                             f"and at most SENTIMENT_{whole.upper()} ({whole_value}), got {share}")
+        return share
+
     @classmethod
     def from_env(cls, environ=os.environ):
         values, hints = {}, typing.get_type_hints(cls)
@@ -306,20 +317,12 @@ class ServeSettings:
         if self.max_body_bytes_total < self.max_body_bytes:
             raise ValueError(f"SENTIMENT_MAX_BODY_BYTES_TOTAL must be at least SENTIMENT_MAX_BODY_BYTES "
                              f"({self.max_body_bytes}), got {self.max_body_bytes_total}")
-        if self.max_body_bytes_per_client is None:
-            self.max_body_bytes_per_client = max(self.max_body_bytes_total // 2, self.max_body_bytes)
-        if not self.max_body_bytes <= self.max_body_bytes_per_client <= self.max_body_bytes_total:
-            raise ValueError(f"SENTIMENT_MAX_BODY_BYTES_PER_CLIENT must be at least SENTIMENT_MAX_BODY_BYTES "
-                             f"({self.max_body_bytes}) and at most SENTIMENT_MAX_BODY_BYTES_TOTAL "
-                             f"({self.max_body_bytes_total}), got {self.max_body_bytes_per_client}")
         if self.queue_size < self.max_texts:  # a request of max_texts texts could never be queued
             raise ValueError(f"SENTIMENT_QUEUE_SIZE must be at least SENTIMENT_MAX_TEXTS ({self.max_texts}), "
                              f"got {self.queue_size}")
-        if self.queue_size_per_client is None:
-            self.queue_size_per_client = max((self.queue_size + 1) // 2, self.max_texts)
-        if not self.max_texts <= self.queue_size_per_client <= self.queue_size:
-            raise ValueError(f"SENTIMENT_QUEUE_SIZE_PER_CLIENT must be at least SENTIMENT_MAX_TEXTS ({self.max_texts}) "
-                             f"and at most SENTIMENT_QUEUE_SIZE ({self.queue_size}), got {self.queue_size_per_client}")
+        self.max_body_bytes_per_client = self.client_share("max_body_bytes_per_client", "max_body_bytes_total",
+                                                           "max_body_bytes")
+        self.queue_size_per_client = self.client_share("queue_size_per_client", "queue_size", "max_texts")
         if not self.max_wait_ms >= 0:
             raise ValueError(f"SENTIMENT_MAX_WAIT_MS must not be negative, got {self.max_wait_ms}")
         for name in ("max_wait_ms", "request_timeout_s", "body_timeout_s", "head_timeout_s", "stall_timeout_s"):
