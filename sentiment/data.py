@@ -6,22 +6,22 @@ cleaning used everywhere, training and inference alike, so scores match what val
 """
 
 import hashlib
-from dataclasses import dataclass
-
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
 from .errors import SentimentError
 from .hub import download_options, offline_note
-from .tables import read_table
+from .tables import garbled_header, read_table
 
 IMDB_REPO = "stanfordnlp/imdb"
 IMDB_FILES = {"train": "plain_text/train-00000-of-00001.parquet",
               "test": "plain_text/test-00000-of-00001.parquet"}
 IMDB_LABELS = {0: "negative", 1: "positive"}
 SHOWN_ROWS = 5  # how many bad row numbers an error message lists
+SHOWN_COLUMNS = 20  # how many of a file's columns an error message lists
 RARE_CLASS_ROWS = 20  # a class with fewer training rows is named in a warning
 
 
@@ -58,14 +58,21 @@ def only_markup(text):
 def check_columns(frame, path, *columns):
     for column in columns:
         if column not in frame.columns:
+            problem = garbled_header(path, frame.columns)
+            if problem:
+                raise SentimentError(f"{path}: {problem}")
+            if not frame.columns:
+                raise SentimentError(f"{path}: no column {column!r}; it has no columns at all (no rows to read them "
+                                     f"from)")
             # A header of one column holding ';' or '|' is a file separated by them (European spreadsheets).
             separator = next((c for c in ";|\t," if len(frame.columns) == 1 and c in frame.columns[0]), None)
             fixes = {",": "name it .csv", "\t": "name it .tsv"}
             fix = fixes.get(separator, "save it with commas (.csv) or tabs (.tsv)")
             advice = (f"The file seems separated by {separator!r}; {fix}" if separator
                       else "Name the right one with --text-column / --label-column")
-            raise SentimentError(f"{path}: no column {column!r}; it has {', '.join(map(repr, frame.columns))}. "
-                                 f"{advice}")
+            shown = ", ".join(map(repr, frame.columns[:SHOWN_COLUMNS]))
+            more = f", … ({len(frame.columns)} in all)" if len(frame.columns) > SHOWN_COLUMNS else ""
+            raise SentimentError(f"{path}: no column {column!r}; it has {shown}{more}. {advice}")
 
 
 def check_text_column(frame, path, column):

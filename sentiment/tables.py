@@ -93,8 +93,10 @@ def existing_file(path):
 
 
 def where_broken(path, err):
-    """What went wrong reading `path`: text that is not UTF-8, or the line where JSON lines break
-    (polars names neither)."""
+    """What went wrong reading `path`: an empty file, text that is not UTF-8, or the line where JSON lines
+    break (polars names none of them)."""
+    if is_empty(path):
+        return "the file is empty"
     if extension(path) in TEXT_FORMATS:
         problem = not_utf8(path)
         if problem:
@@ -107,9 +109,14 @@ def where_broken(path, err):
         if extension(path) == ".json":  # polars says "Syntax at character 0" wherever the array breaks
             try:
                 with open(path, encoding="utf-8-sig") as f:
-                    json.load(f)
+                    rows = json.load(f, parse_constant=not_json)
             except ValueError as bad:
-                return f"line {bad.lineno}, column {bad.colno} is not valid JSON ({bad.msg})"
+                where = f"line {bad.lineno}, column {bad.colno}" if hasattr(bad, "lineno") else "it"
+                return f"{where} is not valid JSON ({getattr(bad, 'msg', bad)})"
+            other = next(((i, row) for i, row in enumerate(rows, 1) if not isinstance(row, dict)), None)
+            if other:
+                return (f"item {other[0]} of its array is a JSON {json_type(other[1])}, not an object: a .json file "
+                        f"holds one array of objects, such as [{{\"review\": \"…\"}}]")
             return first_line(err)
         return "it is one JSON array, not JSON lines (one object a line); name it .json, or convert it (jq -c '.[]')"
     if extension(path) in JSON_FORMATS:
@@ -121,10 +128,29 @@ def where_broken(path, err):
             for number, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        json.loads(line)
+                        value = json.loads(line, parse_constant=not_json)
                     except ValueError as bad:
-                        return f"line {number} is not valid JSON ({bad.msg})"
+                        return f"line {number} is not valid JSON ({getattr(bad, 'msg', bad)})"
+                    if not isinstance(value, dict):
+                        return (f"line {number} holds a JSON {json_type(value)}, not an object: JSON lines hold one "
+                                f"object a line, such as {{\"review\": \"…\"}}")
     return first_line(err)
+
+
+def not_json(constant):
+    """Python's json reads NaN and Infinity; polars, rightly, does not."""
+    raise ValueError(f"{constant} is not JSON; write null or a number")
+
+
+def json_type(value):
+    names = {dict: "object", list: "array", str: "string", bool: "true or false", type(None): "null"}
+    return names.get(type(value), "number")
+
+
+def is_empty(path):
+    """Whether the file holds nothing but white space (and a byte-order mark)."""
+    with open(path, "rb") as f:
+        return not f.read(1 << 16).lstrip(codecs.BOM_UTF8).strip() and not f.read(1)
 
 
 def ragged_row(path):
@@ -149,11 +175,21 @@ def ragged_row(path):
     return None
 
 
+def garbled_header(path, columns):
+    """Why the columns polars read from `path` hold what no header would (replaced bytes, control
+    characters): it is binary, or text that is not UTF-8. None when they do not, or `path` is no file."""
+    garbled = any(c == "\ufffd" or (c < " " and c != "\t") for name in columns for c in name)
+    return not_utf8(path) if garbled and os.path.isfile(str(path)) else None
+
+
 def not_utf8(path):
     """Why `path` is not UTF-8 text, naming the first bad line; None when it is."""
     with open(path, "rb") as f:
-        if f.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+        start = f.read(4)
+        if start[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
             return "it is UTF-16 text; save it as UTF-8 (e.g. iconv -f utf-16 -t utf-8)"
+        if start == b"PK\x03\x04":
+            return "it is a zip archive, not text (an .xlsx spreadsheet is one); save the sheet as CSV"
         f.seek(0)
         for number, line in enumerate(f, 1):
             try:

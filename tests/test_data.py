@@ -337,3 +337,33 @@ def test_float_labels_with_gaps_are_whole_numbers_and_nan_is_a_missing_label(tmp
     with pytest.raises(SentimentError, match="4 rows with a missing or empty text or label"):
         splits_of(tmp_path / "d.parquet")
     assert splits_of(tmp_path / "d.parquet", skip_bad_rows=True).labels == ["0", "1"]
+
+
+@pytest.mark.parametrize("name, content, said", [
+    ("d.csv", b"", "could not read it.*: the file is empty$"),
+    ("d.jsonl", b"\n \n", "could not read it.*: the file is empty$"),
+    ("d.parquet", b"", "could not read it.*: the file is empty$"),
+    ("d.jsonl", b'{"review": "a", "sentiment": "positive"}\n{"review": "b", "sentiment": NaN}\n',
+     r"line 2 is not valid JSON \(NaN is not JSON; write null or a number\)"),
+    ("d.jsonl", b'{"review": "a", "sentiment": "positive"}\n"b"\n',
+     r"line 2 holds a JSON string, not an object: JSON lines hold one object a line"),
+    ("d.json", b'[{"review": "a", "sentiment": "positive"}, 7]',
+     r"item 2 of its array is a JSON number, not an object"),
+    ("d.json", b"[]", "no column 'review'; it has no columns at all"),
+    ("d.csv", b"PK\x03\x04\x14\x00\x06\x00" + bytes(range(256)),
+     r"it is a zip archive, not text \(an .xlsx spreadsheet is one\); save the sheet as CSV"),
+    ("d.csv", b"\x89review\x8a,sentiment\xff\nok,positive\n", r"line 1 is not valid UTF-8; convert the file"),
+    ("d.csv", ",".join(f"c{i}" for i in range(300)).encode() + b"\n" + b"1," * 299 + b"1\n",
+     r"no column 'review'; it has 'c0', 'c1', .*, 'c19', … \(300 in all\)\. Name the right one"),
+])
+def test_empty_binary_and_non_object_inputs_are_named_as_such(tmp_path, name, content, said):
+    """polars said "empty CSV", "Cannot infer NDJSON types on empty reader", "InternalError(TapeError)", "NDJSON
+    line expected to contain JSON object: i64", or listed a binary file's first line as its columns."""
+    from sentiment import inference
+    from sentiment.config import InferArgs, parse_args
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(SentimentError, match=said):  # infer.py checks its input before the model loads
+        inference.check_input(parse_args(InferArgs, "", ["--input", str(path)]))
+    with pytest.raises(SentimentError, match=said):
+        splits_of(path)
