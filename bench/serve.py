@@ -199,9 +199,8 @@ def main():
                   f"({ours[0] / same[0]:.2f}x per-request {precision}), {ours[0] / alone[0]:.2f}x offline rate, "
                   f"p50 {ours[1] - peer[1]:+.0f} ms vs per-request fp32")
 
-    # The whole queue open to one address, as all these clients share 127.0.0.1.
-    process, url = start_server("app:app", args.model, "app:HTTP", SENTIMENT_QUEUE_SIZE="32", SENTIMENT_MAX_TEXTS="32",
-                                SENTIMENT_QUEUE_SIZE_PER_CLIENT="32")
+    # All these clients share 127.0.0.1: one client, which has the whole queue.
+    process, url = start_server("app:app", args.model, "app:HTTP", SENTIMENT_QUEUE_SIZE="32", SENTIMENT_MAX_TEXTS="32")
     try:
         latencies, rejected, statuses, seconds = asyncio.run(load(url, texts, 128, 512))
     finally:

@@ -7,8 +7,9 @@ that comes after it), up to the Predictor's batch size and token budget (waiting
 `max_wait_ms` for more only while traffic is heavy, so a lone request is never held back), drops
 texts whose client has gone, and runs the `Predictor` on the model thread so the event loop keeps
 accepting requests. If a batch fails, its texts are scored one by one, so only a text that fails
-alone fails its request. `refusal()` tells the app whether a request can fit, in the queue and in
-its client's share of it, before its body is read; the slots are taken when the texts are queued.
+alone fails its request. `refusal()` tells the app whether a request can fit, in the room left or
+in room its client may take back from one holding more than its share of a full queue, before its
+body is read; the slots are taken (and others' requests pushed out) when the texts are queued.
 `stalled()` tells it when the batcher can no longer answer: a model call that never returns (a
 hung GPU), or a batching task that ended.
 It knows nothing of HTTP: routes and error statuses live in `serving`.
@@ -32,17 +33,31 @@ class QueueFull(Exception):
         self.limit = limit
 
 
+class Waiting(collections.deque):
+    """The texts of one request still waiting, (text, future, time queued) each, and when it came."""
+
+    def __init__(self, items, arrival):
+        super().__init__(items)
+        self.arrival = arrival
+
+
 class FairQueue:
     """Waiting texts, kept per client and per request, and taken in turn (round robin): one text of
     the first client's first request; that request goes to the back of its client's line, and the
     client to the back of the clients' line. A client with a hundred requests waiting gets no more
-    turns than a client with one, and a request of many texts holds back none after it. Bounded in
-    texts: `maxsize` in all, `client_maxsize` per client, so one client cannot fill the queue."""
+    turns than a client with one, and a request of many texts holds back none after it.
+
+    Bounded in texts: `maxsize` in all. A client may fill the room no one else needs, beyond its share
+    (`client_maxsize`); when another client within its share finds the queue full, the newest requests
+    of the client holding the most are pushed out (their texts fail with `QueueFull`) until there is
+    room, for as long as that client holds more than its share. So one client cannot keep another
+    out, and a lone client (or every client behind one proxy) still has the whole queue."""
 
     def __init__(self, maxsize, client_maxsize):
         self.maxsize, self.client_maxsize, self.count = maxsize, client_maxsize, 0
-        self.clients = {}  # client -> deque of its requests, each a deque of (text, future, time queued); in turn
+        self.clients = {}  # client -> deque of its Waiting requests; both in turn
         self.held = collections.Counter()  # texts waiting, per client
+        self.arrivals = 0
         self.nonempty = asyncio.Event()
 
     def qsize(self):
@@ -52,20 +67,64 @@ class FairQueue:
         return self.count == 0
 
     def refusal(self, client, texts):
-        """`QueueFull` saying why `texts` more of `client`'s texts cannot wait, or None when they can."""
-        if self.count + texts > self.maxsize:
-            return QueueFull("the queue is full (SENTIMENT_QUEUE_SIZE); retry shortly", "queue")
-        if self.held[client] + texts > self.client_maxsize:
-            return QueueFull(f"this client has {self.held[client]} texts waiting, its share of the queue "
+        """`QueueFull` saying why `texts` more of `client`'s texts cannot wait, or None when they can:
+        in the room left, or in room taken back from clients holding more than their share."""
+        if self.count + texts <= self.maxsize:
+            return None
+        full = QueueFull("the queue is full (SENTIMENT_QUEUE_SIZE); retry shortly", "queue")
+        held = self.held[client]
+        if held == self.count:  # no other client waits: nothing to share
+            return full
+        if held + texts > self.client_maxsize:
+            return QueueFull(f"the queue is full and this client has {held} texts waiting, its share of it "
                              f"(SENTIMENT_QUEUE_SIZE_PER_CLIENT is {self.client_maxsize}); retry shortly",
                              "client_queue")
+        if self.count + texts - sum(map(self.beyond_share, self.clients)) > self.maxsize:
+            return full
         return None
 
+    def beyond_share(self, client):
+        """The texts that pushing out `client`'s newest requests would free, while it holds more than its share."""
+        held, freed = self.held[client], 0
+        for request in sorted(self.clients[client], key=lambda r: r.arrival, reverse=True):
+            if held <= self.client_maxsize:
+                break
+            held, freed = held - len(request), freed + len(request)
+        return freed
+
     def put_request(self, client, items):
-        self.clients.setdefault(client, collections.deque()).append(collections.deque(items))
+        """Queue one request's texts, once `refusal` said they may wait, pushing out others' as it allowed."""
+        while self.count + len(items) > self.maxsize:
+            self.push_out(max(self.held, key=self.held.get))
+        self.arrivals += 1
+        self.clients.setdefault(client, collections.deque()).append(Waiting(items, self.arrivals))
         self.held[client] += len(items)
         self.count += len(items)
         self.nonempty.set()
+
+    def push_out(self, client):
+        """Fail the newest waiting request of `client`, which holds more than its share of a full queue."""
+        requests = self.clients[client]
+        at = max(range(len(requests)), key=lambda i: requests[i].arrival)  # by place: equal deques compare equal
+        newest = requests[at]
+        del requests[at]
+        if not requests:
+            del self.clients[client]
+        self.forget(client, len(newest))
+        pushed = QueueFull(f"pushed out of the full queue for another client's request: this client held more than "
+                           f"its share (SENTIMENT_QUEUE_SIZE_PER_CLIENT is {self.client_maxsize}); retry shortly",
+                           "client_queue")
+        for _, future, _ in newest:
+            if not future.done():
+                future.set_exception(pushed)
+
+    def forget(self, client, texts):
+        self.held[client] -= texts
+        if not self.held[client]:
+            del self.held[client]
+        self.count -= texts
+        if not self.count:
+            self.nonempty.clear()
 
     def get_nowait(self):
         client, requests = next(iter(self.clients.items()))
@@ -76,12 +135,7 @@ class FairQueue:
             requests.append(request)
         if requests:
             self.clients[client] = requests  # to the back of the line
-        self.held[client] -= 1
-        if not self.held[client]:
-            del self.held[client]
-        self.count -= 1
-        if not self.count:
-            self.nonempty.clear()
+        self.forget(client, 1)
         return item
 
     async def get(self):

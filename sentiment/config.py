@@ -263,8 +263,8 @@ class ServeSettings:
     max_batch_tokens: typing.Optional[int] = None  # most tokens per model call
     max_wait_ms: float = 5.0  # longest wait for a batch to fill, under load
     queue_size: int = 256  # texts waiting at most; beyond it, 503 at once
-    # Texts one client (one address) may have waiting; beyond it, 503 at once for that client alone, so
-    # one client cannot fill the queue. Unset: half the queue, and at least max_texts.
+    # Texts one client (one address) keeps of a full queue that other clients need: beyond it, its newest
+    # requests are pushed out (503) to make room for theirs. Unset: half the queue, and at least max_texts.
     queue_size_per_client: typing.Optional[int] = None
     max_body_bytes: int = 1 << 20  # larger bodies get 413
     # Bytes of bodies held while they arrive and are parsed, all requests together; beyond it, 503

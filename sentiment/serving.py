@@ -145,9 +145,9 @@ async def answer(request):
     batcher, settings = state.batcher, state.settings
     if batcher is None:
         return not_ready(state)
-    # A full queue, or a client holding its whole share of it, is answered before the body is read,
-    # so a burst costs a parse only for what fits; the slots themselves are taken once the body is
-    # in, so a slow body holds none.
+    # A request that cannot fit (a full queue this client may take no room from) is answered before
+    # the body is read, so a burst costs a parse only for what fits; the slots themselves are taken
+    # once the body is in, so a slow body holds none.
     client = client_of(request)
     full = batcher.refusal(client)
     if full:

@@ -275,35 +275,39 @@ def test_a_request_of_many_texts_does_not_hold_back_one_that_comes_after_it():
     assert [a[0]["label"] for a in answers[1]] == ["positive"] * 12 and answers[2][0][0]["label"] == "negative"
 
 
-def test_a_client_of_many_requests_gets_one_turn_in_each_round_and_half_the_queue_at_most():
+def test_a_client_of_many_requests_gets_one_turn_in_each_round_and_gives_back_what_is_beyond_its_share():
     async def scenario():
         gate = threading.Event()
         predictor = FakePredictor(gate=gate, batch_size=1)
         batcher = MicroBatcher(predictor, ServeSettings(queue_size=8, max_texts=2), ServiceMetrics())
         first = asyncio.create_task(batcher.submit(["good first"], "greedy"))  # occupies the model
         await asyncio.sleep(0.05)
-        greedy = [asyncio.create_task(batcher.submit([f"good {i}"], "greedy")) for i in range(6)]
+        greedy = [asyncio.create_task(batcher.submit([f"good {i}"], "greedy")) for i in range(9)]
         await asyncio.sleep(0.01)
+        alone = batcher.queue.qsize()
         polite = asyncio.create_task(batcher.submit(["bad polite"], "polite"))
         crowd = [asyncio.create_task(batcher.submit(["good x", "good y"], "crowd")) for _ in range(2)]
         await asyncio.sleep(0.05)
         gate.set()
         answers = await asyncio.gather(first, *greedy, polite, *crowd, return_exceptions=True)
         batcher.task.cancel()
-        return predictor.batches, answers
+        return predictor.batches, answers, alone
 
-    batches, answers = asyncio.run(scenario())
-    greedy, polite, crowd = answers[1:7], answers[7], answers[8:]
-    # Half the queue of 8 per client: four of the greedy client's six requests wait, two are refused at
-    # once, and the other clients still find room (before, the greedy client took all eight places).
-    refused = [a for a in greedy if isinstance(a, QueueFull)]
-    assert len(refused) == 2 and all("SENTIMENT_QUEUE_SIZE_PER_CLIENT is 4" in str(a) for a in refused)
+    batches, answers, alone = asyncio.run(scenario())
+    greedy, polite, crowd = answers[1:10], answers[10], answers[11:]
+    # Alone, the greedy client fills the whole queue of 8 (its share is 4); its ninth request finds it full.
+    assert alone == 8 and greedy[8].limit == "queue" and "the queue is full" in str(greedy[8])
+    # Others push out its newest requests, one for the polite client's text and two for the crowd's first
+    # request, and no further than its share: the crowd's second request finds the queue full.
+    pushed = [i for i, a in enumerate(greedy[:8]) if isinstance(a, QueueFull)]
+    assert pushed == [5, 6, 7] and all("pushed out of the full queue" in str(greedy[i]) for i in pushed)
+    assert all(greedy[i].limit == "client_queue" for i in pushed)
     assert polite[0][0]["label"] == "negative"
-    assert not isinstance(crowd[0], Exception) and "queue is full" in str(crowd[1])  # 4 + 1 + 2 of 8
-    # Clients take turns: the polite client's one text comes after one greedy text, not after all four.
+    assert not isinstance(crowd[0], Exception) and "queue is full" in str(crowd[1])
+    # Clients take turns: the polite client's one text comes after one greedy text, not after all five.
     assert batches[:4] == [["good first"], ["good 0"], ["bad polite"], ["good x"]]
     assert sorted(text for batch in batches for text in batch) == sorted(
-        ["good first", "bad polite", "good x", "good y", *(f"good {i}" for i in range(4))])
+        ["good first", "bad polite", "good x", "good y", *(f"good {i}" for i in range(5))])
 
 
 def test_a_client_is_its_address_and_an_ipv6_client_its_network():
