@@ -63,6 +63,7 @@ class Connection:
         self.host, self.port = url.removeprefix("http://").split(":")
         self.local_address = local_address  # another loopback address (127.0.0.2, …) is another client to the server
         self.streams = None
+        self.headers = {}  # the last answer's, lower-cased
 
     async def connect(self):
         if self.streams is None:
@@ -75,7 +76,7 @@ class Connection:
         writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower().split("\r\n")
-        headers = dict(line.split(": ", 1) for line in head[1:] if ": " in line)
+        self.headers = headers = dict(line.split(": ", 1) for line in head[1:] if ": " in line)
         await reader.readexactly(int(headers.get("content-length", 0)))
         if headers.get("connection") == "close":
             writer.close()
