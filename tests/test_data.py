@@ -131,10 +131,13 @@ def test_bad_rows_stop_with_row_numbers_or_are_skipped(tmp_path):
         review=pl.when(pl.col("index") == 2).then(pl.lit("<br />")).otherwise(pl.col("review")),
         sentiment=pl.when(pl.col("index") == 9).then(None).otherwise(pl.col("sentiment"))).drop("index")
     frame.write_csv(path)
-    with pytest.raises(SentimentError, match=r"bad.csv: 2 rows .* \(data rows 3, 10"):
+    with pytest.raises(SentimentError, match=r"bad.csv: 2 rows .* \(data rows 3, 10, counting from 1 after the header"):
         load_labelled(str(path), "review", "sentiment")
     kept, report = load_labelled(str(path), "review", "sentiment", skip_bad_rows=True)
     assert report["bad_rows"] == 2 and len(kept) == 48 - report["duplicates"]
+    frame.write_ndjson(tmp_path / "bad.jsonl")  # no header: the rows are the lines
+    with pytest.raises(SentimentError, match=r"bad.jsonl: 2 rows .* \(data rows 3, 10, counting from 1 at the first"):
+        load_labelled(str(tmp_path / "bad.jsonl"), "review", "sentiment")
 
 
 def test_imdb_download_uses_the_hub_files(tmp_path, monkeypatch):
