@@ -310,6 +310,50 @@ def test_a_client_of_many_requests_gets_one_turn_in_each_round_and_gives_back_wh
         ["good first", "bad polite", "good x", "good y", *(f"good {i}" for i in range(5))])
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_the_shared_queue_keeps_its_bounds_and_pushes_out_only_what_is_beyond_a_share(seed):
+    """Random arrivals and departures of four clients: the queue never holds more than its size, a
+    request is refused only when the queue is full and no room may be taken back, and a pushed-out
+    request is always the newest of a client that held more than its share."""
+    import random
+
+    from sentiment.batcher import FairQueue
+
+    async def scenario():
+        rng, loop = random.Random(seed), asyncio.get_running_loop()
+        queue, share = FairQueue(maxsize=12, client_maxsize=6), 6
+        waiting = {c: [] for c in "abcd"}  # each client's requests still waiting, oldest first: [futures]
+        for _ in range(2000):
+            if rng.random() < 0.55:
+                client, size = rng.choice("abcd"), rng.randint(1, 3)
+                held = dict(queue.held)
+                refused = queue.refusal(client, size)
+                if refused:
+                    assert queue.qsize() + size > 12
+                    assert held.get(client, 0) + size > share or held.get(client, 0) == queue.qsize() or (
+                        queue.qsize() + size - sum(max(0, n - share) for n in held.values()) > 12)
+                    continue
+                futures = [loop.create_future() for _ in range(size)]
+                queue.put_request(client, [(f"{client}{i}", f, 0.0) for i, f in enumerate(futures)])
+                waiting[client].append(futures)
+                for other, requests in waiting.items():
+                    pushed = [r for r in requests if any(f.done() and isinstance(f.exception(), QueueFull)
+                                                         for f in r)]
+                    if pushed:  # the newest requests of a client over its share, never the one just queued
+                        assert other != client and held[other] > share
+                        assert requests[-len(pushed):] == pushed
+                        del requests[-len(pushed):]
+            elif not queue.empty():
+                text, future, _ = queue.get_nowait()
+                future.set_result(text)
+                for requests in waiting.values():
+                    requests[:] = [r for r in requests if not all(f.done() for f in r)]
+            assert queue.qsize() <= 12 and queue.qsize() == sum(queue.held.values())
+            assert queue.qsize() == sum(1 for r in waiting.values() for fs in r for f in fs if not f.done())
+
+    asyncio.run(scenario())
+
+
 def test_a_client_is_its_address_and_an_ipv6_client_its_network():
     def client(host):
         return client_of(SimpleNamespace(client=SimpleNamespace(host=host) if host else None))
