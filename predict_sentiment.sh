@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Score one review with the running service and print its answer.
 #   ./predict_sentiment.sh "What a wonderful film"      or      echo "review" | ./predict_sentiment.sh
+#   ./predict_sentiment.sh -- "-5 stars, dreadful"       (after --, a review may start with a dash)
 # SENTIMENT_URL says where the service is (default http://localhost:8000).
 set -euo pipefail
-case "${1:-}" in  # a review that is literally "--help" can come on stdin
+case "${1:-}" in
   -h|--help) awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; exit 0 ;;
+  --) shift ;;
 esac
 url="${SENTIMENT_URL:-http://localhost:8000}"
+while [ "${url%/}" != "$url" ]; do url="${url%/}"; done  # the script adds /predict itself
 body="$(mktemp)"
 err="$(mktemp)"
 trap 'rm -f "$body" "$err"' EXIT
@@ -43,8 +46,8 @@ fi
 status="${answer##*$'\n'}"
 answer="${answer%$'\n'*}"
 if [ "$status" != "200" ]; then
-  case "$status $url" in  # the script adds /predict itself
-    "404 "*/predict | "404 "*/predict/) answer+=" (SENTIMENT_URL is where the service is: leave out /predict)" ;;
+  case "$status $url" in
+    "404 "*/predict) answer+=" (SENTIMENT_URL is where the service is: leave out /predict)" ;;
   esac
   echo "error: $url answered $status: $answer" >&2
   exit 1

@@ -36,6 +36,12 @@ def run_script(*args, check=True, env=None, cwd=ROOT, **kwargs):
     return result
 
 
+def predict_sh(url, *args, stdin=None):
+    """Run predict_sentiment.sh against `url`; `stdin` as text, or bytes (then the output is bytes too)."""
+    return subprocess.run([os.path.join(ROOT, "predict_sentiment.sh"), *args], input=stdin, capture_output=True,
+                          text=not isinstance(stdin, bytes), env={**os.environ, "SENTIMENT_URL": url}, timeout=60)
+
+
 def renames_made_durable(monkeypatch):
     """Watch `os.replace`: the returned dict maps each path a file was renamed onto (real paths) to
     whether the file's bytes, all of them, were flushed (fsync) before the rename and the folder after

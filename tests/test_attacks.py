@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from helpers import ROOT, free_port
+from helpers import ROOT, free_port, predict_sh
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
@@ -405,11 +405,6 @@ def test_settings_that_are_not_finite_stop_the_service_at_start(trained_model, n
     server.stop()
     output = "".join(server.output)
     assert f"SENTIMENT_{name}" in output and "Traceback" not in output
-
-
-def predict_sh(url, *args, stdin=None):
-    return subprocess.run([os.path.join(ROOT, "predict_sentiment.sh"), *args], input=stdin, capture_output=True,
-                          env={**os.environ, "SENTIMENT_URL": url}, timeout=60)
 
 
 def test_predict_sentiment_sh_sends_long_reviews_and_refuses_bytes_that_are_not_utf8(serve):

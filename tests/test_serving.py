@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
-from helpers import ROOT, FakePredictor, free_port
+from helpers import ROOT, FakePredictor, free_port, predict_sh
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
@@ -393,11 +393,6 @@ def server(trained_model):
     process.stdout.close()
 
 
-def predict_sh(url, *args, stdin=None):
-    return subprocess.run([os.path.join(ROOT, "predict_sentiment.sh"), *args], input=stdin, capture_output=True,
-                          text=True, env={**os.environ, "SENTIMENT_URL": url}, timeout=60)
-
-
 @pytest.mark.slow
 def test_predict_sentiment_sh_against_a_real_uvicorn(server):
     url, _ = server
@@ -414,6 +409,10 @@ def test_predict_sentiment_sh_against_a_real_uvicorn(server):
     assert len(down.stderr.strip().splitlines()) == 1
     doubled = predict_sh(url + "/predict", "hello")  # was "answered 404" alone: it posted to /predict/predict
     assert doubled.returncode == 1 and "404" in doubled.stderr and "leave out /predict" in doubled.stderr
+    slashed = predict_sh(url + "/", "hello")  # was 404: it posted to //predict
+    assert slashed.returncode == 0, slashed.stderr
+    dashed = predict_sh(url, "--", "--help")  # after --, a review, not the help
+    assert dashed.returncode == 0 and json.loads(dashed.stdout)["label"] in ("positive", "negative")
 
 
 @pytest.mark.slow
