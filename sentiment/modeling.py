@@ -44,18 +44,23 @@ class ModelSettings:
         """What is wrong with settings read from a file, for a model of `num_labels` classes."""
         found = []
         if not (isinstance(self.labels, list) and all(isinstance(x, str) for x in self.labels)
-                and len(self.labels) == num_labels):
-            found.append(f"labels must be a list of {num_labels} names, as the model has classes")
-        if not (isinstance(self.max_length, int) and self.max_length >= MIN_LENGTH):
+                and len(set(self.labels)) == len(self.labels) == num_labels):  # one name per class: answers key by name
+            found.append(f"labels must be a list of {num_labels} different names, as the model has {num_labels} "
+                         f"classes")
+        if not (is_number(self.max_length, int) and self.max_length >= MIN_LENGTH):
             found.append(f"max_length must be a whole number of tokens, at least {MIN_LENGTH}")
         if self.truncation not in TRUNCATIONS:
             found.append(f"truncation must be one of {', '.join(TRUNCATIONS)}")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+        if not (is_number(self.temperature, (int, float)) and math.isfinite(self.temperature)
                 and self.temperature > 0):
             found.append("temperature must be a finite number above 0")
         if not isinstance(self.clean, bool):
             found.append("clean must be true or false")
         return found
+
+
+def is_number(value, types):
+    return isinstance(value, types) and not isinstance(value, bool)  # JSON's true is not 1
 
 
 def label_maps(labels):

@@ -86,12 +86,14 @@ def set_setting(name, value):
     (lambda f: [(f / name).unlink() for name in ("tokenizer.json", "tokenizer_config.json")],
      "no tokenizer files"),
     (lambda f: (f / "sentiment.json").write_text("[]"), "sentiment.json: could not load the settings"),
-    (set_setting("labels", ["a", "b", "c"]), "labels must be a list of 2 names"),
+    (set_setting("labels", ["a", "b", "c"]), "labels must be a list of 2 different names, as the model has 2 classes"),
+    (set_setting("labels", ["a", "a"]), "labels must be a list of 2 different names"),  # one key in every answer
     (set_setting("max_length", "512"), "max_length must be a whole number"),
     (set_setting("temperature", -1.0), "temperature must be a finite number above 0"),  # it swapped every label
+    (set_setting("temperature", True), "temperature must be a finite number above 0"),  # was read as 1
     (set_setting("truncation", "middle"), "truncation must be one of head, tail, head"),
 ], ids=["config", "weights cut short", "weights missing", "tokenizer cut short", "no tokenizer", "settings",
-        "labels", "max length", "temperature", "truncation"])
+        "labels", "labels twice", "max length", "temperature", "temperature true", "truncation"])
 def test_a_damaged_model_folder_is_one_error_naming_the_part(tmp_path, trained_model, damage, message):
     folder = tmp_path / "model"
     shutil.copytree(trained_model, folder)
