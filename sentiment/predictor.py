@@ -8,6 +8,7 @@ the order the texts came in. It knows nothing of files or HTTP.
 """
 
 import contextlib
+import os
 import sys
 import warnings
 
@@ -42,6 +43,14 @@ def half_precision(precision, quantize, device):
     return torch.bfloat16 if not quantize and native_bf16(device) else None
 
 
+def usable_cpus():
+    """The CPUs this process may run on (its affinity, as taskset and container limits set it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 class Predictor:
     """Score texts with the model in `folder`.
 
@@ -58,6 +67,10 @@ class Predictor:
     def __init__(self, folder, device=None, batch_size=None, max_batch_tokens=None, max_length=None, threads=None,
                  quantize=None, precision="auto"):
         if threads:
+            cpus = usable_cpus()
+            if threads > cpus:  # PyTorch takes any number, and a run then fails starting its threads
+                raise SettingError("threads", f"{threads} is more than the {cpus} CPUs this process may use; use "
+                                              f"{cpus} or fewer")
             torch.set_num_threads(threads)
         self.device = pick_device(device)
         on_gpu = self.device.type != "cpu"

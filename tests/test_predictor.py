@@ -239,6 +239,12 @@ def test_a_device_that_is_not_here_is_named_before_the_model_loads(monkeypatch, 
     assert module.pick_device("cpu") == torch.device("cpu")
 
 
+def test_more_threads_than_cpus_is_named_before_the_model_loads():
+    # It was "could not load the weights (RuntimeError: can't start new thread)" with --threads 100000.
+    with pytest.raises(SettingError, match=r"threads: 100000 is more than the \d+ CPUs this process may use"):
+        Predictor("no model is read before the threads are known", threads=100_000)
+
+
 def decoder_classifier_folder(folder, texts):
     """A tiny GPT-2 classifier as such folders come: a byte-level BPE tokenizer with an end-of-text token
     and no padding token, and no padding id in the config."""
