@@ -161,6 +161,8 @@ class TrainArgs:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise SentimentError(f"{flag(name)} must be 0 or more, got {value}")
+        if not 0 <= self.seed < 2**32:  # numpy's seeding takes no other (a traceback, after the data was read)
+            raise SentimentError(f"--seed must be from 0 to {2**32 - 1}, got {self.seed}")
 
 
 def refuse_one_column_for_both(text_column, label_column):

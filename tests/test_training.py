@@ -259,6 +259,13 @@ def test_no_number_flag_takes_a_value_that_is_not_finite(value):
             parse_args(TrainArgs, "", ["--data", "demo", f"{flag(name)}=-0.5"])
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_seed_numpy_cannot_take_is_refused(seed):
+    # It was "ValueError: Seed must be between 0 and 2**32 - 1", a traceback once the data was read.
+    with pytest.raises(SentimentError, match=f"--seed must be from 0 to 4294967295, got {seed}"):
+        parse_args(TrainArgs, "", ["--data", "demo", "--seed", seed])
+
+
 def test_a_tracker_that_is_not_installed_is_refused(monkeypatch, tmp_path):
     # Accelerate dropped it with a warning lost in the output, and the run logged nothing to it.
     import accelerate.tracking
