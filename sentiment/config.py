@@ -306,7 +306,8 @@ class ServeSettings:
             try:
                 values[f.name] = kind(raw)
             except ValueError:
-                raise ValueError(f"SENTIMENT_{f.name.upper()}={raw!r} is not a {kind.__name__}") from None
+                what = {int: "a whole number", float: "a number"}.get(kind, kind.__name__)
+                raise ValueError(f"SENTIMENT_{f.name.upper()}={raw!r} is not {what}") from None
         return cls(**values)
 
     def __post_init__(self):
@@ -330,5 +331,8 @@ class ServeSettings:
         for name in ("max_wait_ms", "request_timeout_s", "body_timeout_s", "head_timeout_s", "stall_timeout_s"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"SENTIMENT_{name.upper()} must be a finite number, got {getattr(self, name)}")
+        if self.max_wait_ms >= self.request_timeout_s * 1000:  # batches would wait for texts past every deadline
+            raise ValueError(f"SENTIMENT_MAX_WAIT_MS must be below SENTIMENT_REQUEST_TIMEOUT_S "
+                             f"({self.request_timeout_s:g} s), got {self.max_wait_ms:g} ms")
         if self.precision not in PRECISIONS:
             raise ValueError(f"SENTIMENT_PRECISION must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")

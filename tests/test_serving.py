@@ -483,8 +483,13 @@ def test_settings_come_from_the_environment_and_bad_ones_are_named():
             ServeSettings.from_env(env)
     with pytest.raises(ValueError, match="SENTIMENT_QUEUE_SIZE must be above 0"):
         ServeSettings.from_env({"SENTIMENT_QUEUE_SIZE": "0"})
-    with pytest.raises(ValueError, match="SENTIMENT_MAX_WAIT_MS='soon' is not a float"):
+    with pytest.raises(ValueError, match="SENTIMENT_MAX_WAIT_MS='soon' is not a number"):
         ServeSettings.from_env({"SENTIMENT_MAX_WAIT_MS": "soon"})
+    with pytest.raises(ValueError, match="SENTIMENT_QUEUE_SIZE='1e3' is not a whole number"):
+        ServeSettings.from_env({"SENTIMENT_QUEUE_SIZE": "1e3"})
+    with pytest.raises(ValueError, match=r"SENTIMENT_MAX_WAIT_MS must be below SENTIMENT_REQUEST_TIMEOUT_S \(30 s\), "
+                                         r"got 1e\+09 ms"):
+        ServeSettings.from_env({"SENTIMENT_MAX_WAIT_MS": "1e9"})
     # Unset means "the Predictor's own"; a set value must be a real one.
     assert ServeSettings.from_env({}).max_batch_size is None
     assert ServeSettings.from_env({"SENTIMENT_MAX_BATCH_SIZE": "4"}).max_batch_size == 4
