@@ -159,13 +159,13 @@ def read_status(sock, seconds):
 def test_a_client_that_floods_the_queue_gives_way_to_every_other_client(serve):
     # One address sending request after request kept the whole queue full: every other client's
     # request was answered 503 for as long as the flood went on.
-    server = serve(queue_size=16, max_texts=4)  # 8 texts a client when others need the room
+    server = serve(queue_size=32, max_texts=16)  # 16 texts a client when others need the room
     flooding, flood_refusals = threading.Event(), []
 
     def flood():
         with httpx.Client(timeout=30) as client:
             while flooding.is_set():
-                answer = client.post(server.url + "/predict", json={"texts": [GOOD] * 4})
+                answer = client.post(server.url + "/predict", json={"texts": [GOOD * 8] * 16})
                 if answer.status_code == 503:
                     flood_refusals.append((answer.json()["error"]["message"], answer.headers.get("retry-after")))
                     time.sleep(0.02)
@@ -175,19 +175,21 @@ def test_a_client_that_floods_the_queue_gives_way_to_every_other_client(serve):
     proxied = httpx.Client(headers={"x-forwarded-for": "203.0.113.7"}, timeout=30)
     flooding.set()
     with ThreadPoolExecutor(8) as pool, direct, proxied:
-        floods = [pool.submit(flood) for _ in range(8)]  # 32 texts wanted at once, from 127.0.0.1
+        floods = [pool.submit(flood) for _ in range(8)]  # 128 texts wanted at once, from 127.0.0.1
         time.sleep(1)
-        answers = [client.post(server.url + "/predict", json={"text": GOOD}) for _ in range(10)
+        # Requests of the most texts: the flood keeps the queue over half full, so each one needs room from it.
+        answers = [client.post(server.url + "/predict", json={"texts": [GOOD] * 16}) for _ in range(10)
                    for client in (direct, proxied)]
         flooding.clear()
         for f in floods:
             f.result()
     assert [r.status_code for r in answers] == [200] * 20
+    assert all(len(r.json()["predictions"]) == 16 for r in answers)
     # The flood alone had the whole queue, and was refused only when it was full; the others' requests
     # took their room from it, pushing out its newest requests.
     assert flood_refusals and all(retry == "1" for _, retry in flood_refusals)
     pushed = [m for m, _ in flood_refusals if m.startswith("pushed out")]
-    assert pushed and all("SENTIMENT_QUEUE_SIZE_PER_CLIENT is 8" in m for m in pushed)
+    assert pushed and all("SENTIMENT_QUEUE_SIZE_PER_CLIENT is 16" in m for m in pushed)
     refused = {dict(labels)["limit"]: n for (name, labels), n in server.metrics().items()
                if name == "sentiment_refused_total"}
     assert set(refused) <= {"queue", "client_queue"} and sum(refused.values()) == len(flood_refusals)
