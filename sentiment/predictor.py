@@ -44,7 +44,7 @@ def half_precision(precision, quantize, device):
 
 
 def usable_cpus():
-    """The CPUs this process may run on (its affinity, as taskset and container limits set it)."""
+    """The CPUs this process may run on (its affinity, as taskset and cpusets set it)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
