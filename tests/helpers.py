@@ -27,7 +27,9 @@ TWO_PROCESSES = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_proce
 
 
 def run_script(*args, check=True, env=None, cwd=ROOT, **kwargs):
-    """Run a top-level script of the project (`train.py`, `infer.py`, …) with this interpreter."""
+    """Run a top-level script of the project (`train.py`, `infer.py`, …) with this interpreter; one that
+    hangs fails its test after `timeout` seconds rather than holding up the whole suite."""
+    kwargs.setdefault("timeout", 600)
     script = os.path.join(ROOT, args[0]) if args[0].endswith(".py") else args[0]
     result = subprocess.run([sys.executable, script, *args[1:]], cwd=cwd, capture_output=True, text=True,
                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}, **kwargs)
