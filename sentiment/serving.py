@@ -17,6 +17,7 @@ import importlib
 import ipaddress
 import json
 import logging
+import sys
 import time
 
 import h11
@@ -38,6 +39,11 @@ from .protocol import BadRequest, BodyBudget, read_request
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# The model thread gives up the GIL in every torch op and must get it back from the event loop,
+# which Python hands over only once its switch interval has passed: 5 ms by default, so while the
+# event loop is busy (a burst of requests, a client retrying without waiting out Retry-After) each
+# op of a forward could wait 5 ms. bench/hammer.py measures both.
+GIL_SWITCH_S = 0.0002
 prometheus_client.disable_created_metrics()  # no `_created` series: the names stay those documented
 log = logging.getLogger(__name__)
 
@@ -119,6 +125,8 @@ async def load_model(app, executor):
 @contextlib.asynccontextmanager
 async def lifespan(app):
     print("sentiment service settings: " + json.dumps(app.state.settings.__dict__), flush=True)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(GIL_SWITCH_S)
     executor = model_thread()
     loader = asyncio.create_task(load_model(app, executor))
     yield
@@ -127,6 +135,7 @@ async def lifespan(app):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(app.state.batcher.drain(), app.state.settings.request_timeout_s)
     executor.shutdown(wait=False)
+    sys.setswitchinterval(switch)
 
 
 async def predict(request):

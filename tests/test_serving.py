@@ -18,7 +18,7 @@ from starlette.testclient import TestClient
 
 from sentiment.batcher import MicroBatcher, QueueFull
 from sentiment.config import ServeSettings
-from sentiment.serving import ServiceMetrics, client_of, create_app
+from sentiment.serving import GIL_SWITCH_S, ServiceMetrics, client_of, create_app
 
 
 def client_for(predictor, **settings):
@@ -463,6 +463,22 @@ def test_every_model_call_runs_on_one_thread():
     assert all(r.status_code == 200 for r in responses)
     assert len(recording.batches) >= 3 and len(threads) == 1  # warm-up and every batch
     assert threading.get_native_id() not in threads
+
+
+def test_the_model_thread_gets_the_gil_back_sooner_while_serving_and_the_interpreter_is_left_as_it_was():
+    # At Python's 5 ms switch interval, each torch op of a batch waited up to 5 ms for the GIL while
+    # the event loop was busy (bench/hammer.py); the setting is the process's, so it is put back.
+    class Recording(FakePredictor):
+        def probabilities(self, texts):
+            intervals.add(sys.getswitchinterval())
+            return super().probabilities(texts)
+
+    intervals, before = set(), sys.getswitchinterval()
+    with client_for(Recording()) as client:
+        wait_ready(client)
+        assert client.post("/predict", json={"text": "good"}).status_code == 200
+    assert len(intervals) == 1 and intervals.pop() == pytest.approx(GIL_SWITCH_S) and GIL_SWITCH_S < before
+    assert sys.getswitchinterval() == before
 
 
 def test_settings_come_from_the_environment_and_bad_ones_are_named():
