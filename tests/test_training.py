@@ -679,6 +679,27 @@ def test_sigterm_to_a_one_process_accelerate_launch_stops_the_run_with_a_checkpo
 
 
 @pytest.mark.slow
+def test_a_signal_to_every_process_of_a_two_process_run_stops_it_with_one_checkpoint_to_resume(tmp_path):
+    # As a terminal's Ctrl-C or Slurm sends it: to the launcher and both ranks. The launcher's own
+    # report of the signal is torch's (a traceback, exit status 1); the ranks stop together, with a checkpoint.
+    data = tmp_path / "reviews.csv"
+    demo_reviews(1200, seed=15).write_csv(data)
+    flags = ["--data", str(data), *TINY, "--output-dir", str(tmp_path / "out"), "--checkpoint-every", "0"]
+    process = subprocess.Popen([sys.executable, *TWO_PROCESSES, "train.py", *flags], cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    wait_for(tmp_path / "out" / "log.jsonl", process)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert stderr.count("stopped by SIGTERM at step") == 1, stderr[-3000:]
+    saved = checkpointing.complete_checkpoints(tmp_path / "out")
+    assert len(saved) == 1 and str(saved[0]) in stderr
+    resumed = run_script(*TWO_PROCESSES, "train.py", *flags, "--resume", "latest")
+    assert f"at step {checkpointing.step_of(saved[0])}" in resumed.stdout
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 2 * 30
+
+
+@pytest.mark.slow
 def test_overwrite_keeps_the_old_model_whole_until_the_new_one_is_ready(tmp_path, trained_model):
     out = tmp_path / "out"
     shutil.copytree(trained_model, out)
