@@ -74,9 +74,10 @@ def cpu_seconds(pid):
 def measure(process, url, ones, many, args):
     """(p50 ms, p99 ms) alone; (p50, p99, answered/s, refused/s, server CPU cores) beside the hammer."""
     alone = asyncio.run(one_at_a_time(url, ones, args.seconds))
+    hammered = args.seconds + 2  # from before the measurement beside it to after its last request
     with multiprocessing.Manager() as manager:
         counts = manager.dict()
-        other = multiprocessing.Process(target=hammer, args=(url, many, args.connections, args.seconds + 2, counts))
+        other = multiprocessing.Process(target=hammer, args=(url, many, args.connections, hammered, counts))
         other.start()
         time.sleep(1)  # the queue fills
         cpu, start = cpu_seconds(process.pid), time.perf_counter()
@@ -84,10 +85,9 @@ def measure(process, url, ones, many, args):
         cores = (cpu_seconds(process.pid) - cpu) / (time.perf_counter() - start)
         other.join()
         counts = dict(counts)
-    rate = args.seconds + 2
     return ([np.percentile(alone, 50) * 1000, np.percentile(alone, 99) * 1000],
-            [np.percentile(beside, 50) * 1000, np.percentile(beside, 99) * 1000, counts.get(200, 0) / rate,
-             counts.get(503, 0) / rate, cores])
+            [np.percentile(beside, 50) * 1000, np.percentile(beside, 99) * 1000, counts.get(200, 0) / hammered,
+             counts.get(503, 0) / hammered, cores])
 
 
 def main():
