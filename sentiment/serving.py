@@ -19,6 +19,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 
 import h11
 import prometheus_client
@@ -44,6 +45,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 # event loop is busy (a burst of requests, a client retrying without waiting out Retry-After) each
 # op of a forward could wait 5 ms. bench/hammer.py measures both.
 GIL_SWITCH_S = 0.0002
+RETRY_AFTER_S = 1  # what a 503 for a limit asks a client to wait before it tries again
 prometheus_client.disable_created_metrics()  # no `_created` series: the names stay those documented
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,8 @@ class ServiceMetrics:
         # Which limit each 503 met: the queue or the bodies' budget, in all or a client's share of it.
         self.refused = Counter("sentiment_refused", "Requests refused (503) for a limit, by the limit met.", ["limit"],
                                registry=self.registry)
+        self.held = Counter("sentiment_retried_early", "Refusals held until the client's last Retry-After was over, "
+                            "as it came back sooner.", registry=self.registry)
 
     def count_request(self, status, seconds):
         self.requests.labels(status=status).inc()
@@ -77,10 +81,45 @@ def error(status, kind, message, headers=None):
     return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
 
 
-def overloaded(metrics, limit, message):
-    """A 503 for a limit the request met (the queue's or the bodies', in all or its client's share), counted by it."""
-    metrics.refused.labels(limit=limit).inc()
-    return error(503, "overloaded", message, headers={"Retry-After": "1"})
+class RetryTimes:
+    """When each client was last told to wait `RETRY_AFTER_S` before it tries again."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.last = {}  # client -> when it was last refused; oldest first, so the stale are at the front
+
+    def note(self, client):
+        now = time.monotonic()
+        self.last.pop(client, None)
+        self.last[client] = now
+        while self.last[oldest := next(iter(self.last))] < now - self.seconds:  # stops at `client` at the latest
+            del self.last[oldest]
+
+    def early(self, client):
+        """Seconds left before `client` was told it may try again: 0 if it was not refused that recently."""
+        when = self.last.get(client)
+        return 0.0 if when is None else max(0.0, when + self.seconds - time.monotonic())
+
+
+@dataclass
+class Overloaded:
+    """A request refused for a limit it met: the queue's or the bodies', in all or its client's share."""
+
+    client: str
+    limit: str
+    message: str
+
+    async def answer(self, state):
+        """The 503, counted by its limit. A client back before its last 503's Retry-After was over (a
+        retry loop without back-off) gets this one when that time is over: each of its connections then
+        costs the event loop about a request a second, not hundreds (bench/hammer.py). Its body and
+        texts are let go before it waits; a client that waits as told never waits here."""
+        state.metrics.refused.labels(limit=self.limit).inc()
+        if early := state.retry_times.early(self.client):
+            state.metrics.held.inc()
+            await asyncio.sleep(early)
+        state.retry_times.note(self.client)
+        return error(503, "overloaded", self.message, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def not_ready(state):
@@ -142,6 +181,8 @@ async def predict(request):
     start = time.perf_counter()
     try:
         response = await answer(request)
+        if isinstance(response, Overloaded):  # answered here, once `answer` has let the request's texts go
+            response = await response.answer(request.app.state)
     except Exception:  # a bug: logged, answered and counted like any other answer
         log.exception("error answering /predict")
         response = error(500, "internal_error", "internal error; the service is still running")
@@ -160,12 +201,12 @@ async def answer(request):
     client = client_of(request)
     full = batcher.refusal(client)
     if full:
-        return overloaded(state.metrics, full.limit, str(full))
+        return Overloaded(client, full.limit, str(full))
     try:
         parsed = await read_request(request, settings, state.body_budget, client)
     except BadRequest as bad:
         if bad.limit:
-            return overloaded(state.metrics, bad.limit, bad.message)
+            return Overloaded(client, bad.limit, bad.message)
         return error(bad.status, bad.kind, bad.message)
     scoring = asyncio.ensure_future(asyncio.wait_for(batcher.submit(parsed.texts, client), settings.request_timeout_s))
     gone = asyncio.ensure_future(client_gone(request))
@@ -177,7 +218,7 @@ async def answer(request):
     try:
         results = scoring.result()
     except QueueFull as full:
-        return overloaded(state.metrics, full.limit, str(full))
+        return Overloaded(client, full.limit, str(full))
     except TimeoutError:
         return error(504, "timeout", f"no answer within {settings.request_timeout_s} s (SENTIMENT_REQUEST_TIMEOUT_S)")
     except ModelError:
@@ -308,6 +349,7 @@ def create_app(settings=None, predictor_factory=None):
     app.state.predictor_factory = predictor_factory or load_predictor
     app.state.metrics = ServiceMetrics()
     app.state.body_budget = BodyBudget(settings.max_body_bytes_total, settings.max_body_bytes_per_client)
+    app.state.retry_times = RetryTimes(RETRY_AFTER_S)
     app.state.batcher = None
     app.state.load_error = None
     return app

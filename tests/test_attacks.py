@@ -195,6 +195,37 @@ def test_a_client_that_floods_the_queue_gives_way_to_every_other_client(serve):
     assert set(refused) <= {"queue", "client_queue"} and sum(refused.values()) == len(flood_refusals)
 
 
+def test_a_client_that_retries_at_once_is_answered_about_once_a_second_and_fails_no_one(serve):
+    # A client that ignored Retry-After had each 503 at once: eight connections retrying at once were
+    # refused hundreds of times a second, each refusal read, answered and counted by the event loop.
+    server = serve(queue_size=32, max_texts=16)  # 16 texts a client when others need the room
+    seconds, connections, hammering = 3, 8, threading.Event()
+
+    def hammer():
+        refused = 0
+        with httpx.Client(timeout=30) as client:
+            while hammering.is_set():
+                refused += client.post(server.url + "/predict", json={"texts": [GOOD * 8] * 16}).status_code == 503
+        return refused
+
+    hammering.set()
+    with ThreadPoolExecutor(connections) as pool, httpx.Client(
+            transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=30) as other:
+        hammers = [pool.submit(hammer) for _ in range(connections)]
+        time.sleep(0.5)
+        end, answers = time.monotonic() + seconds, []
+        while time.monotonic() < end:
+            answers.append(other.post(server.url + "/predict", json={"text": GOOD}).status_code)
+        hammering.clear()
+        refused = sum(h.result() for h in hammers)
+    assert answers and set(answers) == {200}
+    # Each connection waits out a second after each 503 it comes back early for (3,228 refusals before).
+    assert 0 < refused <= connections * (seconds + 3)
+    metrics = server.metrics()
+    assert metrics[("sentiment_retried_early_total", ())] > 0
+    assert sum(n for (name, _), n in metrics.items() if name == "sentiment_refused_total") == refused
+
+
 def test_bodies_that_never_finish_hold_no_slot_get_408_and_do_not_block_shutdown(serve):
     server = serve(queue_size=32, max_texts=32, body_timeout_s=1.5)
     slow = [slow_body(server.port) for _ in range(48)]  # more than the queue holds

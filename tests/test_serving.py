@@ -18,7 +18,7 @@ from starlette.testclient import TestClient
 
 from sentiment.batcher import MicroBatcher, QueueFull
 from sentiment.config import ServeSettings
-from sentiment.serving import GIL_SWITCH_S, ServiceMetrics, client_of, create_app
+from sentiment.serving import GIL_SWITCH_S, RetryTimes, ServiceMetrics, client_of, create_app
 
 
 def client_for(predictor, **settings):
@@ -208,6 +208,52 @@ def test_a_full_queue_answers_503_at_once_while_admitted_requests_finish():
         assert statuses.count(200) >= 4 and set(statuses) == {200, 503}
         refused = samples(client.get("/metrics").text)[("sentiment_refused_total", (("limit", "queue"),))]
         assert refused == statuses.count(503)
+
+
+def test_a_client_back_before_its_retry_after_gets_its_503_when_that_time_is_over():
+    # A client that retried at once got each 503 at once: hundreds a second, each read, answered and
+    # counted by the event loop every other client's request needs.
+    gate = threading.Event()
+    with client_for(FakePredictor(gate=gate, batch_size=1), queue_size=4, max_texts=4) as client:
+        gate.set()
+        wait_ready(client)
+        gate.clear()
+        with ThreadPoolExecutor(5) as pool:
+            admitted = [pool.submit(client.post, "/predict", json={"text": f"good {i}"}) for i in range(5)]
+            deadline = time.monotonic() + 10  # one at the gate, four queued: the queue is full
+            while client.app.state.batcher.queue.qsize() < 4 and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+            def post():
+                start = time.monotonic()
+                return client.post("/predict", json={"text": "good"}), time.monotonic() - start
+
+            (first, _), (again, again_s) = post(), post()
+            time.sleep(float(again.headers["retry-after"]))  # as it asks
+            later, _ = post()
+            gate.set()
+            assert [f.result(timeout=10).status_code for f in admitted] == [200] * 5
+    assert first.status_code == again.status_code == later.status_code == 503
+    assert again.headers["retry-after"] == "1" and again_s >= 0.9  # held until a second after the first 503
+    counted = samples(client.get("/metrics").text)
+    assert counted[("sentiment_retried_early_total", ())] == 1  # only `again`: a client that waits as told is not held
+    assert counted[("sentiment_refused_total", (("limit", "queue"),))] == 3
+
+
+def test_the_times_of_refusals_are_forgotten_once_their_retry_after_is_over(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    times = RetryTimes(1.0)
+    for i in range(1000):
+        times.note(f"10.0.{i // 256}.{i % 256}")
+    assert times.early("10.0.0.0") == 1.0 and times.early("10.9.9.9") == 0.0
+    now[0] += 0.5
+    times.note("10.0.0.7")  # again: now the newest
+    assert times.early("10.0.0.7") == 1.0 and times.early("10.0.0.8") == 0.5
+    now[0] += 0.75
+    times.note("192.0.2.1")  # the others' second is over: forgotten, so the table stays small
+    assert list(times.last) == ["10.0.0.7", "192.0.2.1"] and times.early("10.0.0.8") == 0.0
+    assert times.early("10.0.0.7") == 0.25
 
 
 def test_concurrent_requests_share_batches():
