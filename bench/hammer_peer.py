@@ -14,6 +14,6 @@ from app import HTTP, app  # noqa: F401 (what uvicorn is pointed at)
 
 without = set(os.environ.get("HAMMER_PEER", "").split(","))
 if "hold" in without:
-    sentiment.serving.RetryTimes.early = lambda self, client: 0.0
+    sentiment.serving.RetryTimes.of = lambda self, client: 0.0  # never told to wait
 if "switch" in without:
     sentiment.serving.GIL_SWITCH_S = sys.getswitchinterval()  # read by the lifespan, at start-up

@@ -70,7 +70,7 @@ class ServiceMetrics:
         self.refused = Counter("sentiment_refused", "Requests refused (503) for a limit, by the limit met.", ["limit"],
                                registry=self.registry)
         self.held = Counter("sentiment_retried_early", "Refusals held until the client's last Retry-After was over, "
-                            "as it came back sooner.", registry=self.registry)
+                            "as the request came sooner.", registry=self.registry)
 
     def count_request(self, status, seconds):
         self.requests.labels(status=status).inc()
@@ -82,43 +82,46 @@ def error(status, kind, message, headers=None):
 
 
 class RetryTimes:
-    """When each client was last told to wait `RETRY_AFTER_S` before it tries again."""
+    """When each client may try again: `RETRY_AFTER_S` after the last 503 it was sent."""
 
     def __init__(self, seconds):
         self.seconds = seconds
-        self.last = {}  # client -> when it was last refused; oldest first, so the stale are at the front
+        self.until = {}  # client -> when it may try again; soonest first, so the past ones are at the front
 
-    def note(self, client):
+    def tell(self, client):
+        """Note a 503 sent to `client` now."""
         now = time.monotonic()
-        self.last.pop(client, None)
-        self.last[client] = now
-        while self.last[oldest := next(iter(self.last))] < now - self.seconds:  # stops at `client` at the latest
-            del self.last[oldest]
+        self.until.pop(client, None)
+        self.until[client] = now + self.seconds
+        while self.until[first := next(iter(self.until))] < now:  # stops at `client` at the latest
+            del self.until[first]
 
-    def early(self, client):
-        """Seconds left before `client` was told it may try again: 0 if it was not refused that recently."""
-        when = self.last.get(client)
-        return 0.0 if when is None else max(0.0, when + self.seconds - time.monotonic())
+    def of(self, client):
+        """When `client` may try again: a time past if it was sent no 503 within the last `seconds`."""
+        return self.until.get(client, 0.0)
 
 
 @dataclass
 class Overloaded:
-    """A request refused for a limit it met: the queue's or the bodies', in all or its client's share."""
+    """A request refused for a limit it met: the queue's or the bodies', in all or its client's share.
+    `retry_at` is when its client might try again, as told before the request came."""
 
     client: str
+    retry_at: float
     limit: str
     message: str
 
     async def answer(self, state):
-        """The 503, counted by its limit. A client back before its last 503's Retry-After was over (a
-        retry loop without back-off) gets this one when that time is over: each of its connections then
-        costs the event loop about a request a second, not hundreds (bench/hammer.py). Its body and
-        texts are let go before it waits; a client that waits as told never waits here."""
+        """The 503, counted by its limit. A request that came while its client was to wait out an earlier
+        503's Retry-After (a retry loop without back-off) gets its own once that time is over: each of the
+        client's connections then costs the event loop about a request a second, not hundreds
+        (bench/hammer.py). Its body and texts are let go before it waits. A client that waits as told, and
+        a request already under way when its client was sent a 503, never wait here."""
         state.metrics.refused.labels(limit=self.limit).inc()
-        if early := state.retry_times.early(self.client):
+        if (early := self.retry_at - time.monotonic()) > 0:
             state.metrics.held.inc()
             await asyncio.sleep(early)
-        state.retry_times.note(self.client)
+        state.retry_times.tell(self.client)
         return error(503, "overloaded", self.message, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
@@ -199,14 +202,15 @@ async def answer(request):
     # the body is read, so a burst costs a parse only for what fits; the slots themselves are taken
     # once the body is in, so a slow body holds none.
     client = client_of(request)
+    retry_at = state.retry_times.of(client)  # as told before this request came
     full = batcher.refusal(client)
     if full:
-        return Overloaded(client, full.limit, str(full))
+        return Overloaded(client, retry_at, full.limit, str(full))
     try:
         parsed = await read_request(request, settings, state.body_budget, client)
     except BadRequest as bad:
         if bad.limit:
-            return Overloaded(client, bad.limit, bad.message)
+            return Overloaded(client, retry_at, bad.limit, bad.message)
         return error(bad.status, bad.kind, bad.message)
     scoring = asyncio.ensure_future(asyncio.wait_for(batcher.submit(parsed.texts, client), settings.request_timeout_s))
     gone = asyncio.ensure_future(client_gone(request))
@@ -218,7 +222,7 @@ async def answer(request):
     try:
         results = scoring.result()
     except QueueFull as full:
-        return Overloaded(client, full.limit, str(full))
+        return Overloaded(client, retry_at, full.limit, str(full))
     except TimeoutError:
         return error(504, "timeout", f"no answer within {settings.request_timeout_s} s (SENTIMENT_REQUEST_TIMEOUT_S)")
     except ModelError:

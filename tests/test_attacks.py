@@ -159,7 +159,8 @@ def read_status(sock, seconds):
 def test_a_client_that_floods_the_queue_gives_way_to_every_other_client(serve):
     # One address sending request after request kept the whole queue full: every other client's
     # request was answered 503 for as long as the flood went on.
-    server = serve(queue_size=32, max_texts=16)  # 16 texts a client when others need the room
+    # 16 texts a client when others need the room; a text a model call, so the queue drains slowly.
+    server = serve(queue_size=32, max_texts=16, max_batch_size=1)
     flooding, flood_refusals = threading.Event(), []
 
     def flood():
@@ -173,17 +174,26 @@ def test_a_client_that_floods_the_queue_gives_way_to_every_other_client(serve):
     direct = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=30)
     # A proxy on this host names its client in X-Forwarded-For, which uvicorn trusts from 127.0.0.1.
     proxied = httpx.Client(headers={"x-forwarded-for": "203.0.113.7"}, timeout=30)
+
+    def over_half_full():  # refused flood requests wait out their Retry-After, so the queue is full by turns
+        deadline = time.monotonic() + 10
+        while server.metrics()[("sentiment_queue_depth", ())] <= 16 and time.monotonic() < deadline:
+            time.sleep(0.005)
+
     flooding.set()
     with ThreadPoolExecutor(8) as pool, direct, proxied:
         floods = [pool.submit(flood) for _ in range(8)]  # 128 texts wanted at once, from 127.0.0.1
-        time.sleep(1)
-        # Requests of the most texts: the flood keeps the queue over half full, so each one needs room from it.
-        answers = [client.post(server.url + "/predict", json={"texts": [GOOD] * 16}) for _ in range(10)
-                   for client in (direct, proxied)]
+        # Requests of the most texts, each sent while the flood holds the queue over half full, so each
+        # needs room from it.
+        answers = []
+        for _ in range(5):
+            for client in (direct, proxied):
+                over_half_full()
+                answers.append(client.post(server.url + "/predict", json={"texts": [GOOD] * 16}))
         flooding.clear()
         for f in floods:
             f.result()
-    assert [r.status_code for r in answers] == [200] * 20
+    assert [r.status_code for r in answers] == [200] * 10
     assert all(len(r.json()["predictions"]) == 16 for r in answers)
     # The flood alone had the whole queue, and was refused only when it was full; the others' requests
     # took their room from it, pushing out its newest requests.
@@ -317,6 +327,30 @@ def test_one_client_s_bodies_hold_only_its_share_of_the_memory_budget(serve):
     assert read_status(other, 30) == 200
     assert server.metrics()[("sentiment_refused_total", (("limit", "client_bodies"),))] == 1
     for sock in (first, second, other):
+        sock.close()
+
+
+def test_a_request_under_way_when_its_client_is_refused_is_not_held_and_one_that_comes_after_is(serve):
+    server = serve(max_body_bytes=100_000, max_body_bytes_total=250_000, body_timeout_s=30)  # 125,000 an address
+
+    socks = []
+
+    def body(size):  # a request of one client, its body under way: `size` bytes of the 100,000 promised
+        socks.append(slow_body(server.port, promised=100_000, sent=0, source="127.0.0.2"))
+        socks[-1].sendall(b'{"text": "' + b"a" * (size - 10))
+        return socks[-1]
+
+    under_way, _ = body(60_000), body(60_000)
+    wait_for_bytes_held(server, 120_000)
+    assert read_status(body(10_000), 10) == 503  # 130,000 for one address: told to wait a second
+    under_way.sendall(b"a" * 10_000)  # over its share again, but it came before that 503
+    assert read_status(under_way, 10) == 503
+    assert server.metrics()[("sentiment_retried_early_total", ())] == 0
+    start = time.monotonic()
+    assert read_status(body(70_000), 10) == 503  # 130,000 again, and it came within the second: held until it is over
+    assert time.monotonic() - start >= 0.5
+    assert server.metrics()[("sentiment_retried_early_total", ())] == 1
+    for sock in socks:
         sock.close()
 
 

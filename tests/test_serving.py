@@ -245,15 +245,14 @@ def test_the_times_of_refusals_are_forgotten_once_their_retry_after_is_over(monk
     monkeypatch.setattr(time, "monotonic", lambda: now[0])
     times = RetryTimes(1.0)
     for i in range(1000):
-        times.note(f"10.0.{i // 256}.{i % 256}")
-    assert times.early("10.0.0.0") == 1.0 and times.early("10.9.9.9") == 0.0
+        times.tell(f"10.0.{i // 256}.{i % 256}")
+    assert times.of("10.0.0.0") == 101.0 and times.of("10.9.9.9") < 100.0
     now[0] += 0.5
-    times.note("10.0.0.7")  # again: now the newest
-    assert times.early("10.0.0.7") == 1.0 and times.early("10.0.0.8") == 0.5
+    times.tell("10.0.0.7")  # again: now the last to be told
+    assert times.of("10.0.0.7") == 101.5 and times.of("10.0.0.8") == 101.0
     now[0] += 0.75
-    times.note("192.0.2.1")  # the others' second is over: forgotten, so the table stays small
-    assert list(times.last) == ["10.0.0.7", "192.0.2.1"] and times.early("10.0.0.8") == 0.0
-    assert times.early("10.0.0.7") == 0.25
+    times.tell("192.0.2.1")  # the others may try again by now: forgotten, so the table stays small
+    assert list(times.until) == ["10.0.0.7", "192.0.2.1"] and times.of("10.0.0.8") < now[0]
 
 
 def test_concurrent_requests_share_batches():
