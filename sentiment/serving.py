@@ -4,8 +4,10 @@
 thread, warms it up and starts a `MicroBatcher` (the queue and the batching task live in
 `batcher`). The endpoints are plain functions that read what they need from `app.state`:
 `settings`, `metrics`, `batcher` (None until the model is warm) and `load_error`. What a body
-may hold is `protocol`'s concern. Every /predict request is counted once in `/metrics`, written
-by `prometheus-client` with one registry per app, and every answer says how long it took.
+may hold is `protocol`'s concern. A 503 for a limit (`Overloaded`) tells its client when it may try
+again, and one that comes back sooner waits for that time. Every /predict request is counted once
+in `/metrics`, written by `prometheus-client` with one registry per app, and every answer says how
+long it took.
 `head_timeout_protocol` is uvicorn's HTTP/1.1 with a deadline on request heads, which the app
 itself cannot see (`uvicorn app:app --http app:HTTP`).
 """
