@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .data import check_text_column, label_text
 from .errors import SentimentError
 from .files import disk_full, disk_full_error, write_atomically
-from .launcher import stop_with_the_launcher
+from .launcher import free_the_group_at_the_end, stop_with_the_launcher
 from .metrics import classification_report
 from .predictor import Predictor
 from .tables import (SCANNERS, TableWriter, existing_file, extension, row_count, scan_chunks, scanner,
@@ -298,6 +298,7 @@ def run(args):
 
 def score_and_report(args):
     # Several CPU processes (`accelerate launch` without a GPU) talk over gloo.
+    free_the_group_at_the_end()
     state = PartialState(cpu=int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available())
     columns = check_input(args) if args.input else None
     for path, flag in ((args.output, "--output"), (args.metrics_out, "--metrics-out")):

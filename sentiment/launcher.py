@@ -1,10 +1,14 @@
-"""Signals sent to `accelerate launch` reach the run it started.
+"""Runs under `accelerate launch`: signals sent to the launcher reach them, and they end cleanly.
 
 With one process, `accelerate launch` runs `train.py` or `infer.py` as its child and, when it is
 itself sent SIGTERM (`kill`, supervisord, a job manager that signals one process), dies without
 passing it on: the run went on unseen, to be killed later without a checkpoint. On Linux the
 child asks the kernel for SIGTERM when that launcher dies, and stops as SIGTERM makes it stop.
 With several processes torchrun passes signals on itself.
+
+With several processes, the process group must be gone before the interpreter shuts down: a gloo
+thread still running then, dropping its last collective's tensor, aborts a run whose work is done
+(SIGABRT, and the launcher reports a failure). `free_the_group_at_the_end` sees that destroying it frees it.
 """
 
 import ctypes
@@ -54,3 +58,13 @@ def launcher_gone():
     to stop at once: Ctrl-C reaches the launcher too, which dies of it a moment later, and once it is
     gone the shell has the terminal back, so no further Ctrl-C can reach this process."""
     return followed is not None and os.getppid() != followed
+
+
+def free_the_group_at_the_end():
+    """Call before the process group is made. torch.distributed.nn's functions keep `group.WORLD`, read
+    when the module is first imported, as a default argument; transformers imports it while loading a
+    model (through torch.distributed.fsdp), after the group exists, and the group then outlives
+    `destroy_process_group`, its threads with it. Imported now, before the group, the default is None."""
+    import torch.distributed
+    if torch.distributed.is_available():  # a torch built without it makes no group either
+        import torch.distributed.nn  # noqa: F401

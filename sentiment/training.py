@@ -34,7 +34,7 @@ from .data import load_splits
 from .devices import emulated_bf16
 from .errors import SentimentError
 from .files import as_plain_files, disk_full, disk_full_error, replace_durably, write_atomically
-from .launcher import launcher_gone, stop_with_the_launcher
+from .launcher import free_the_group_at_the_end, launcher_gone, stop_with_the_launcher
 from .metrics import (classification_report, expected_calibration_error, fit_temperature, inverse_frequency_weights,
                       reliability_bins, softmax)
 from .modeling import ModelSettings, check_max_length, load_model, load_tokenizer, padding_id
@@ -134,6 +134,7 @@ def make_accelerator(args):
     # over gloo only when Accelerate is told it runs on the CPU. The scheduler is stepped by hand
     # once per optimizer step, so its length is in optimizer steps whatever the process count.
     multi_cpu = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available()
+    free_the_group_at_the_end()
     try:
         with warnings.catch_warnings():  # a tracker that is not installed: said below, in one line
             warnings.filterwarnings("ignore", message=".*`log_with=")

@@ -3,6 +3,7 @@
 Fixtures live in `conftest.py`; this module holds plain helpers, imported by name.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -22,8 +23,23 @@ TINY = ["--model", "tiny", "--epochs", "2", "--batch-size", "16", "--lr", "1e-3"
 # `run_script(*TWO_PROCESSES, "train.py", …)`.
 ONE_PROCESS = ["-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no"]
+# Port 0: a free port of its own for each run, as two test workers may launch at the same moment.
 TWO_PROCESSES = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                 "--mixed_precision", "no", "--dynamo_backend", "no"]
+                 "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+# Loaded by every Python process started with `threads_at_exit(folder)`'s environment: when its interpreter
+# begins to shut down (the last exit handler), it writes its arguments and its threads' names to folder/<pid>.
+THREADS_AT_EXIT = """
+import atexit, json, os, sys
+
+def record():
+    tasks = os.listdir("/proc/self/task")
+    names = [open(f"/proc/self/task/{task}/comm").read().strip() for task in tasks]
+    with open(os.path.join(FOLDER, str(os.getpid())), "w") as f:
+        json.dump({"argv": sys.argv, "threads": names}, f)
+
+atexit.register(record)
+"""
 
 
 def run_script(*args, check=True, env=None, cwd=ROOT, **kwargs):
@@ -36,6 +52,20 @@ def run_script(*args, check=True, env=None, cwd=ROOT, **kwargs):
     if check and result.returncode != 0:
         raise AssertionError(f"{args[0]} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+def threads_at_exit(folder):
+    """An environment for `run_script` under which each Python process it starts says which of its threads
+    were still running as its interpreter began to shut down; read them back with `threads_left(folder)`."""
+    os.makedirs(folder / "site")
+    (folder / "site" / "sitecustomize.py").write_text(f"FOLDER = {str(folder)!r}\n{THREADS_AT_EXIT}")
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder / "site"), os.environ.get("PYTHONPATH")]))}
+
+
+def threads_left(folder, script):
+    """For each process that ran `script` under `threads_at_exit(folder)`, its threads' names at exit."""
+    records = [json.loads(path.read_text()) for path in folder.iterdir() if path.name.isdigit()]
+    return [r["threads"] for r in records if r["argv"] and os.path.basename(r["argv"][0]) == script]
 
 
 def predict_sh(url, *args, stdin=None):

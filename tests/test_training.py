@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from helpers import ONE_PROCESS, ROOT, TINY, TWO_PROCESSES, run_script
+from helpers import ONE_PROCESS, ROOT, TINY, TWO_PROCESSES, run_script, threads_at_exit, threads_left
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
@@ -209,7 +209,9 @@ def test_two_processes_evaluate_the_same_samples_as_one(tmp_path):
     demo_reviews(1200, seed=14).write_csv(data)
     common = ["train.py", "--data", str(data), *TINY, "--batch-size", "8", "--epochs", "3"]
     run_script(*common, "--grad-accum", "2", "--output-dir", str(tmp_path / "one"))
-    run_script(*TWO_PROCESSES, *common, "--output-dir", str(tmp_path / "two"))
+    run_script(*TWO_PROCESSES, *common, "--output-dir", str(tmp_path / "two"), env=threads_at_exit(tmp_path / "exit"))
+    left = threads_left(tmp_path / "exit", "train.py")  # the process group is gone before shutdown, as in infer.py
+    assert len(left) == 2 and not [name for names in left for name in names if "gloo" in name], left
     one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
     config = json.loads((tmp_path / "two" / "train_config.json").read_text())
     assert config["num_processes"] == 2
