@@ -438,6 +438,8 @@ class FineTuneRecipe:
             folder = self.save_checkpoint()
         self.accelerator.print(f"stopped by {signal.Signals(signum).name} at step {self.state.step}: checkpoint "
                                f"saved in {folder}; continue with --resume latest", file=sys.stderr)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()  # as at the end of a run: trackers flushed, the process group freed
         raise SystemExit(128 + signum)
 
     # cleanup --------------------------------------------------------------------------------
