@@ -56,16 +56,18 @@ def run_script(*args, check=True, env=None, cwd=ROOT, **kwargs):
 
 def threads_at_exit(folder):
     """An environment for `run_script` under which each Python process it starts says which of its threads
-    were still running as its interpreter began to shut down; read them back with `threads_left(folder)`."""
+    were still running as its interpreter began to shut down; read them back with `gloo_threads_left`."""
     os.makedirs(folder / "site")
     (folder / "site" / "sitecustomize.py").write_text(f"FOLDER = {str(folder)!r}\n{THREADS_AT_EXIT}")
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder / "site"), os.environ.get("PYTHONPATH")]))}
 
 
-def threads_left(folder, script):
-    """For each process that ran `script` under `threads_at_exit(folder)`, its threads' names at exit."""
+def gloo_threads_left(folder, script):
+    """For each process that ran `script` under `threads_at_exit(folder)`, its gloo threads still running
+    at exit: `[[], []]` for two processes whose process group was freed first."""
     records = [json.loads(path.read_text()) for path in folder.iterdir() if path.name.isdigit()]
-    return [r["threads"] for r in records if r["argv"] and os.path.basename(r["argv"][0]) == script]
+    return [[name for name in r["threads"] if "gloo" in name] for r in records
+            if r["argv"] and os.path.basename(r["argv"][0]) == script]
 
 
 def predict_sh(url, *args, stdin=None):
