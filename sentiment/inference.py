@@ -276,10 +276,22 @@ def stopped_by_signals(output):
         kept = f"; {output} is as it was" if output else ""
         if os.environ.get("RANK", "0") == "0":  # said once, not by every process of `accelerate launch`
             print(f"stopped by {signal.Signals(signum).name}{kept}", file=sys.stderr)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            leave_the_group_now(128 + signum)
         raise SystemExit(128 + signum) from None
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def leave_the_group_now(status):
+    """Exit a stopped multi-process run, its output already removed, without shutting the interpreter down.
+    Its process group must not outlive the interpreter (a gloo thread then aborts the process), yet destroying
+    it may wait on a peer that left mid-collective; ending the process ends its threads with it."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing more to say there
+            stream.flush()
+    os._exit(status)
 
 
 def run(args):

@@ -334,7 +334,7 @@ def test_a_failed_run_leaves_an_existing_output_as_it_was(tmp_path, trained_mode
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.csv"]  # no temporary file left behind
 
 
-def stopped_while_scoring(tmp_path, model, stop, launcher=()):
+def stopped_while_scoring(tmp_path, model, stop, launcher=(), env=None):
     """Score a large file onto an existing output (`python [launcher] infer.py`, in a session of its
     own), `stop(process)` once its temporary output exists, and return (exit status, stderr) after
     checking the old output is as it was and no temporary file is left."""
@@ -343,7 +343,7 @@ def stopped_while_scoring(tmp_path, model, stop, launcher=()):
     process = subprocess.Popen([sys.executable, *launcher, "infer.py", "--model", str(model),
                                 "--input", str(tmp_path / "big.csv"), "--output", str(tmp_path / "scored.csv"),
                                 "--chunk-rows", "100"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+                               text=True, start_new_session=True, env={**os.environ, **(env or {})})
     deadline = time.monotonic() + 120
     while not any(".tmp-" in p.name for p in tmp_path.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -368,9 +368,14 @@ def test_a_run_stopped_by_a_signal_keeps_the_old_output_and_leaves_no_temporary_
 @pytest.mark.slow
 def test_a_two_process_run_stopped_by_a_signal_keeps_the_old_output_and_says_so_once(tmp_path, trained_model):
     # As Slurm or systemd stop a job: every process is sent SIGTERM.
-    _, stderr = stopped_while_scoring(tmp_path, trained_model, lambda p: os.killpg(p.pid, signal.SIGTERM),
-                                      TWO_PROCESSES)
+    (tmp_path / "run").mkdir()
+    _, stderr = stopped_while_scoring(tmp_path / "run", trained_model, lambda p: os.killpg(p.pid, signal.SIGTERM),
+                                      TWO_PROCESSES, env=threads_at_exit(tmp_path / "threads"))
     assert stderr.count("stopped by SIGTERM") == 1, stderr[-2000:]  # was said by each process
+    # Each process shut its interpreter down with the group's gloo threads still running, which can abort it
+    # (SIGABRT in place of exit status 143); the launcher's own record shows the recording worked.
+    assert gloo_threads_left(tmp_path / "threads", "infer.py") == []
+    assert gloo_threads_left(tmp_path / "threads", "launch.py") == [[]]
 
 
 @pytest.mark.slow
