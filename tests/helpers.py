@@ -32,9 +32,15 @@ TWO_PROCESSES = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_proce
 THREADS_AT_EXIT = """
 import atexit, json, os, sys
 
+def name(task):
+    try:
+        with open(f"/proc/self/task/{task}/comm") as f:
+            return f.read().strip()
+    except OSError:  # the thread ended since the folder was listed
+        return None
+
 def record():
-    tasks = os.listdir("/proc/self/task")
-    names = [open(f"/proc/self/task/{task}/comm").read().strip() for task in tasks]
+    names = [n for n in map(name, os.listdir("/proc/self/task")) if n is not None]
     with open(os.path.join(FOLDER, str(os.getpid())), "w") as f:
         json.dump({"argv": sys.argv, "threads": names}, f)
 
