@@ -278,6 +278,7 @@ class FineTuneRecipe:
             loader = self.train_dl
             if state.batches_done:  # resumed mid-epoch: skip what the checkpoint had done
                 loader = accelerator.skip_first_batches(self.train_dl, state.batches_done)
+                loader._non_blocking = self.train_dl._non_blocking  # dropped by Accelerate before 1.16
             self.clock.start()
             for batch in loader:
                 with accelerator.accumulate(model):

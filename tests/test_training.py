@@ -15,6 +15,7 @@ import termios
 import time
 import typing
 
+import accelerate.data_loader
 import numpy as np
 import polars as pl
 import pytest
@@ -1040,6 +1041,29 @@ def test_a_run_stopped_early_goes_on_when_resumed_with_more_patience(tmp_path, m
     assert same["steps"] == 15 and same["stopped_early"]  # the same patience: still stopped
     again = training.train(parse_args(TrainArgs, "", [*flags, "--resume", "latest"]))
     assert again["steps"] > 20 and not again["stopped_early"]  # the second epoch ran as well
+
+
+def test_batches_after_a_mid_epoch_resume_are_copied_to_the_device_without_waiting(tmp_path, monkeypatch):
+    # Accelerate before 1.16 (setup.cfg allows 1.4) made the loader that skips the done batches with
+    # blocking copies: on a GPU, a wait for the device at every step for the rest of that epoch.
+    data, out = tmp_path / "reviews.csv", tmp_path / "out"
+    demo_reviews(400, seed=21).write_csv(data)
+    flags = ["--data", str(data), *TINY, "--epochs", "1", "--checkpoint-every", "5", "--keep-checkpoints", "100",
+             "--output-dir", str(out)]
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    training.train(parse_args(TrainArgs, "", flags))
+    copies = []
+
+    def send_to_device(batch, device, non_blocking=False, **kwargs):
+        copies.append(non_blocking)
+        return real(batch, device, non_blocking=non_blocking, **kwargs)
+
+    real = accelerate.data_loader.send_to_device
+    monkeypatch.setattr(accelerate.data_loader, "send_to_device", send_to_device)
+    resume = ["--resume", str(out / "checkpoints" / "step-00000005")]
+    metrics = training.train(parse_args(TrainArgs, "", [*flags, *resume]))
+    assert metrics["steps"] > 5 and len(copies) >= metrics["steps"] - 5
+    assert all(copies)
 
 
 def test_class_weights_raise_macro_f1_on_skewed_labels(tmp_path):
