@@ -372,8 +372,8 @@ def test_a_two_process_run_stopped_by_a_signal_keeps_the_old_output_and_says_so_
     _, stderr = stopped_while_scoring(tmp_path / "run", trained_model, lambda p: os.killpg(p.pid, signal.SIGTERM),
                                       TWO_PROCESSES, env=threads_at_exit(tmp_path / "threads"))
     assert stderr.count("stopped by SIGTERM") == 1, stderr[-2000:]  # was said by each process
-    # Each process shut its interpreter down with the group's gloo threads still running, which can abort it
-    # (SIGABRT in place of exit status 143); the launcher's own record shows the recording worked.
+    # Each process used to shut its interpreter down with the group's gloo threads still running, which can
+    # abort it (SIGABRT in place of exit status 143); the launcher's own record shows the recording worked.
     assert gloo_threads_left(tmp_path / "threads", "infer.py") == []
     assert gloo_threads_left(tmp_path / "threads", "launch.py") == [[]]
 
