@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import torch
 
-from .batching import Collator, by_length, encode
+from .batching import Collator, by_length, encode, special_tokens
 from .config import CPU_BATCH_SIZE, CPU_BATCH_TOKENS, GPU_BATCH_SIZE, GPU_BATCH_TOKENS, PRECISIONS
 from .data import clean_texts
 from .devices import emulated_bf16, native_bf16, pick_device
@@ -23,6 +23,7 @@ from .errors import SentimentError, SettingError
 from .metrics import softmax
 from .modeling import check_max_length, load_model_folder
 
+NOTHING_TO_SCORE = "nothing to score: the text is empty, only markup, or only characters the tokenizer drops"
 MAX_PADDING = 0.25  # most padding a batch may add to a text, as a share of the batch's width
 
 
@@ -102,6 +103,7 @@ class Predictor:
         self.max_batch_tokens = max(max_batch_tokens or (GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS),
                                     self.max_length)
         self.collate = Collator(self.tokenizer.pad_token_id)  # set for every folder by load_model_folder
+        self.specials = sum(map(len, special_tokens(self.tokenizer)))  # ids around every text: [CLS] … [SEP]
 
     def encode(self, texts):
         """`TokenIds` of already cleaned, non-empty texts."""
@@ -175,22 +177,25 @@ class Predictor:
             return self.model(**padded).logits.float()
 
     def probabilities(self, texts):
-        """Calibrated class probabilities of raw texts, one row each; a row of NaN for a text with nothing to score."""
+        """Calibrated class probabilities of raw texts, one row each; a row of NaN for a text with nothing to
+        score: empty, only markup, or only characters the tokenizer drops (control or zero-width
+        characters, lone accents), which would be scored as the special tokens alone."""
         cleaned = clean_texts(texts) if self.settings.clean else [t if t and t.strip() else None for t in texts]
-        valid = [i for i, t in enumerate(cleaned) if t]
+        valid = np.array([i for i, t in enumerate(cleaned) if t], dtype=np.int64)
         probs = np.full((len(texts), len(self.labels)), np.nan)
-        if valid:
-            logits = self.logits(self.encode([cleaned[i] for i in valid]))
-            probs[valid] = softmax(logits, self.settings.temperature)
+        if len(valid):
+            ids = self.encode([cleaned[i] for i in valid])
+            probs[valid] = softmax(self.logits(ids), self.settings.temperature)
+            probs[valid[ids.lengths <= self.specials]] = np.nan
         return probs
 
     def predict(self, texts):
-        """One dict per text, in order: label, score and every label's score; `error` for empty texts."""
+        """One dict per text, in order: label, score and every label's score; `error` where nothing is to score."""
         return [self.answer(p) for p in self.probabilities(texts)]
 
     def answer(self, probs):
         if np.isnan(probs).any():
-            return {"label": None, "score": None, "scores": None, "error": "empty text: nothing to score"}
+            return {"label": None, "score": None, "scores": None, "error": NOTHING_TO_SCORE}
         best = int(probs.argmax())
         return {"label": self.labels[best], "score": float(probs[best]),
                 "scores": {label: float(p) for label, p in zip(self.labels, probs)}}

@@ -87,6 +87,10 @@ class Request:
         # (InferenceClient.text_classification reads the first).
         return [self.ranked(a) for a in answers]
 
+    def where(self, i):
+        """How an error names the i-th text."""
+        return {"text": "text", "inputs": "inputs", "texts": f"texts[{i}]", "inputs_list": f"inputs[{i}]"}[self.shape]
+
     def ranked(self, answer):
         labels = sorted(answer["scores"].items(), key=lambda item: -item[1])
         return [{"label": label, "score": score} for label, score in labels[:self.top_k]]
@@ -157,8 +161,7 @@ def parse(body, settings):
         raise BadRequest(413, "too_many_texts", f"{len(request.texts)} texts in one request; the limit is "
                                                 f"{settings.max_texts} (SENTIMENT_MAX_TEXTS): split the request")
     for i, text in enumerate(request.texts):
-        where = {"text": "text", "inputs": "inputs", "texts": f"texts[{i}]", "inputs_list": f"inputs[{i}]"}
-        check_text(text, where[request.shape], settings)
+        check_text(text, request.where(i), settings)
     return request
 
 

@@ -230,6 +230,10 @@ async def answer(request):
     except ModelError:
         return error(500, "model_error", "the model failed on this text; the service is still running")
     answers, queued, scored = zip(*results)
+    unscored = [i for i, one in enumerate(answers) if one.get("error")]
+    if unscored:  # a text of only control or zero-width characters: the tokenizer keeps none of it
+        return error(422, "empty_text", f"{parsed.where(unscored[0])} holds only characters the tokenizer drops "
+                                        f"(control or zero-width characters): nothing to score")
     return JSONResponse(parsed.answer(list(answers)), headers={"x-queue-time": milliseconds(max(queued)),
                                                                "x-inference-time": milliseconds(max(scored))})
 

@@ -89,7 +89,7 @@ def test_plain_text_from_stdin_and_empty_lines(trained_model):
                         input="I loved it. The acting was superb.\n\nThe plot was awful. I hated it.\n")
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["label"] for r in lines] == ["positive", None, "negative"]
-    assert "empty text" in lines[1]["error"] and "1 rows had no text" in result.stderr
+    assert "nothing to score" in lines[1]["error"] and "1 rows had no text" in result.stderr
 
 
 def test_the_progress_bar_counts_the_rows_that_will_be_read(tmp_path):

@@ -58,6 +58,19 @@ def test_empty_texts_are_errors_not_crashes(trained_model):
     assert answers[0]["error"] and answers[1]["error"] and answers[2]["label"] == "positive"
 
 
+# Each is dropped whole by the tokenizer's normaliser (control and zero-width characters, a lone
+# accent, private use): it was scored as [CLS] [SEP] and answered with a label and a confident score.
+NO_TOKENS = ["\x00", "\u200b \u200b", "\x01\x7f", "\u0301", "\ue000"]
+
+
+def test_texts_the_tokenizer_keeps_nothing_of_are_not_scored(trained_model):
+    predictor = Predictor(str(trained_model))
+    answers = predictor.predict(["I loved it.", *NO_TOKENS, "\u200bI loved it.\x00"])
+    assert [a["label"] for a in answers] == ["positive", *[None] * len(NO_TOKENS), "positive"]
+    assert all("nothing to score" in a["error"] for a in answers[1:-1])
+    assert answers[-1]["score"] == pytest.approx(answers[0]["score"])
+
+
 def test_a_folder_that_is_not_a_classifier_is_refused(tmp_path, trained_model):
     with pytest.raises(SentimentError, match="no such model folder"):
         Predictor(str(tmp_path / "nowhere"))

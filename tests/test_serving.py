@@ -59,6 +59,21 @@ def test_predict_one_text_and_many_in_order(real_client):
     assert real_client.get("/health").json()["status"] == "ok"
 
 
+@pytest.mark.parametrize("body, where", [
+    ({"text": "\x00"}, "text"),
+    ({"texts": ["A real treat.", "\u200b \u200b"]}, "texts[1]"),
+    ({"inputs": "\u0301"}, "inputs"),
+    ({"inputs": ["A real treat.", "\x01"]}, "inputs[1]"),
+])
+def test_a_text_the_tokenizer_keeps_nothing_of_is_a_422_naming_it(real_client, body, where):
+    response = real_client.post("/predict", json=body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["type"] == "empty_text" and error["message"].startswith(f"{where} ")
+    assert "nothing to score" in error["message"]
+    assert real_client.post("/predict", json={"text": "A real treat."}).json()["label"] == "positive"
+
+
 def test_ready_is_503_until_the_model_is_loaded_while_health_says_alive():
     gate = threading.Event()
 
