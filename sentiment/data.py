@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from .errors import SentimentError
+from .errors import SentimentError, n_rows
 from .hub import download_options, offline_note
 from .tables import extension, garbled_header, read_table
 
@@ -113,8 +113,8 @@ def load_labelled(path, text_column, label_column, skip_bad_rows=False, frame=No
         rows = ", ".join(map(str, bad["row"].head(SHOWN_ROWS).to_list()))
         more = " …" if len(bad) > SHOWN_ROWS else ""
         counted = "after the header" if extension(path) in (".csv", ".tsv") else "at the first row"
-        raise SentimentError(f"{path}: {len(bad)} rows with a missing or empty text or label (data rows {rows}{more}, "
-                             f"counting from 1 {counted}); fix them or pass --skip-bad-rows to drop them")
+        raise SentimentError(f"{path}: {n_rows(len(bad))} with a missing or empty text or label (data rows "
+                             f"{rows}{more}, counting from 1 {counted}); fix them or pass --skip-bad-rows to drop them")
     frame = frame.join(bad.select("row"), on="row", how="anti", maintain_order="left")
     deduped = frame.unique(subset="text", keep="first", maintain_order=True)
     report = {"rows": len(frame) + len(bad), "bad_rows": len(bad), "duplicates": len(frame) - len(deduped)}

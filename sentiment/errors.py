@@ -13,6 +13,11 @@ import sys
 from contextlib import contextmanager
 
 
+def n_rows(count):
+    """'1 row', '2,000 rows': a count of rows in a message."""
+    return f"{count:,} row{'' if count == 1 else 's'}"
+
+
 def flag(name):
     """The command-line flag of a setting: `max_length` is `--max-length`."""
     return "--" + name.replace("_", "-")

@@ -24,7 +24,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
 from .data import check_text_column, label_text
-from .errors import SentimentError
+from .errors import SentimentError, n_rows
 from .files import disk_full, disk_full_error, write_atomically
 from .launcher import free_the_group_at_the_end, stop_with_the_launcher
 from .metrics import classification_report
@@ -179,13 +179,14 @@ class LabelTally:
 
     def report(self, labels):
         if self.missing:
-            print(f"{self.missing} rows have no label in {self.column!r}; left out of the accuracy", file=sys.stderr)
+            print(f"{n_rows(self.missing)} without a label in {self.column!r}, left out of the accuracy",
+                  file=sys.stderr)
         if self.unknown:
             shown = ", ".join(f"{v!r} ({n})" for v, n in sorted(self.unknown.items())[:5])
             near = {label.lower() for label in labels} & {v.lower() for v in self.unknown}
             hint = "; some differ from them only in case" if near else ""
-            print(f"{sum(self.unknown.values())} rows have labels the model does not know ({shown}); left out of "
-                  f"the accuracy. The model's labels: {', '.join(labels)}{hint}", file=sys.stderr)
+            print(f"{n_rows(sum(self.unknown.values()))} with labels the model does not know ({shown}), left out "
+                  f"of the accuracy. The model's labels: {', '.join(labels)}{hint}", file=sys.stderr)
         if not self.y_true:
             print("no row has a label the model knows: no accuracy to report", file=sys.stderr)
             return None
@@ -239,7 +240,7 @@ def score_file(args, state, columns):
         if writer:
             writer.abort()  # after close() there is nothing left to remove
     if state.is_main_process and errors:
-        print(f"{errors} rows had no text to score; their '{prefix}error' column says so", file=sys.stderr)
+        print(f"{n_rows(errors)} with nothing to score; the '{prefix}error' column says why", file=sys.stderr)
     return tally.report(predictor.labels) if tally and state.is_main_process else None
 
 

@@ -89,7 +89,7 @@ def test_plain_text_from_stdin_and_empty_lines(trained_model):
                         input="I loved it. The acting was superb.\n\nThe plot was awful. I hated it.\n")
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["label"] for r in lines] == ["positive", None, "negative"]
-    assert "nothing to score" in lines[1]["error"] and "1 rows had no text" in result.stderr
+    assert "nothing to score" in lines[1]["error"] and "1 row with nothing to score;" in result.stderr
 
 
 def test_the_progress_bar_counts_the_rows_that_will_be_read(tmp_path):
@@ -473,8 +473,8 @@ def test_rows_left_out_of_the_accuracy_are_counted_and_numeric_labels_do_not_cra
     frame.with_columns(pl.Series("sentiment", labels)).write_csv(tmp_path / "in.csv")
     result = run_script("infer.py", "--model", str(trained_model), "--input", str(tmp_path / "in.csv"),
                         "--output", str(tmp_path / "out.csv"), "--metrics-out", str(tmp_path / "m.json"))
-    assert "5 rows have no label in 'sentiment'" in result.stderr
-    assert "5 rows have labels the model does not know ('Positive' (5))" in result.stderr
+    assert "5 rows without a label in 'sentiment'" in result.stderr
+    assert "5 rows with labels the model does not know ('Positive' (5))" in result.stderr
     assert "differ from them only in case" in result.stderr
     assert json.loads((tmp_path / "m.json").read_text())["examples"] == 30
     numeric = frame.with_columns(pl.Series("stars", list(range(40))))
@@ -482,7 +482,7 @@ def test_rows_left_out_of_the_accuracy_are_counted_and_numeric_labels_do_not_cra
     result = run_script("infer.py", "--model", str(trained_model), "--input", str(tmp_path / "n.parquet"),
                         "--label-column", "stars", "--output", str(tmp_path / "n.csv"), "--metrics-out",
                         str(tmp_path / "n.json"), check=False)
-    assert "40 rows have labels the model does not know" in result.stderr
+    assert "40 rows with labels the model does not know" in result.stderr
     assert len(pl.read_csv(tmp_path / "n.csv")) == 40
     assert result.returncode == 2 and "n.json not written: no row has a label the model knows" in result.stderr
     assert not (tmp_path / "n.json").exists()
