@@ -179,7 +179,12 @@ class Predictor:
     def probabilities(self, texts):
         """Calibrated class probabilities of raw texts, one row each; a row of NaN for a text with nothing to
         score: empty, only markup, or only characters the tokenizer drops (control or zero-width
-        characters, lone accents), which would be scored as the special tokens alone."""
+        characters, lone accents), which would be scored as the special tokens alone. `texts` is any
+        iterable of strings (None counts as empty); one string is one text."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        wrong = next((i for i, text in enumerate(texts) if text is not None and not isinstance(text, str)), None)
+        if wrong is not None:
+            raise TypeError(f"texts[{wrong}] is {type(texts[wrong]).__name__}, not a string")
         cleaned = clean_texts(texts) if self.settings.clean else [t if t and t.strip() else None for t in texts]
         valid = np.array([i for i, t in enumerate(cleaned) if t], dtype=np.int64)
         probs = np.full((len(texts), len(self.labels)), np.nan)
@@ -190,7 +195,8 @@ class Predictor:
         return probs
 
     def predict(self, texts):
-        """One dict per text, in order: label, score and every label's score; `error` where nothing is to score."""
+        """One dict per text (of an iterable, or one string), in order: label, score and every label's
+        score; `error` where there is nothing to score."""
         return [self.answer(p) for p in self.probabilities(texts)]
 
     def answer(self, probs):

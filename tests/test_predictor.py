@@ -58,6 +58,16 @@ def test_empty_texts_are_errors_not_crashes(trained_model):
     assert answers[0]["error"] and answers[1]["error"] and answers[2]["label"] == "positive"
 
 
+def test_one_string_is_one_text_any_iterable_of_texts_works_and_other_items_are_named(trained_model):
+    predictor = Predictor(str(trained_model))
+    one = predictor.predict("I loved it. The acting was superb.")  # was one answer per character, each empty
+    assert len(one) == 1 and one[0]["label"] == "positive"
+    texts = ["I loved it.", "The plot was awful. I hated it."]
+    assert predictor.predict(text for text in texts) == predictor.predict(texts) == predictor.predict(tuple(texts))
+    with pytest.raises(TypeError, match=r"texts\[1\] is int, not a string"):  # was polars' error about a Series
+        predictor.predict(["I loved it.", 3])
+
+
 # Each is dropped whole by the tokenizer's normaliser (control and zero-width characters, a lone
 # accent, private use): it was scored as [CLS] [SEP] and answered with a label and a confident score.
 NO_TOKENS = ["\x00", "\u200b \u200b", "\x01\x7f", "\u0301", "\ue000"]
