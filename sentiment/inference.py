@@ -331,7 +331,7 @@ def score_and_report(args):
         shown = (f"confusion (rows true, columns predicted, {confusion['labels']}): "
                  f"{confusion['rows_true_columns_predicted']}" if len(confusion["labels"]) <= MAX_CONFUSION_SHOWN
                  else "the confusion matrix is written by --metrics-out")  # a line of a million counts otherwise
-        print(f"accuracy {report['accuracy']:.4f}, macro F1 {report['macro_f1']:.4f} on {report['examples']} rows; "
+        print(f"accuracy {report['accuracy']:.4f}, macro F1 {report['macro_f1']:.4f} on {n_rows(report['examples'])}; "
               f"{shown}", file=sys.stderr)
         if args.metrics_out:
             write_atomically(args.metrics_out, json.dumps(report, indent=2))
