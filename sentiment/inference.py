@@ -13,6 +13,7 @@ confusion matrix, and says which rows it left out and why.
 import contextlib
 import json
 import os
+import select
 import signal
 import sys
 
@@ -34,33 +35,62 @@ from .tables import (SCANNERS, TableWriter, existing_file, extension, row_count,
 
 MAX_CONFUSION_SHOWN = 10  # classes whose confusion matrix is printed
 STOPS = (signal.SIGINT, signal.SIGTERM)
+PAUSE_S = 0.05  # standard input: lines that came are scored once no more come for this long
 PREDICTED = "predicted_"  # before the added columns' names where the input has a column of one of them
 
 
-def text_lines(stream, name, column, chunk_rows):
-    """Frames of the lines of a binary stream, each decoded as UTF-8 (a bad one is named, not replaced;
-    a byte-order mark, which Windows editors put at the start of UTF-8 text, is dropped)."""
-    chunk = []
-    for number, raw in enumerate(stream, 1):
-        try:
-            chunk.append(raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n"))
-        except UnicodeDecodeError:
-            raise SentimentError(f"{name}: line {number} is not valid UTF-8; convert the text to UTF-8 "
-                                 f"(e.g. iconv -f latin1 -t utf-8)") from None
-        if len(chunk) == chunk_rows:
+def text_lines(lines, name, column, chunk_rows):
+    """Frames of raw lines, each decoded as UTF-8 (a bad one is named, not replaced; a byte-order mark,
+    which Windows editors put at the start of UTF-8 text, is dropped). A None among the lines (a pause,
+    from `arriving_lines`) ends the frame under way."""
+    chunk, number = [], 0
+    for raw in lines:
+        if raw is not None:
+            number += 1
+            try:
+                chunk.append(raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n"))
+            except UnicodeDecodeError:
+                raise SentimentError(f"{name}: line {number} is not valid UTF-8; convert the text to UTF-8 "
+                                     f"(e.g. iconv -f latin1 -t utf-8)") from None
+        if chunk and (raw is None or len(chunk) == chunk_rows):
             yield pl.DataFrame({column: chunk}, schema={column: pl.String})
             chunk = []
     if chunk:
         yield pl.DataFrame({column: chunk}, schema={column: pl.String})
 
 
-def read_chunks(path, column, chunk_rows):
-    """Frames of at most `chunk_rows` rows from a table, a text file or stdin ('-')."""
+def arriving_lines(fd):
+    """The lines of file descriptor `fd` as they arrive, with a None wherever none came for PAUSE_S after
+    a line: a pipe fed a line at a time (`tail -f`, a queue's consumer) or a terminal then gets each
+    answer as it goes, not all of them at its end, while lines that come together are scored together.
+    It reads the descriptor itself: a buffered reader can hold lines that `select` does not see."""
+    pieces, since_pause = [], False
+    while True:
+        if since_pause and not select.select([fd], [], [], PAUSE_S)[0]:
+            yield None
+            since_pause = False
+        data = os.read(fd, 1 << 16)
+        if not data:
+            break
+        *ended, rest = data.split(b"\n")
+        for line in ended:  # a line longer than one read comes in pieces: joined once, not re-copied per read
+            yield b"".join([*pieces, line, b"\n"])
+            pieces, since_pause = [], True
+        if rest:
+            pieces.append(rest)
+    if pieces:
+        yield b"".join(pieces)
+
+
+def read_chunks(path, column, chunk_rows, as_they_come=False):
+    """Frames of at most `chunk_rows` rows from a table, a text file or stdin ('-'); with `as_they_come`,
+    stdin's lines are given as soon as no more are waiting (see `arriving_lines`)."""
     if path == "-":
         if sys.stdin.isatty():  # nothing piped in: say what it waits for rather than hang without a word
             print("reading texts from the terminal, one a line; end with Ctrl-D", file=sys.stderr)
         # Bytes, decoded line by line: under a C locale Python would turn bad bytes into lone surrogates.
-        yield from text_lines(sys.stdin.buffer, "standard input", column, chunk_rows)
+        lines = arriving_lines(sys.stdin.fileno()) if as_they_come and os.name == "posix" else sys.stdin.buffer
+        yield from text_lines(lines, "standard input", column, chunk_rows)
     elif extension(path) == ".txt":
         try:
             with open(existing_file(path), "rb") as f:
@@ -137,6 +167,7 @@ def print_answers(texts, answers):
         sys.stdout.reconfigure(encoding="utf-8")
     for text, answer in zip(texts, answers):
         print(json.dumps({"text": text, **answer}, ensure_ascii=False))
+    sys.stdout.flush()  # a pipe's buffer would hold them until thousands more came
 
 
 def empty_input(path, column):
@@ -209,7 +240,8 @@ def score_file(args, state, columns):
     """Score `args.input`, whose `columns` `check_input` gave, chunk by chunk; returns the label metrics, if
     the input had labels."""
     predictor = make_predictor(args, state.device if state.num_processes > 1 else args.device)
-    chunks = read_chunks(args.input, args.text_column, args.chunk_rows)
+    # Printed answers come as stdin's lines do; a file output is whole only at the end, so it waits for full chunks.
+    chunks = read_chunks(args.input, args.text_column, args.chunk_rows, as_they_come=not args.output)
     if state.num_processes > 1 and args.input == "-":
         chunks = shared_chunks(state, chunks)
     writes = args.output and state.is_main_process

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -127,6 +128,32 @@ def test_texts_typed_at_a_terminal_are_asked_for_and_scored(trained_model):
         os.close(terminal)
     assert "reading texts from the terminal, one a line; end with Ctrl-D" in err
     assert json.loads(out)["label"] == "positive"
+
+
+def test_lines_piped_in_one_at_a_time_are_answered_as_they_come(trained_model):
+    # Answers came only once standard input closed (or 10,000 lines came): `tail -f reviews | infer.py
+    # --input -` printed nothing, ever.
+    with subprocess.Popen([sys.executable, os.path.join(ROOT, "infer.py"), "--model", str(trained_model), "--input",
+                           "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          cwd=ROOT) as process:
+        timer = threading.Timer(120, process.kill)  # a readline that never returns ends the test, not the run
+        timer.start()
+        try:
+            answers = []
+            for line in (b"I loved it. The acting was superb.\n", b"The plot was awful. I hated it.\n"):
+                process.stdin.write(line)
+                process.stdin.flush()
+                answers.append(json.loads(process.stdout.readline()))  # its answer, standard input still open
+            process.stdin.write(b"A wonderful film.\nDreadful and boring.\r\nA real treat.")  # no end of line
+            process.stdin.close()
+            answers += [json.loads(line) for line in process.stdout]
+            assert process.wait() == 0
+        finally:
+            timer.cancel()
+            process.kill()
+    assert [a["text"] for a in answers] == ["I loved it. The acting was superb.", "The plot was awful. I hated it.",
+                                            "A wonderful film.", "Dreadful and boring.", "A real treat."]
+    assert [a["label"] for a in answers[:2]] == ["positive", "negative"]
 
 
 def test_a_text_file_saved_by_a_windows_editor_scores_as_plain_text(tmp_path, trained_model):
