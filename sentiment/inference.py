@@ -31,7 +31,7 @@ from .launcher import free_the_group_at_the_end, stop_with_the_launcher
 from .metrics import classification_report
 from .predictor import Predictor
 from .tables import (SCANNERS, TableWriter, existing_file, extension, row_count, scan_chunks, scanner,
-                     where_broken, writable)
+                     tsv_names, where_broken, writable)
 
 MAX_CONFUSION_SHOWN = 10  # classes whose confusion matrix is printed
 STOPS = (signal.SIGINT, signal.SIGTERM)
@@ -352,6 +352,8 @@ def score_and_report(args):
     if args.output and extension(args.output) not in SCANNERS:
         raise SentimentError(f"--output {args.output}: unknown file type; use one of {', '.join(SCANNERS)} (without "
                              f"--output, the rows go to standard output as JSON lines)")
+    if args.output and extension(args.output) == ".tsv" and columns is not None:
+        tsv_names(columns.columns)  # two names that would be one in its header: refused before the model loads
     if args.output and args.metrics_out and os.path.abspath(args.output) == os.path.abspath(args.metrics_out):
         raise SentimentError(f"--output and --metrics-out are both {args.output}; name two files")
     report = score_texts(args, state) if args.texts else score_file(args, state, columns)

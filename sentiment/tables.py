@@ -263,9 +263,24 @@ def nested_as_json(frame):
         .alias(name) for name in nested)
 
 
+def tsv_names(columns):
+    """{name: the name TSV can hold}: tabs and line breaks as spaces, as in its values. Two columns whose
+    names would then be one are refused (`score_and_report` asks before the model loads)."""
+    names = {}
+    for name in columns:
+        safe = re.sub(r"[\t\r\n]", " ", name)
+        other = next((before for before, its in names.items() if its == safe), None)
+        if other is not None:
+            raise SentimentError(f"columns {other!r} and {name!r} would have one name in TSV, which cannot hold "
+                                 f"tabs or line breaks; rename one, or write .csv, .parquet or .jsonl")
+        names[name] = safe
+    return names
+
+
 def tsv_safe(frame):
-    """`frame` with tabs and line breaks in its text turned into spaces, as TSV has no quoting to hold them,
-    and how many values that changed."""
+    """`frame` with tabs and line breaks in its text and its column names turned into spaces, as TSV has no
+    quoting to hold them, and how many values that changed."""
+    frame = frame.rename(tsv_names(frame.columns))
     text = [name for name, dtype in frame.schema.items() if isinstance(dtype, (pl.String, pl.Categorical, pl.Enum))]
     if not text:
         return frame, 0
@@ -286,7 +301,7 @@ class TableWriter:
         remove_stale_temporaries(self.target)  # what a run killed outright (SIGKILL, out of memory) left
         self.tmp = temporary(self.target, hidden=True)
         self.parts = self.tmp + ".parts"
-        self.count, self.flattened, self.objects = 0, 0, 0
+        self.count, self.flattened, self.objects, self.columns = 0, 0, 0, []
 
     def start(self):
         """Create the temporary file at the first write, in the caller's `try` whose `finally` calls
@@ -300,6 +315,7 @@ class TableWriter:
     def write(self, frame):
         if self.count == 0:
             self.start()
+            self.columns = frame.columns
         if self.ext == ".parquet":
             frame.write_parquet(os.path.join(self.parts, f"part-{self.count:06d}.parquet"))
         else:
@@ -328,8 +344,10 @@ class TableWriter:
             with open(self.tmp, "a") as f:
                 f.write("\n]\n")
         replace_durably(self.tmp, self.target)
-        if self.flattened:
-            print(f"warning: {self.flattened} values held tabs or line breaks, which TSV cannot hold; they are spaces "
+        renamed = sum(name != safe for name, safe in tsv_names(self.columns).items()) if self.ext == ".tsv" else 0
+        what = [f"{self.flattened} values"] * bool(self.flattened) + [f"{renamed} column names"] * bool(renamed)
+        if what:
+            print(f"warning: {' and '.join(what)} held tabs or line breaks, which TSV cannot hold; they are spaces "
                   f"in {self.path} (.csv, .parquet or .jsonl keep them)", file=sys.stderr)
 
     def abort(self):

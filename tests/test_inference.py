@@ -593,3 +593,22 @@ def test_a_category_column_with_tabs_is_written_to_tsv_as_text_with_spaces(tmp_p
     assert out["review"].to_list() == ["I loved it. The acting was superb.", "The plot was dreadful. Avoid it."]
     assert out["label"].to_list() == ["positive", "negative"]
     assert "2 values held tabs or line breaks" in result.stderr
+
+
+def test_column_names_with_tabs_or_line_breaks_are_written_to_tsv_with_spaces(tmp_path, trained_model):
+    # The header was written as it was: a name with a line break split it over two lines, one with a tab
+    # made two columns of one, and every row was read back under the wrong names.
+    frame = pl.DataFrame({"review": ["I loved it.", "The plot was dreadful."], "stars\tof 10": ["9", "2"],
+                          "note\r\nby hand": ["yes", "no"]})
+    frame.write_parquet(tmp_path / "in.parquet")
+    result = run_script("infer.py", "--model", str(trained_model), "--input", str(tmp_path / "in.parquet"),
+                        "--output", str(tmp_path / "out.tsv"), "--chunk-rows", "1")
+    out = tables.read_table(tmp_path / "out.tsv")
+    assert out.columns[:3] == ["review", "stars of 10", "note  by hand"]
+    assert out["stars of 10"].to_list() == ["9", "2"] and out["label"].to_list() == ["positive", "negative"]
+    assert "2 column names held tabs or line breaks" in result.stderr and "values" not in result.stderr
+    frame.with_columns(pl.col("review").alias("stars of 10")).write_parquet(tmp_path / "clash.parquet")
+    result = run_script("infer.py", "--model", str(trained_model), "--input", str(tmp_path / "clash.parquet"),
+                        "--output", str(tmp_path / "clash.tsv"), check=False)
+    assert result.returncode == 2 and not os.path.exists(tmp_path / "clash.tsv")
+    assert "columns 'stars\\tof 10' and 'stars of 10' would have one name in TSV" in result.stderr
