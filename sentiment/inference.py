@@ -31,7 +31,7 @@ from .launcher import free_the_group_at_the_end, stop_with_the_launcher
 from .metrics import classification_report
 from .predictor import Predictor
 from .tables import (SCANNERS, TableWriter, existing_file, extension, row_count, scan_chunks, scanner,
-                     tsv_names, where_broken, writable)
+                     tsv_names, unknown_type, where_broken, writable)
 
 MAX_CONFUSION_SHOWN = 10  # classes whose confusion matrix is printed
 STOPS = (signal.SIGINT, signal.SIGTERM)
@@ -118,8 +118,7 @@ def check_input(args):
     if path != "-":
         existing_file(path)
         if extension(path) != ".txt" and extension(path) not in SCANNERS:
-            raise SentimentError(f"{path}: unknown file type {extension(path) or '(none)'}; use .txt or one of "
-                                 f"{', '.join(SCANNERS)}")
+            raise unknown_type(path, f".txt or one of {', '.join(SCANNERS)}")
     try:
         columns = empty_input(path, args.text_column)
     except (pl.exceptions.PolarsError, OSError, ValueError) as err:

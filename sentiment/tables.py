@@ -55,6 +55,21 @@ def extension(path):
     return os.path.splitext(str(path))[1].lower()
 
 
+# Archives and compressed files, as downloads come (Kaggle's IMDb CSV is a .zip): what to run first.
+UNPACK = {".zip": "unzip", ".gz": "gunzip -k", ".bz2": "bunzip2 -k", ".xz": "unxz -k", ".zst": "unzstd"}
+
+
+def unknown_type(path, types):
+    """The one-line error for a file of a type not read here, saying how to unpack a compressed one."""
+    ext = extension(path)
+    if ext in UNPACK:
+        inside = "the table in it" if ext == ".zip" else os.path.splitext(str(path))[0]
+        return SentimentError(f"{path}: a compressed file; unpack it first ({UNPACK[ext]} {path}) and name "
+                              f"{inside}")
+    typo = "" if os.path.exists(path) else did_you_mean(path)
+    return SentimentError(f"{path}: unknown file type {ext or '(none)'}{typo}; use {types}")
+
+
 def first_line(err):
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
@@ -63,8 +78,7 @@ def scanner(path):
     """The lazy scan of a table file, after checking its type and that it is there."""
     ext = extension(path)
     if ext not in SCANNERS:
-        typo = "" if os.path.exists(path) else did_you_mean(path)
-        raise SentimentError(f"{path}: unknown file type {ext or '(none)'}{typo}; use one of {', '.join(SCANNERS)}")
+        raise unknown_type(path, f"one of {', '.join(SCANNERS)}")
     scan = SCANNERS[ext](existing_file(path))
     if ext in (".csv", ".tsv"):
         refuse_repeated_columns(path, scan)

@@ -176,6 +176,8 @@ def test_imdb_offline_says_to_pass_a_local_file(monkeypatch):
     ("one_class", "single class"),
     ("few", "too few rows"),
     ("extension", "unknown file type .xlsx"),
+    # Kaggle's IMDb CSV comes as a .zip: it was "unknown file type .zip".
+    ("zip", r"d.zip: a compressed file; unpack it first \(unzip .*d.zip\) and name the table in it"),
     ("ids as labels", "different labels in 32 rows, fewer than two rows a label: is 'sentiment' the label column?"),
     ("repeated column", "the header names 'review' more than once; give each column its own name"),
     ("semicolons", r"no column 'review'; it has 'review;sentiment'. The file seems separated by ';'; save it with "
@@ -183,7 +185,7 @@ def test_imdb_offline_says_to_pass_a_local_file(monkeypatch):
     ("commas in a .tsv", r"The file seems separated by ','; name it .csv"),
 ])
 def test_bad_data_errors_name_the_problem(tmp_path, problem, match):
-    path = tmp_path / {"extension": "d.xlsx", "commas in a .tsv": "d.tsv"}.get(problem, "d.csv")
+    path = tmp_path / {"extension": "d.xlsx", "zip": "d.zip", "commas in a .tsv": "d.tsv"}.get(problem, "d.csv")
     frame = demo_reviews(40, seed=10)
     if problem == "column":
         frame = frame.rename({"review": "text"})

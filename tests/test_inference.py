@@ -196,7 +196,8 @@ def test_a_file_larger_than_one_chunk_is_scored_like_one_chunk(tmp_path, trained
     (["--model", "nowhere", "hello"], "nowhere: no such model folder"),
     # Inputs and outputs that cannot work are named before the model loads (a missing model would be named first).
     (["--model", "nowhere", "--input", "missing.csv"], "missing.csv: no such file"),
-    (["--model", "nowhere", "--input", "reviews.csv.gz"], "reviews.csv.gz: unknown file type .gz"),
+    (["--model", "nowhere", "--input", "reviews.csv.gz"],  # was "unknown file type .gz"
+     "reviews.csv.gz: a compressed file; unpack it first (gunzip -k reviews.csv.gz) and name reviews.csv"),
     (["--model", "nowhere", "--input", "{data}", "--output", "out.xlsx"], "out.xlsx: unknown file type"),
     (["--model", "nowhere", "--input", "{data}", "--output", "/dev/stdout"],
      "without --output, the rows go to standard output as JSON lines"),
