@@ -320,7 +320,7 @@ def leave_the_group_now(status):
     """Exit a stopped multi-process run, its output already removed, without shutting the interpreter down.
     Its process group must not outlive the interpreter (a gloo thread then aborts the process), yet destroying
     it may wait on a peer that left mid-collective; ending the process ends its threads with it."""
-    for stream in (sys.stdout, sys.stderr):
+    for stream in filter(None, (sys.stdout, sys.stderr)):  # None: closed by the shell (`>&-`)
         with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing more to say there
             stream.flush()
     os._exit(status)
@@ -344,6 +344,13 @@ def score_and_report(args):
     # Several CPU processes (`accelerate launch` without a GPU) talk over gloo.
     free_the_group_at_the_end()
     state = PartialState(cpu=int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available())
+    # A stream the shell closed (`<&-`, `>&-`) is None to Python.
+    if args.input == "-" and sys.stdin is None:
+        raise SentimentError("--input -: standard input is closed; pipe the texts in (some_command | infer.py "
+                             "--input -) or name a file")
+    if not args.output and sys.stdout is None:
+        raise SentimentError("standard output is closed, so the answers cannot be printed; write them to a file "
+                             "with --output FILE")
     columns = check_input(args) if args.input else None
     for path, flag in ((args.output, "--output"), (args.metrics_out, "--metrics-out")):
         if path:

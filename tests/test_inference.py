@@ -156,6 +156,18 @@ def test_lines_piped_in_one_at_a_time_are_answered_as_they_come(trained_model):
     assert [a["label"] for a in answers[:2]] == ["positive", "negative"]
 
 
+@pytest.mark.parametrize("closing, flags, message", [
+    ("<&-", ["--input", "-"], "--input -: standard input is closed; pipe the texts in"),
+    (">&-", ["I loved it."], "standard output is closed, so the answers cannot be printed; write them to a file"),
+])
+def test_a_closed_standard_stream_is_one_line(trained_model, closing, flags, message):
+    # Each was an AttributeError traceback: Python makes sys.stdin or sys.stdout None when it is closed.
+    command = [sys.executable, os.path.join(ROOT, "infer.py"), "--model", str(trained_model), *flags]
+    result = subprocess.run(["bash", "-c", f'exec "$@" {closing}', "bash", *command], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
 def test_a_text_file_saved_by_a_windows_editor_scores_as_plain_text(tmp_path, trained_model):
     # Its byte-order mark stayed at the start of the first review, and came back in the output.
     source = tmp_path / "reviews.txt"

@@ -306,6 +306,20 @@ def test_labels_the_terminal_cannot_show_do_not_end_the_run(tmp_path):
     assert json.loads((tmp_path / "out" / "sentiment.json").read_text(encoding="utf-8"))["labels"] == ["消极", "积极"]
 
 
+def test_a_run_whose_standard_output_is_closed_trains_and_says_what_it_must_on_stderr(tmp_path):
+    # `train.py … >&-` (Python makes sys.stdout None) ended at once with an AttributeError traceback.
+    demo_reviews(200, seed=32).write_csv(tmp_path / "d.csv")
+    command = [sys.executable, os.path.join(ROOT, "train.py"), "--data", str(tmp_path / "d.csv"), *TINY,
+               "--max-steps", "2", "--output-dir", str(tmp_path / "out")]
+    result = subprocess.run(["bash", "-c", 'exec "$@" >&-', "bash", *command], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["test_accuracy"] >= 0
+    again = subprocess.run(["bash", "-c", 'exec "$@" >&-', "bash", *command], capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 2 and "Traceback" not in again.stderr and "--overwrite" in again.stderr
+
+
 def test_early_stopping_without_validation_rows_is_refused():
     # It was accepted and did nothing: without validation rows no evaluation runs, so no run stopped early.
     with pytest.raises(SentimentError, match="--early-stopping-patience watches the validation accuracy, but "
