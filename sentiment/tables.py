@@ -280,14 +280,13 @@ def nested_as_json(frame):
 def tsv_names(columns):
     """{name: the name TSV can hold}: tabs and line breaks as spaces, as in its values. Two columns whose
     names would then be one are refused (`score_and_report` asks before the model loads)."""
-    names = {}
+    names, named = {}, {}  # named: each safe name's column
     for name in columns:
         safe = re.sub(r"[\t\r\n]", " ", name)
-        other = next((before for before, its in names.items() if its == safe), None)
-        if other is not None:
-            raise SentimentError(f"columns {other!r} and {name!r} would have one name in TSV, which cannot hold "
-                                 f"tabs or line breaks; rename one, or write .csv, .parquet or .jsonl")
-        names[name] = safe
+        if safe in named:
+            raise SentimentError(f"columns {named[safe]!r} and {name!r} would have one name in TSV, which cannot "
+                                 f"hold tabs or line breaks; rename one, or write .csv, .parquet or .jsonl")
+        names[name], named[safe] = safe, name
     return names
 
 
