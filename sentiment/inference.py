@@ -59,17 +59,22 @@ def text_lines(lines, name, column, chunk_rows):
         yield pl.DataFrame({column: chunk}, schema={column: pl.String})
 
 
-def arriving_lines(fd):
-    """The lines of file descriptor `fd` as they arrive, with a None wherever none came for PAUSE_S after
-    a line: a pipe fed a line at a time (`tail -f`, a queue's consumer) or a terminal then gets each
-    answer as it goes, not all of them at its end, while lines that come together are scored together.
-    It reads the descriptor itself: a buffered reader can hold lines that `select` does not see."""
+def arriving_lines(fd, pause_s=None):
+    """The lines of file descriptor `fd` as they arrive; with `pause_s`, a None wherever none came for that
+    long after a line: a pipe fed a line at a time (`tail -f`, a queue's consumer) or a terminal then gets
+    each answer as it goes, not all of them at its end, while lines that come together are scored together.
+    It reads the descriptor itself: a buffered reader can hold lines that `select` does not see, and
+    fails on a descriptor that the program that started this one left non-blocking."""
     pieces, since_pause = [], False
     while True:
-        if since_pause and not select.select([fd], [], [], PAUSE_S)[0]:
+        if pause_s and since_pause and not select.select([fd], [], [], pause_s)[0]:
             yield None
             since_pause = False
-        data = os.read(fd, 1 << 16)
+        try:
+            data = os.read(fd, 1 << 16)
+        except BlockingIOError:  # non-blocking, and nothing there yet: wait until there is
+            select.select([fd], [], [])
+            continue
         if not data:
             break
         *ended, rest = data.split(b"\n")
@@ -89,7 +94,10 @@ def read_chunks(path, column, chunk_rows, as_they_come=False):
         if sys.stdin.isatty():  # nothing piped in: say what it waits for rather than hang without a word
             print("reading texts from the terminal, one a line; end with Ctrl-D", file=sys.stderr)
         # Bytes, decoded line by line: under a C locale Python would turn bad bytes into lone surrogates.
-        lines = arriving_lines(sys.stdin.fileno()) if as_they_come and os.name == "posix" else sys.stdin.buffer
+        if os.name == "posix":
+            lines = arriving_lines(sys.stdin.fileno(), PAUSE_S if as_they_come else None)
+        else:  # no `select` on a pipe there: lines come in full chunks
+            lines = sys.stdin.buffer
         yield from text_lines(lines, "standard input", column, chunk_rows)
     elif extension(path) == ".txt":
         try:

@@ -1,13 +1,16 @@
 """`infer.py`: texts and files in, scored rows and label metrics out."""
 
+import fcntl
 import json
 import os
 import pty
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 
@@ -166,6 +169,36 @@ def test_a_closed_standard_stream_is_one_line(trained_model, closing, flags, mes
     result = subprocess.run(["bash", "-c", f'exec "$@" {closing}', "bash", *command], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def unread(pipe):
+    """Bytes written to a pipe and not yet read from it."""
+    return struct.unpack("i", fcntl.ioctl(pipe, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+@pytest.mark.parametrize("output", [None, "out.jsonl"])
+def test_standard_input_left_non_blocking_is_waited_for(tmp_path, trained_model, output):
+    # A program that starts infer.py may leave its end of the pipe non-blocking. Finding it empty between
+    # two lines, a run printing its answers ended with a BlockingIOError traceback, and a run writing a file
+    # took it for the end of the input: it wrote the first line's row, left out the second, and exited 0.
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    flags = ["--output", str(tmp_path / output)] if output else []
+    with subprocess.Popen([sys.executable, os.path.join(ROOT, "infer.py"), "--model", str(trained_model), "--input",
+                           "-", *flags], stdin=read_end, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          cwd=ROOT) as process:
+        os.close(read_end)
+        with os.fdopen(write_end, "wb", buffering=0) as pipe:
+            pipe.write(b"I loved it. The acting was superb.\n")
+            deadline = time.monotonic() + 300
+            while unread(write_end) and time.monotonic() < deadline:  # the model has loaded and reading began
+                time.sleep(0.1)
+            time.sleep(0.5)  # the next read finds nothing there yet
+            pipe.write(b"The plot was awful. I hated it.\n")
+        out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err.decode()
+    lines = (tmp_path / output).read_text() if output else out.decode()
+    assert [json.loads(line)["label"] for line in lines.splitlines()] == ["positive", "negative"]
 
 
 def test_a_text_file_saved_by_a_windows_editor_scores_as_plain_text(tmp_path, trained_model):
