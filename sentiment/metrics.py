@@ -76,3 +76,23 @@ def softmax(logits, temperature=1.0):
     z = np.asarray(logits, dtype=np.float64) / temperature
     z = np.exp(z - z.max(1, keepdims=True))
     return z / z.sum(1, keepdims=True)
+
+
+def output_function(config):
+    """How a classifier's logits become its scores, as transformers' text-classification pipeline decides
+    from the config: labels that exclude each other share a softmax; labels that do not (multi-label),
+    or a single logit, each get a sigmoid; a regression keeps its raw output."""
+    if config.problem_type == "regression":
+        return "none"
+    if config.problem_type == "multi_label_classification" or config.num_labels == 1:
+        return "sigmoid"
+    return "softmax"
+
+
+def scores(logits, function, temperature=1.0):
+    """The scores `output_function` names, of logits divided by `temperature` (a regression's are raw)."""
+    if function == "none":
+        return np.asarray(logits, dtype=np.float64)
+    if function == "sigmoid":  # written with tanh, which cannot overflow as exp(-z) can
+        return 0.5 * (1 + np.tanh(np.asarray(logits, dtype=np.float64) / (2 * temperature)))
+    return softmax(logits, temperature)

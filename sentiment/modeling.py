@@ -141,6 +141,9 @@ def load_model(name, labels, vocab_size, attention_dropout=None):
             **download_options(name)))
     except OSError as err:
         raise model_error(name, err) from None
+    # Trained with cross-entropy: a softmax over the labels. Said in the config, since a base checkpoint's
+    # own (multi-label, regression) would have the pipeline and the Predictor score it otherwise.
+    config.problem_type = "single_label_classification"
     if attention_dropout is not None:
         key = next((k for k in ATTENTION_DROPOUT_KEYS if hasattr(config, k)), None)
         if key is None:

@@ -20,7 +20,7 @@ from .config import CPU_BATCH_SIZE, CPU_BATCH_TOKENS, GPU_BATCH_SIZE, GPU_BATCH_
 from .data import clean_texts
 from .devices import emulated_bf16, native_bf16, pick_device
 from .errors import SentimentError, SettingError
-from .metrics import softmax
+from .metrics import output_function, scores
 from .modeling import check_max_length, load_model_folder
 
 NOTHING_TO_SCORE = "nothing to score: the text is empty, only markup, or only characters the tokenizer drops"
@@ -104,6 +104,7 @@ class Predictor:
                                     self.max_length)
         self.collate = Collator(self.tokenizer.pad_token_id)  # set for every folder by load_model_folder
         self.specials = sum(map(len, special_tokens(self.tokenizer)))  # ids around every text: [CLS] … [SEP]
+        self.function = output_function(self.model.config)  # softmax for every model train.py writes
 
     def encode(self, texts):
         """`TokenIds` of already cleaned, non-empty texts."""
@@ -177,8 +178,9 @@ class Predictor:
             return self.model(**padded).logits.float()
 
     def probabilities(self, texts):
-        """Calibrated class probabilities of raw texts, one row each; a row of NaN for a text with nothing to
-        score: empty, only markup, or only characters the tokenizer drops (control or zero-width
+        """Each label's score for raw texts, one row each: calibrated probabilities from a model train.py
+        wrote, the pipeline's scores from any other (`metrics.output_function`); a row of NaN for a text with
+        nothing to score: empty, only markup, or only characters the tokenizer drops (control or zero-width
         characters, lone accents), which would be scored as the special tokens alone. `texts` is any
         iterable of strings (None counts as empty); one string is one text."""
         texts = [texts] if isinstance(texts, str) else list(texts)
@@ -190,7 +192,7 @@ class Predictor:
         probs = np.full((len(texts), len(self.labels)), np.nan)
         if len(valid):
             ids = self.encode([cleaned[i] for i in valid])
-            probs[valid] = softmax(self.logits(ids), self.settings.temperature)
+            probs[valid] = scores(self.logits(ids), self.function, self.settings.temperature)
             probs[valid[ids.lengths <= self.specials]] = np.nan
         return probs
 

@@ -19,7 +19,7 @@ from starlette.requests import ClientDisconnect
 from .data import only_markup
 
 PARSE_OFF_LOOP_BYTES = 64 << 10  # larger bodies are parsed and checked on a worker thread
-FUNCTIONS = ("softmax",)  # the scores are calibrated probabilities; raw logits are not kept
+FUNCTIONS = ("softmax", "sigmoid", "none")  # as the pipeline names them; a model answers with its own alone
 
 
 class BadRequest(Exception):
@@ -130,8 +130,9 @@ async def read_body(request, settings, reservation):
         raise BadRequest(499, "client_disconnected", "the client went away") from None
 
 
-async def read_request(request, settings, budget, client):
-    """The checked `Request` of `client`'s /predict body, or `BadRequest` naming what is wrong with it."""
+async def read_request(request, settings, budget, client, function="softmax"):
+    """The checked `Request` of `client`'s /predict body, or `BadRequest` naming what is wrong with it;
+    `function` is how the model makes its scores (`metrics.output_function`)."""
     kind, charset = media_type(request)
     if kind != "application/json":
         raise BadRequest(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
@@ -144,11 +145,11 @@ async def read_request(request, settings, budget, client):
     with budget.reserve(client) as reservation:
         body = await read_body(request, settings, reservation)
         if len(body) > PARSE_OFF_LOOP_BYTES:  # a large body must not hold up the event loop
-            return await asyncio.to_thread(parse, body, settings)
-        return parse(body, settings)
+            return await asyncio.to_thread(parse, body, settings, function)
+        return parse(body, settings, function)
 
 
-def parse(body, settings):
+def parse(body, settings, function="softmax"):
     try:
         payload = json.loads(body)
     except UnicodeDecodeError as err:
@@ -156,7 +157,7 @@ def parse(body, settings):
                                                 f"UTF-8") from None
     except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
         raise BadRequest(400, "malformed_json", "the body is not valid JSON") from None
-    request = shape_of(payload)
+    request = shape_of(payload, function)
     if len(request.texts) > settings.max_texts:
         raise BadRequest(413, "too_many_texts", f"{len(request.texts)} texts in one request; the limit is "
                                                 f"{settings.max_texts} (SENTIMENT_MAX_TEXTS): split the request")
@@ -165,7 +166,7 @@ def parse(body, settings):
     return request
 
 
-def shape_of(payload):
+def shape_of(payload, function="softmax"):
     """The texts and shape of a parsed body; `BadRequest` if it is neither of the two contracts."""
     keys = {"text", "texts", "inputs"} & set(payload) if isinstance(payload, dict) else set()
     if len(keys) != 1:
@@ -173,25 +174,27 @@ def shape_of(payload):
     key = keys.pop()
     value = payload[key]
     if key == "text" or (key == "inputs" and not isinstance(value, list)):
-        return Request([value], key, **parameters(payload) if key == "inputs" else {})
+        return Request([value], key, **parameters(payload, function) if key == "inputs" else {})
     if not isinstance(value, list) or not value:
         raise BadRequest(422, "invalid_request", f'"{key}" must be a non-empty list of strings')
     shape = "texts" if key == "texts" else "inputs_list"
-    return Request(value, shape, **parameters(payload) if key == "inputs" else {})
+    return Request(value, shape, **parameters(payload, function) if key == "inputs" else {})
 
 
-def parameters(payload):
-    """top_k and function_to_apply of a Hugging Face request, checked."""
+def parameters(payload, function):
+    """top_k and function_to_apply of a Hugging Face request, checked: the scores come from the model's own
+    `function` (calibrated probabilities, for a model train.py wrote), so no other may be asked for."""
     params = payload.get("parameters") or {}
     if not isinstance(params, dict):
         raise BadRequest(422, "invalid_request", '"parameters" must be an object')
     top_k = params.get("top_k")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise BadRequest(422, "invalid_request", '"parameters.top_k" must be a whole number of at least 1')
-    function = params.get("function_to_apply")
-    if function is not None and str(function).lower() not in FUNCTIONS:
-        raise BadRequest(422, "invalid_request", f'"parameters.function_to_apply" {function!r} is not supported; '
-                                                 f'the scores are calibrated probabilities ("softmax")')
+    asked = params.get("function_to_apply")
+    if asked is not None and str(asked).lower() != function:
+        known = "" if str(asked).lower() in FUNCTIONS else " (the pipeline's are softmax, sigmoid and none)"
+        raise BadRequest(422, "invalid_request", f'"parameters.function_to_apply" {asked!r} is not supported{known}; '
+                                                 f'this model\'s scores come from "{function}"')
     return {"top_k": top_k}
 
 

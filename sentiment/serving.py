@@ -209,7 +209,7 @@ async def answer(request):
     if full:
         return Overloaded(client, retry_at, full.limit, str(full))
     try:
-        parsed = await read_request(request, settings, state.body_budget, client)
+        parsed = await read_request(request, settings, state.body_budget, client, batcher.predictor.function)
     except BadRequest as bad:
         if bad.limit:
             return Overloaded(client, retry_at, bad.limit, bad.message)

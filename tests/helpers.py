@@ -123,8 +123,9 @@ class FakePredictor:
     labels = ["negative", "positive"]
     max_batch_tokens, max_length = 4096, 512
 
-    def __init__(self, delay=0.0, gate=None, batch_size=16):
+    def __init__(self, delay=0.0, gate=None, batch_size=16, function="softmax"):
         self.delay, self.gate, self.batch_size, self.batches = delay, gate, batch_size, []
+        self.function = function
 
     def probabilities(self, texts):
         if self.gate is not None:

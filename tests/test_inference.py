@@ -579,15 +579,28 @@ def test_an_input_column_named_as_a_score_is_kept_and_the_accuracy_is_against_it
     assert accuracy == pytest.approx((out["predicted_label"] == out["label"]).mean()) and accuracy < 0.9
 
 
-def test_a_folder_without_our_settings_scores_as_the_pipeline_does(tmp_path, trained_model):
+# How a classifier's scores are made follows its config, as in transformers' pipeline: a softmax over
+# labels that exclude each other, a sigmoid for each of labels that do not (or for a single logit), the
+# raw output for a regression. Before, every folder got a softmax: a single logit scored 1.0, always.
+@pytest.mark.parametrize("kind", ["two labels", "multi-label", "one logit", "regression"])
+def test_a_folder_without_our_settings_scores_as_the_pipeline_does(tmp_path, trained_model, kind):
     import shutil
 
-    from transformers import pipeline
+    import torch
+    from transformers import AutoModelForSequenceClassification, pipeline
 
     from sentiment.predictor import Predictor
     folder = tmp_path / "plain"
     shutil.copytree(trained_model, folder)
     (folder / "sentiment.json").unlink()
+    if kind == "multi-label":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "problem_type": "multi_label_classification"}))
+    if kind in ("one logit", "regression"):
+        torch.manual_seed(0)
+        AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=1, id2label={0: "rating"}, label2id={"rating": 0}, ignore_mismatched_sizes=True,
+            problem_type="regression" if kind == "regression" else None).save_pretrained(folder)
     texts = [t.replace(". ", ". <br /><br />", 2) for t in demo_reviews(80, seed=27)["review"].to_list()]
     theirs = pipeline("text-classification", model=str(folder), top_k=None)(texts, truncation=True)
     ours = Predictor(str(folder), precision="fp32").predict(texts)

@@ -115,6 +115,23 @@ def test_bad_requests_get_json_errors_with_the_right_status(kwargs, status, kind
         assert client.get("/nowhere").json()["error"]["type"] == "http_error"
 
 
+@pytest.mark.parametrize("function, asked, status", [
+    ("softmax", "SOFTMAX", 200), ("softmax", "sigmoid", 422), ("sigmoid", "sigmoid", 200),
+    ("sigmoid", "softmax", 422), ("sigmoid", "tanh", 422),
+])
+def test_function_to_apply_is_the_model_s_own_or_refused(function, asked, status):
+    # A model whose scores are sigmoids (multi-label, or one logit) was refused "sigmoid" and taken at its word
+    # with "softmax": every model's scores were said to be a softmax's.
+    with client_for(FakePredictor(function=function)) as client:
+        wait_ready(client)
+        response = client.post("/predict", json={"inputs": "good", "parameters": {"function_to_apply": asked}})
+        assert response.status_code == status
+        if status == 422:
+            message = response.json()["error"]["message"]
+            assert message.endswith(f'this model\'s scores come from "{function}"')
+            assert ("the pipeline's are softmax, sigmoid and none" in message) == (asked == "tanh")
+
+
 LATIN_1 = '{"text": "caf\u00e9 au lait"}'.encode("latin-1")
 
 

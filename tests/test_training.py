@@ -403,6 +403,22 @@ def test_pretrained_weights_saved_in_bf16_train_in_fp32(tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
+@pytest.mark.parametrize("problem_type", ["multi_label_classification", "regression"])
+def test_a_model_is_trained_and_saved_as_a_single_label_classifier_whatever_its_base_said(tmp_path, problem_type):
+    # Fine-tuned from a multi-label or regression checkpoint, the model kept that problem type: trained with
+    # cross-entropy (a softmax over the labels), it was then scored with a sigmoid or raw by the pipeline,
+    # and by the Predictor, which make the scores as the config says.
+    from sentiment.metrics import output_function
+    from sentiment.modeling import load_model
+    folder = tmp_path / "base"
+    config = tiny_config(100, ["a", "b", "c"])
+    config.problem_type = problem_type
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
+    model = load_model(str(folder), ["negative", "positive"], 100)
+    assert model.config.problem_type == "single_label_classification"
+    assert output_function(model.config) == "softmax"
+
+
 def file_mode(path):
     return stat.S_IMODE(os.stat(path).st_mode)
 
