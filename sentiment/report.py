@@ -74,6 +74,11 @@ def validation_plot(records, plt):
     return embedded(figure, plt)
 
 
+def as_text(label):
+    """A label as matplotlib draws it literally: between two `$` it reads mathematics (and "$$" fails)."""
+    return label.replace("$", r"\$")
+
+
 def confusion_plot(metrics, plt):
     confusion = metrics["test"]["confusion_matrix"]
     labels, counts = confusion["labels"], confusion["rows_true_columns_predicted"]
@@ -87,8 +92,9 @@ def confusion_plot(metrics, plt):
         for j, n in enumerate(row):  # white on the dark cells, so every count can be read
             axes.text(j, i, str(n), ha="center", va="center", color="white" if n > darkest / 2 else "black")
     ticks = range(len(labels)) if len(labels) <= MAX_NAMES_SHOWN else []
-    axes.set(xticks=ticks, yticks=ticks, xticklabels=[labels[i] for i in ticks],
-             yticklabels=[labels[i] for i in ticks], xlabel="predicted", ylabel="true", title="test confusion matrix")
+    names = [as_text(labels[i]) for i in ticks]
+    axes.set(xticks=ticks, yticks=ticks, xticklabels=names, yticklabels=names, xlabel="predicted", ylabel="true",
+             title="test confusion matrix")
     return embedded(figure, plt)
 
 

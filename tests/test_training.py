@@ -1187,6 +1187,24 @@ def test_the_report_of_hundreds_of_classes_stays_small_and_a_failing_report_fail
     assert "report.html not written (ValueError: Image size" in capsys.readouterr().err
 
 
+def test_labels_with_dollar_signs_are_drawn_as_they_are_written(tmp_path, trained_model):
+    # Price levels as labels: matplotlib read "$$" as mathematics and failed, so the run wrote no report;
+    # "cost $5 to $10" came out in italics, its spaces gone.
+    import re
+
+    from sentiment import report
+    folder = tmp_path / "model"
+    shutil.copytree(trained_model, folder)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    labels = ["$", "$$", "cost $5 to $10"]
+    metrics["test"]["confusion_matrix"] = {"labels": labels, "rows_true_columns_predicted": [[3, 1, 0], [0, 2, 0],
+                                                                                             [1, 0, 4]]}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    report.main([str(folder)])
+    assert len(re.findall(r'src="data:image/png;base64,', (folder / "report.html").read_text())) == 4
+    assert [report.as_text(label) for label in labels] == [r"\$", r"\$\$", r"cost \$5 to \$10"]
+
+
 def test_offline_a_hub_model_in_the_cache_loads_and_one_that_is_not_fails_at_once(tmp_path, trained_model):
     # A Hub that does not resolve (.invalid never does): transformers retried each file for most of a minute,
     # before using the cache or failing. A model in the cache, laid out as huggingface_hub keeps it:
