@@ -128,6 +128,10 @@ class TrainArgs:
             if getattr(self, name) and same_file(getattr(self, name), self.data):
                 raise SentimentError(f"{flag(name)} is the --data file, {self.data}; held-out rows must be other "
                                      f"rows (leave {flag(name)} out to carve them from --data)")
+        if self.val_data and self.test_data and same_file(self.val_data, self.test_data):
+            raise SentimentError(f"--val-data and --test-data are both {self.val_data}; the best model is chosen on "
+                                 f"the validation rows, so the test rows must be other rows for the test accuracy to "
+                                 f"say how it does on new data")
         for f in dataclasses.fields(self):  # argparse's float() takes 'nan' and 'inf'
             if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name)):
                 raise SentimentError(f"{flag(f.name)} must be a finite number, got {getattr(self, f.name)}")

@@ -116,6 +116,13 @@ def test_held_out_rows_that_leave_too_few_training_rows_are_named(tmp_path):
     reviews.write_csv(tmp_path / "train.csv")
     with pytest.raises(SentimentError, match="--val-data is the --data file"):
         TrainArgs(data=str(tmp_path / "train.csv"), val_data=str(tmp_path / "train.csv"))
+    # One file as both held-out splits was taken: the test accuracy was measured on the rows the best model
+    # was chosen on.
+    reviews.write_csv(tmp_path / "held_out.csv")
+    with pytest.raises(SentimentError, match="--val-data and --test-data are both .*held_out.csv; the best model is "
+                                             "chosen on the validation rows"):
+        TrainArgs(data=str(tmp_path / "train.csv"), val_data=str(tmp_path / "held_out.csv"),
+                  test_data=str(tmp_path / "./held_out.csv"))
     reviews.head(99).write_csv(tmp_path / "val.csv")
     kept = len(set(clean_texts(reviews["review"].to_list())))
     removed = len(set(clean_texts(reviews.head(99)["review"].to_list())))
