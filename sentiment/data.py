@@ -242,6 +242,14 @@ def read_frames(args):
             before = len(data)
             data = data.join(held_out[split].select("text"), on="text", how="anti", maintain_order="left")
             reports[split]["removed_from_train"] = before - len(data)
+    if len(held_out) == 2:  # the best model is chosen on the validation rows: none of them may be a test row
+        before = len(held_out["val"])
+        held_out["val"] = held_out["val"].join(held_out["test"].select("text"), on="text", how="anti",
+                                               maintain_order="left")
+        reports["val"]["removed_for_test"] = before - len(held_out["val"])
+        if not len(held_out["val"]):
+            raise SentimentError(f"{args.val_data}: every validation row is also in {args.test_data}; validate on "
+                                 f"other rows than the test")
     frames = merge_label_variants({"train": data, **held_out}, args.normalize_labels)
     return frames.pop("train"), frames, reports
 

@@ -1,6 +1,7 @@
 import codecs
 import json
 import os
+import shutil
 
 import numpy as np
 import polars as pl
@@ -85,11 +86,15 @@ def test_a_class_of_few_training_rows_is_named_in_a_warning(tmp_path, capsys):
 def test_separate_val_and_test_files_use_all_training_rows_and_drop_overlap(tmp_path):
     train, held = demo_reviews(300, seed=5), demo_reviews(60, seed=6)
     pl.concat([train, held.head(5)]).write_csv(tmp_path / "train.csv")
-    held.head(30).write_csv(tmp_path / "val.csv")
+    held.head(35).write_csv(tmp_path / "val.csv")  # its last 5 rows are test rows too
     held.tail(30).write_csv(tmp_path / "test.csv")
     splits = splits_of(tmp_path / "train.csv", val_data=str(tmp_path / "val.csv"),
                        test_data=str(tmp_path / "test.csv"))
-    assert len(splits.val) == len(set(clean_texts(held.head(30)["review"].to_list())))
+    # A test row the best model was chosen on inflated the test accuracy: it leaves the validation rows.
+    test_texts = set(clean_texts(held.tail(30)["review"].to_list()))
+    assert len(splits.val) == len(set(clean_texts(held.head(35)["review"].to_list())) - test_texts)
+    assert not set(splits.val["text"]) & set(splits.test["text"]) and len(splits.test) == len(test_texts)
+    assert splits.report["val"]["removed_for_test"] == 5
     assert not set(splits.train["text"]) & set(splits.val["text"])
     assert splits.report["val"]["removed_from_train"] == 5
     assert len(splits.train) == len(set(clean_texts(train["review"].to_list())) - set(splits.val["text"]))
@@ -123,6 +128,9 @@ def test_held_out_rows_that_leave_too_few_training_rows_are_named(tmp_path):
                                              "chosen on the validation rows"):
         TrainArgs(data=str(tmp_path / "train.csv"), val_data=str(tmp_path / "held_out.csv"),
                   test_data=str(tmp_path / "./held_out.csv"))
+    shutil.copyfile(tmp_path / "held_out.csv", tmp_path / "copy.csv")  # the same rows under another name
+    with pytest.raises(SentimentError, match="copy.csv: every validation row is also in .*held_out.csv"):
+        splits_of(tmp_path / "train.csv", val_data=str(tmp_path / "copy.csv"), test_data=str(tmp_path / "held_out.csv"))
     reviews.head(99).write_csv(tmp_path / "val.csv")
     kept = len(set(clean_texts(reviews["review"].to_list())))
     removed = len(set(clean_texts(reviews.head(99)["review"].to_list())))
