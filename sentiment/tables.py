@@ -314,7 +314,7 @@ class TableWriter:
         remove_stale_temporaries(self.target)  # what a run killed outright (SIGKILL, out of memory) left
         self.tmp = temporary(self.target, hidden=True)
         self.parts = self.tmp + ".parts"
-        self.count, self.flattened, self.objects, self.columns = 0, 0, 0, []
+        self.count, self.flattened, self.renamed, self.objects = 0, 0, 0, 0
 
     def start(self):
         """Create the temporary file at the first write, in the caller's `try` whose `finally` calls
@@ -328,7 +328,6 @@ class TableWriter:
     def write(self, frame):
         if self.count == 0:
             self.start()
-            self.columns = frame.columns
         if self.ext == ".parquet":
             frame.write_parquet(os.path.join(self.parts, f"part-{self.count:06d}.parquet"))
         else:
@@ -336,6 +335,8 @@ class TableWriter:
                 if self.ext == ".csv":
                     frame.pipe(nested_as_json).write_csv(f, include_header=self.count == 0)
                 elif self.ext == ".tsv":  # no quoting, as TSV is read (tables.SCANNERS)
+                    if self.count == 0:  # the header's names, changed like the values
+                        self.renamed = sum(name != safe for name, safe in tsv_names(frame.columns).items())
                     frame, changed = tsv_safe(frame.pipe(nested_as_json))
                     self.flattened += changed
                     frame.write_csv(f, include_header=self.count == 0, separator="\t", quote_style="never")
@@ -357,8 +358,7 @@ class TableWriter:
             with open(self.tmp, "a") as f:
                 f.write("\n]\n")
         replace_durably(self.tmp, self.target)
-        renamed = sum(name != safe for name, safe in tsv_names(self.columns).items()) if self.ext == ".tsv" else 0
-        what = [f"{self.flattened} values"] * bool(self.flattened) + [f"{renamed} column names"] * bool(renamed)
+        what = [f"{n} {kind}" for n, kind in ((self.flattened, "values"), (self.renamed, "column names")) if n]
         if what:
             print(f"warning: {' and '.join(what)} held tabs or line breaks, which TSV cannot hold; they are spaces "
                   f"in {self.path} (.csv, .parquet or .jsonl keep them)", file=sys.stderr)
