@@ -2,15 +2,17 @@
 
 Settings come from SENTIMENT_* environment variables (see `sentiment.config.ServeSettings`);
 SENTIMENT_MODEL names the model folder (default: outputs/model, where train.py writes).
-`--http app:HTTP` is uvicorn's HTTP/1.1 with a deadline on request heads (SENTIMENT_HEAD_TIMEOUT_S).
+`--http app:HTTP` is uvicorn's HTTP/1.1 with a deadline on request heads (SENTIMENT_HEAD_TIMEOUT_S) and
+limits on open connections (SENTIMENT_MAX_CONNECTIONS, SENTIMENT_MAX_CONNECTIONS_PER_CLIENT).
 """
 
 from sentiment.config import ServeSettings
-from sentiment.serving import create_app, head_timeout_protocol
+from sentiment.connections import http_protocol
+from sentiment.serving import create_app
 
 try:
     settings = ServeSettings.from_env()
 except ValueError as err:  # a bad SENTIMENT_* value: one line, not a traceback
     raise SystemExit(f"error: {err}") from None
 app = create_app(settings)
-HTTP = head_timeout_protocol(settings.head_timeout_s)
+HTTP = http_protocol(settings, app.state.metrics)

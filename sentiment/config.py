@@ -16,6 +16,10 @@ import dataclasses
 import math
 import os
 import typing
+try:
+    import resource
+except ImportError:  # Windows: no open-file limit to read
+    resource = None
 from dataclasses import dataclass, field
 
 from .errors import SentimentError, flag
@@ -24,6 +28,8 @@ TRUNCATIONS = ("head", "tail", "head+tail")  # which tokens of a long text to ke
 MIN_LENGTH = 8  # the shortest max length: a text keeps a few tokens beside the special ones
 MIXED_PRECISIONS = ("no", "fp16", "bf16")  # training, through Accelerate
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # scoring: auto is bf16 where the hardware has it; fp16: GPUs only
+MAX_CONNECTIONS = 4096  # the service's open connections at most, unless set
+FILES_KEPT = 64  # file descriptors the service keeps beside its connections (it uses about 10 once the model is in)
 # The Predictor's default batch limits, texts and tokens (texts × padded length) per forward pass.
 # Measured with bench/infer.py: on a CPU, batches of 16 (4k tokens) stay in cache and beat larger
 # ones by a quarter; a GPU wants large batches.
@@ -258,6 +264,14 @@ class InferArgs:
                 raise SentimentError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
 
 
+def open_file_limit():
+    """The process's open-file limit (`ulimit -n`), or None where it has none."""
+    if resource is None:
+        return None
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if limit == resource.RLIM_INFINITY else limit
+
+
 @dataclass
 class ServeSettings:
     """The service's settings, each read from `SENTIMENT_<NAME>` (`max_wait_ms` from SENTIMENT_MAX_WAIT_MS)."""
@@ -279,6 +293,12 @@ class ServeSettings:
     # The part of it one client (one address) may hold; unset: half of it, and at least max_body_bytes.
     max_body_bytes_per_client: typing.Optional[int] = None
     max_texts: int = 64  # most texts in one request
+    # Connections open at most (each holds a file descriptor); beyond it, a new one is closed at once.
+    # Unset: what the open-file limit (`ulimit -n`) leaves beside the service's own files, at most 4096.
+    max_connections: typing.Optional[int] = None
+    # Connections one client (one address) may hold open; unset: half of max_connections. A proxy
+    # uvicorn takes client addresses from (--forwarded-allow-ips, by default this host) counts only in all.
+    max_connections_per_client: typing.Optional[int] = None
     max_chars: int = 20000  # longest text accepted
     request_timeout_s: float = 30.0  # then 504
     body_timeout_s: float = 10.0  # the whole body must arrive within this; then 408
@@ -288,14 +308,16 @@ class ServeSettings:
     threads: typing.Optional[int] = None  # CPU threads for the model; unset: PyTorch's choice
     precision: str = "auto"  # auto, fp32, bf16 (on a CPU: AVX512-BF16 or AMX) or fp16 (GPUs without bf16)
 
-    def client_share(self, name, whole, least):
+    def client_share(self, name, whole, least=None):
         """Setting `name`, what one client may take of setting `whole`: half of it where unset, and
-        never less than setting `least` (one request's worth) nor more than the whole."""
-        share, whole_value, least_value = getattr(self, name), getattr(self, whole), getattr(self, least)
+        never less than setting `least` (one request's worth; 1 where None) nor more than the whole."""
+        share, whole_value = getattr(self, name), getattr(self, whole)
+        least_value = getattr(self, least) if least else 1
+        least_text = f"SENTIMENT_{least.upper()} ({least_value})" if least else str(least_value)
         if share is None:
             share = max(whole_value // 2, least_value)
         if not least_value <= share <= whole_value:
-            raise ValueError(f"SENTIMENT_{name.upper()} must be at least SENTIMENT_{least.upper()} ({least_value}) "
+            raise ValueError(f"SENTIMENT_{name.upper()} must be at least {least_text} "
                              f"and at most SENTIMENT_{whole.upper()} ({whole_value}), got {share}")
         return share
 
@@ -317,7 +339,8 @@ class ServeSettings:
     def __post_init__(self):
         for name in ("queue_size", "queue_size_per_client", "max_body_bytes", "max_body_bytes_total",
                      "max_body_bytes_per_client", "max_texts", "max_chars", "request_timeout_s", "body_timeout_s",
-                     "head_timeout_s", "stall_timeout_s", "max_batch_size", "max_batch_tokens", "threads"):
+                     "head_timeout_s", "stall_timeout_s", "max_batch_size", "max_batch_tokens", "threads",
+                     "max_connections", "max_connections_per_client"):
             value = getattr(self, name)
             if value is not None and not value > 0:  # `not >` also refuses NaN
                 raise ValueError(f"SENTIMENT_{name.upper()} must be above 0, got {value}")
@@ -330,6 +353,18 @@ class ServeSettings:
         self.max_body_bytes_per_client = self.client_share("max_body_bytes_per_client", "max_body_bytes_total",
                                                            "max_body_bytes")
         self.queue_size_per_client = self.client_share("queue_size_per_client", "queue_size", "max_texts")
+        limit = open_file_limit()
+        room = math.inf if limit is None else limit - FILES_KEPT  # connections the descriptors left allow
+        if room < 1:
+            raise ValueError(f"the open-file limit (ulimit -n) of {limit} leaves no room for connections beside "
+                             f"the {FILES_KEPT} files the service keeps for itself: raise it")
+        if self.max_connections is None:
+            self.max_connections = min(MAX_CONNECTIONS, room)
+        if self.max_connections > room:
+            raise ValueError(f"SENTIMENT_MAX_CONNECTIONS must be at most {room}, what the open-file limit "
+                             f"(ulimit -n) of {limit} leaves beside the {FILES_KEPT} files the service keeps "
+                             f"for itself, got {self.max_connections}: lower it or raise the limit")
+        self.max_connections_per_client = self.client_share("max_connections_per_client", "max_connections")
         if not self.max_wait_ms >= 0:
             raise ValueError(f"SENTIMENT_MAX_WAIT_MS must not be negative, got {self.max_wait_ms}")
         for name in ("max_wait_ms", "request_timeout_s", "body_timeout_s", "head_timeout_s", "stall_timeout_s"):

@@ -8,22 +8,20 @@ may hold is `protocol`'s concern. A 503 for a limit (`Overloaded`) tells its cli
 again, and one that comes back sooner waits for that time. Every /predict request is counted once
 in `/metrics`, written by `prometheus-client` with one registry per app, and every answer says how
 long it took.
-`head_timeout_protocol` is uvicorn's HTTP/1.1 with a deadline on request heads, which the app
-itself cannot see (`uvicorn app:app --http app:HTTP`).
+What is enforced on connections, before a request reaches the app (deadlines on request heads,
+open connections per client), is `connections`' concern.
 """
 
 import asyncio
 import contextlib
 import gc
 import importlib
-import ipaddress
 import json
 import logging
 import sys
 import time
 from dataclasses import dataclass
 
-import h11
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.applications import Starlette
@@ -32,10 +30,10 @@ from starlette.datastructures import MutableHeaders
 from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .batcher import MicroBatcher, ModelError, QueueFull, model_thread
 from .config import ServeSettings
+from .connections import client_key
 from .errors import SentimentError, SettingError
 from .predictor import Predictor
 from .protocol import BadRequest, BodyBudget, read_request
@@ -71,6 +69,9 @@ class ServiceMetrics:
         # Which limit each 503 met: the queue or the bodies' budget, in all or a client's share of it.
         self.refused = Counter("sentiment_refused", "Requests refused (503) for a limit, by the limit met.", ["limit"],
                                registry=self.registry)
+        self.connections_open = Gauge("sentiment_connections_open", "Connections open.", registry=self.registry)
+        self.connections_refused = Counter("sentiment_connections_refused", "Connections closed as they were made, "
+                                           "by the limit met.", ["limit"], registry=self.registry)
         self.held = Counter("sentiment_retried_early", "Refusals held until the client's last Retry-After was over, "
                             "as the request came sooner.", registry=self.registry)
 
@@ -239,19 +240,9 @@ async def answer(request):
 
 
 def client_of(request):
-    """Who sent `request`, for the limits each client has: its address (the connection's, or the one a
-    trusted proxy names in X-Forwarded-For: uvicorn's --forwarded-allow-ips), and for IPv6 its /64
-    network, which one host or one home network commonly holds whole."""
-    host = request.client.host if request.client else ""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:  # no address: a Unix socket, a test client
-        return host
-    if address.version == 6:
-        if address.ipv4_mapped:  # an IPv4 client of a dual-stack socket
-            return str(address.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{address}/64", strict=False))
-    return host
+    """Who sent `request`, for the limits each client has: `client_key` of its address (the connection's,
+    or the one a trusted proxy names in X-Forwarded-For: uvicorn's --forwarded-allow-ips)."""
+    return client_key(request.client.host if request.client else "")
 
 
 async def client_gone(request):
@@ -363,37 +354,3 @@ def create_app(settings=None, predictor_factory=None):
     app.state.batcher = None
     app.state.load_error = None
     return app
-
-
-def head_timeout_protocol(seconds):
-    """uvicorn's HTTP/1.1 protocol, plus a deadline on each request's head (request line and headers):
-    a connection that has not sent a whole head `seconds` after it opened, or after it began its next
-    request, is closed. uvicorn waits for a head forever, so a few hundred connections that send
-    their headers a byte at a time would hold every file descriptor; the body has its own deadline
-    (`body_timeout_s`) in the app."""
-
-    class HeadTimeoutProtocol(H11Protocol):
-        def connection_made(self, transport):
-            super().connection_made(transport)
-            self.head_deadline = self.loop.call_later(seconds, self.head_too_slow)
-
-        def data_received(self, data):
-            if self.head_deadline is None and self.conn.their_state is h11.IDLE:  # a kept-alive connection's next
-                self.head_deadline = self.loop.call_later(seconds, self.head_too_slow)  # request has begun
-            super().data_received(data)
-            if self.head_deadline is not None and self.conn.their_state is not h11.IDLE:  # the head is in
-                self.head_deadline.cancel()
-                self.head_deadline = None
-
-        def head_too_slow(self):
-            self.head_deadline = None
-            if not self.transport.is_closing():
-                self.transport.close()
-
-        def connection_lost(self, exc):
-            if self.head_deadline is not None:
-                self.head_deadline.cancel()
-                self.head_deadline = None
-            super().connection_lost(exc)
-
-    return HeadTimeoutProtocol

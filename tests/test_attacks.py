@@ -5,6 +5,8 @@ import asyncio
 import json
 import os
 import re
+import resource
+import select
 import shutil
 import signal
 import socket
@@ -27,7 +29,7 @@ GOOD = "The acting was superb. I loved it."
 class Server:
     """`uvicorn app:app --http app:HTTP` on a free loopback port, with SENTIMENT_* settings; its output is kept."""
 
-    def __init__(self, model, **settings):
+    def __init__(self, model, open_files=None, **settings):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "SENTIMENT_MODEL": str(model), "TOKENIZERS_PARALLELISM": "false",
@@ -35,7 +37,8 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "app:app", "--http", "app:HTTP", "--host", "127.0.0.1",
              "--port", str(self.port)],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            preexec_fn=open_files and (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))))
         self.output = []
         self.reader = threading.Thread(target=lambda: self.output.extend(self.process.stdout), daemon=True)
         self.reader.start()
@@ -379,6 +382,74 @@ def test_heads_that_never_finish_are_cut_off_and_hold_back_no_one(serve):
         time.sleep(0.4)
     assert read_status(patient, 10) == 200
     for sock in slow + [kept_alive, patient]:
+        sock.close()
+
+
+def connect(port, source):
+    return socket.create_connection(("127.0.0.1", port), source_address=(source, 0))
+
+
+def test_a_client_that_opens_connections_without_end_takes_no_one_else_s(serve):
+    # Each connection holds a file descriptor. One address that kept twice as many connections open
+    # as the process may have took every descriptor: accept() failed, every other client's request
+    # timed out, and asyncio logged a traceback for each failed accept, 200,000 of them in 6 s.
+    server = serve(open_files=256)  # 192 connections, 96 of them one client's
+    flooding, flood = threading.Event(), []
+    flooding.set()
+
+    def keep_open():  # as many as the process may hold, twice over: each the server closes is opened again
+        while flooding.is_set():
+            flood[:] = [sock for sock in flood if not select.select([sock], [], [], 0)[0] or sock.close()]
+            while len(flood) < 512 and flooding.is_set():
+                flood.append(connect(server.port, "127.0.0.2"))
+            time.sleep(0.25)
+
+    thread = threading.Thread(target=keep_open)
+    thread.start()
+    try:
+        time.sleep(3)
+        with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.3"), timeout=10) as other:
+            answers = [other.post(server.url + "/predict", json={"text": GOOD}) for _ in range(5)]
+        assert [r.status_code for r in answers] == [200] * 5
+        metrics = server.metrics()
+    finally:
+        flooding.clear()
+        thread.join()
+        for sock in flood:
+            sock.close()
+    assert metrics[("sentiment_connections_refused_total", (("limit", "client_connections"),))] > 512 - 96
+    assert metrics[("sentiment_connections_open", ())] <= 96 + 2
+    output = "".join(server.output)
+    assert output.count("Too many open files") <= 1 and "Traceback" not in output
+
+
+def test_connections_beyond_a_client_s_share_are_closed_as_they_come_and_a_proxy_s_count_only_in_all(serve):
+    server = serve(max_connections=40, max_connections_per_client=10)
+    one = [connect(server.port, "127.0.0.2") for _ in range(20)]
+    kept, closed = one[:10], one[10:]
+    assert all(closes_within(sock, 5) for sock in closed)
+    for sock in kept:  # each still open, and answered
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_status(sock, 10) == 200
+    # uvicorn takes client addresses from a proxy on this host (--forwarded-allow-ips): its
+    # connections carry many clients', and may be more than one client's share.
+    proxy = [connect(server.port, "127.0.0.1") for _ in range(15)]
+    answers = [httpx.post(server.url + "/predict", json={"text": GOOD}) for _ in range(3)]  # each a connection
+    assert [r.status_code for r in answers] == [200] * 3
+    others = [connect(server.port, f"127.0.1.{i}") for i in range(1, 21)]  # 15 more fit, whoever they are from
+    time.sleep(1)
+    assert sum(closes_within(sock, 0.05) for sock in others) == 5
+    assert not any(closes_within(sock, 0.05) for sock in proxy)
+    for sock in one[:5]:  # what a client gives back it may take again
+        sock.close()
+    time.sleep(0.5)
+    again = connect(server.port, "127.0.0.2")
+    again.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert read_status(again, 10) == 200
+    counted = server.metrics()
+    assert counted[("sentiment_connections_refused_total", (("limit", "client_connections"),))] == 10
+    assert counted[("sentiment_connections_refused_total", (("limit", "connections"),))] == 5
+    for sock in one[5:] + proxy + others + [again]:
         sock.close()
 
 

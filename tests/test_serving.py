@@ -3,6 +3,7 @@ import gzip
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -429,6 +430,29 @@ def test_the_shared_queue_keeps_its_bounds_and_pushes_out_only_what_is_beyond_a_
             assert queue.qsize() == sum(1 for r in waiting.values() for fs in r for f in fs if not f.done())
 
     asyncio.run(scenario())
+
+
+def test_connections_are_what_the_open_file_limit_leaves_and_half_of_them_one_client_s():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        settings = ServeSettings()  # 64 descriptors are the service's own
+        assert (settings.max_connections, settings.max_connections_per_client) == (192, 96)
+        assert ServeSettings(max_connections=100, max_connections_per_client=100).max_connections_per_client == 100
+        with pytest.raises(ValueError, match=r"SENTIMENT_MAX_CONNECTIONS must be at most 192, what the open-file "
+                                             r"limit \(ulimit -n\) of 256 leaves"):
+            ServeSettings(max_connections=1000)
+        with pytest.raises(ValueError, match=r"SENTIMENT_MAX_CONNECTIONS_PER_CLIENT must be at least 1 and at most "
+                                             r"SENTIMENT_MAX_CONNECTIONS \(192\), got 193"):
+            ServeSettings(max_connections_per_client=193)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (60, hard))
+        with pytest.raises(ValueError, match=r"open-file limit \(ulimit -n\) of 60 leaves no room for connections"):
+            ServeSettings()
+        wide = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wide, hard))
+        assert ServeSettings().max_connections == min(4096, wide - 64)  # 4096 at most: memory is then the bound
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_a_client_is_its_address_and_an_ipv6_client_its_network():

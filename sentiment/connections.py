@@ -1,0 +1,168 @@
+"""What the service enforces on connections, before the app sees a request: uvicorn's HTTP/1.1
+protocol with a deadline on request heads and a limit on open connections, in all and per client.
+
+`http_protocol(settings, metrics)` is the protocol class `uvicorn app:app --http app:HTTP` runs.
+Every open connection holds a file descriptor. Without limits, one client that opens connections
+faster than their deadlines close them takes every descriptor the process may have: `accept()`
+then fails, and every other client waits in the listen queue until it times out. So a connection
+beyond the service's limit, or beyond its client's share of it, is closed as soon as it is made.
+`client_key` says who a client is, here and for the app's own per-client limits.
+"""
+
+import collections
+import ipaddress
+import logging
+import time
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+ACCEPT_FAILED = "socket.accept() out of system resource"  # asyncio's message, with a traceback, for each failure
+ACCEPT_LOG_EVERY_S = 10.0
+log = logging.getLogger(__name__)
+
+
+def client_key(host):
+    """The client an address belongs to: the address, and for IPv6 its /64 network, which one host or
+    one home network commonly holds whole. An IPv4 client of a dual-stack socket is its IPv4 address;
+    what is not an address (a Unix socket, a test client) is itself."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address.version == 6:
+        if address.ipv4_mapped:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return host
+
+
+def trusted_proxies(config):
+    """Whether a peer is a proxy uvicorn takes client addresses from (`--forwarded-allow-ips`, by default
+    this host): its connections carry many clients', so they count only toward the service's limit."""
+    if not config.proxy_headers:
+        return lambda host: False
+    names = config.forwarded_allow_ips
+    names = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
+    if "*" in names:
+        return lambda host: True
+    networks, literals = [], set()
+    for name in names:
+        try:
+            networks.append(ipaddress.ip_network(name, strict=False))
+        except ValueError:
+            literals.add(name)
+
+    def trusted(host):
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return host in literals
+        return any(address in network for network in networks)
+    return trusted
+
+
+class ConnectionLimits:
+    """Open connections, in all and per client. `admit(host)` takes one for a new connection and
+    returns the limit it met instead ("connections", "client_connections"), or None; `release(key)`
+    gives back an admitted one."""
+
+    def __init__(self, most, most_per_client, trusted):
+        self.most, self.most_per_client, self.trusted = most, most_per_client, trusted
+        self.open = 0
+        self.by_client = collections.Counter()
+
+    def admit(self, host):
+        if self.open >= self.most:
+            return None, "connections"
+        key = None if not host or self.trusted(host) else client_key(host)
+        if key is not None:
+            if self.by_client[key] >= self.most_per_client:
+                return None, "client_connections"
+            self.by_client[key] += 1
+        self.open += 1
+        return key, None
+
+    def release(self, key):
+        self.open -= 1
+        if key is not None:
+            self.by_client[key] -= 1
+            if not self.by_client[key]:
+                del self.by_client[key]
+
+
+def quiet_accept_failures(loop, refused):
+    """asyncio logs a traceback for every connection it fails to accept, hundreds per event loop turn
+    when a burst of connections finds the process out of file descriptors (it accepts a burst whole
+    before any can be closed): a million log lines in a minute of such a flood. Count them in
+    `refused` and say so in one line every `ACCEPT_LOG_EVERY_S` instead; other errors pass."""
+    handler = loop.get_exception_handler()
+    failed, said_at = 0, -ACCEPT_LOG_EVERY_S
+
+    def handle(loop, context):
+        nonlocal failed, said_at
+        if context.get("message") != ACCEPT_FAILED:
+            return handler(loop, context) if handler else loop.default_exception_handler(context)
+        failed += 1
+        refused.labels(limit="open_files").inc()
+        if time.monotonic() - said_at >= ACCEPT_LOG_EVERY_S:
+            log.warning("%d connection(s) of a burst could not be accepted (%s); raise the open-file limit "
+                        "(ulimit -n) for such bursts", failed, context.get("exception"))
+            failed, said_at = 0, time.monotonic()
+    loop.set_exception_handler(handle)
+
+
+def http_protocol(settings, metrics):
+    """uvicorn's HTTP/1.1 protocol, plus:
+    - a deadline on each request's head (request line and headers): a connection that has not sent a
+      whole head `settings.head_timeout_s` after it opened, or after it began its next request, is
+      closed. uvicorn waits for a head forever; the body has its own deadline (`body_timeout_s`) in the app;
+    - `settings.max_connections` open at most, `settings.max_connections_per_client` of them from one
+      client; beyond them a new connection is closed at once, counted in `metrics.connections_refused`."""
+    seconds = settings.head_timeout_s
+    limits = None  # made with the first connection, once uvicorn's config says which peers are proxies
+
+    class GuardedProtocol(H11Protocol):
+        def connection_made(self, transport):
+            nonlocal limits
+            super().connection_made(transport)
+            if limits is None:
+                quiet_accept_failures(self.loop, metrics.connections_refused)
+                limits = ConnectionLimits(settings.max_connections, settings.max_connections_per_client,
+                                          trusted_proxies(self.config))
+            self.head_deadline = None
+            self.admitted, (self.counted_as, refused) = False, limits.admit(self.client[0] if self.client else "")
+            if refused:
+                metrics.connections_refused.labels(limit=refused).inc()
+                transport.close()
+                return
+            self.admitted = True
+            metrics.connections_open.inc()
+            self.head_deadline = self.loop.call_later(seconds, self.head_too_slow)
+
+        def data_received(self, data):
+            if not self.admitted:  # closing: what it sent is not read
+                return
+            if self.head_deadline is None and self.conn.their_state is h11.IDLE:  # a kept-alive connection's next
+                self.head_deadline = self.loop.call_later(seconds, self.head_too_slow)  # request has begun
+            super().data_received(data)
+            if self.head_deadline is not None and self.conn.their_state is not h11.IDLE:  # the head is in
+                self.head_deadline.cancel()
+                self.head_deadline = None
+
+        def head_too_slow(self):
+            self.head_deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_lost(self, exc):
+            if self.head_deadline is not None:
+                self.head_deadline.cancel()
+                self.head_deadline = None
+            if self.admitted:
+                self.admitted = False
+                limits.release(self.counted_as)
+                metrics.connections_open.dec()
+            super().connection_lost(exc)
+
+    return GuardedProtocol
