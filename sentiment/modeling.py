@@ -156,6 +156,27 @@ def load_model(name, labels, vocab_size, attention_dropout=None):
                                                               **download_options(name))
 
 
+def grow_embeddings(model, vocab_size):
+    """Give `model` an embedding for every one of `vocab_size` token ids: tokens added to a tokenizer
+    without resizing its model have ids past the model's embeddings (an IndexError on a CPU, a
+    device-side assert that stops every later CUDA call on a GPU). Their new rows are learnt in
+    training. Returns how many were added."""
+    have = model.get_input_embeddings().num_embeddings
+    if have < vocab_size:
+        model.resize_token_embeddings(vocab_size)
+    return max(vocab_size - have, 0)
+
+
+def check_embeddings(folder, model, tokenizer):
+    """Refuse a model folder whose tokenizer makes token ids its model has no embedding for."""
+    have = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > have:
+        raise SentimentError(f"{folder}: its tokenizer has {len(tokenizer)} tokens and its model embeddings for "
+                             f"{have} of them (tokens added to the tokenizer alone), so a text with any other "
+                             f"cannot be scored; fine-tune it with train.py --model {folder}, which adds their "
+                             f"embeddings, or put back the tokenizer it was trained with")
+
+
 def padding_id(tokenizer, config):
     """The token id batches are padded with, made the same in the tokenizer and the model's config.
 
@@ -332,6 +353,7 @@ def read_model_folder(folder, dtype):
     settings = read_settings(folder, config, tokenizer)
     with loading(folder, "weights"):
         model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype)
+    check_embeddings(folder, model, tokenizer)
     padding_id(tokenizer, model.config)
     return model.eval(), tokenizer, settings
 

@@ -37,7 +37,7 @@ from .files import as_plain_files, disk_full, disk_full_error, replace_durably, 
 from .launcher import free_the_group_at_the_end, launcher_gone, stop_with_the_launcher
 from .metrics import (classification_report, expected_calibration_error, fit_temperature, inverse_frequency_weights,
                       reliability_bins, softmax)
-from .modeling import ModelSettings, check_max_length, load_model, load_tokenizer, padding_id
+from .modeling import ModelSettings, check_max_length, grow_embeddings, load_model, load_tokenizer, padding_id
 from .outputs import claim, log_line, publish_model, truncate_log
 from .report import write_report_or_say_how
 
@@ -197,6 +197,9 @@ class FineTuneRecipe:
         self.config["data_digest"] = self.splits.digest()  # a resume checks that the rows are the same
         accelerator.print(f"data: {json.dumps(self.splits.report)}; labels: {self.splits.labels}")
         self.model = load_model(args.model, self.splits.labels, len(self.tokenizer), args.attention_dropout)
+        if added := grow_embeddings(self.model, len(self.tokenizer)):
+            accelerator.print(f"warning: {args.model}: its tokenizer has tokens its model has no embeddings for "
+                              f"({added}, added to the tokenizer alone); they get new ones, learnt in training")
         self.class_weights = None
         if args.class_weights == "auto":
             weights = inverse_frequency_weights(self.splits.label_ids(self.splits.train), len(self.splits.labels))

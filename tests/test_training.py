@@ -5,6 +5,7 @@ import fcntl
 import json
 import os
 import pty
+import re
 import shutil
 import signal
 import socket
@@ -539,6 +540,27 @@ def test_a_pretrained_folder_without_tokenizer_files_is_refused(tmp_path, traine
         shutil.copy(trained_model / name, tmp_path / name)
     with pytest.raises(SentimentError, match="no tokenizer files"):
         load_tokenizer(str(tmp_path), [])
+
+
+def test_tokens_added_to_a_tokenizer_alone_are_refused_for_scoring_and_learnt_in_training(tmp_path, trained_model):
+    # A text with such a token was an IndexError traceback from infer.py; on a GPU, a device-side
+    # assert after which every CUDA call of the process fails: the service would answer 500 for good.
+    from transformers import AutoTokenizer
+    base = tmp_path / "base"
+    shutil.copytree(trained_model, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    have = len(tokenizer)
+    tokenizer.add_tokens(["newword"])
+    tokenizer.save_pretrained(base)
+    with pytest.raises(SentimentError, match=re.escape(f"its tokenizer has {have + 1} tokens and its model "
+                                                       f"embeddings for {have} of them")):
+        Predictor(str(base))
+    out = tmp_path / "out"
+    trained = run_script("train.py", "--data", "demo", "--model", str(base), "--max-steps", "5",
+                         "--max-length", "64", "--output-dir", str(out))
+    assert "its tokenizer has tokens its model has no embeddings for (1, added to" in trained.stdout
+    assert load_model_folder(str(out))[0].get_input_embeddings().num_embeddings == have + 1
+    assert Predictor(str(out)).predict(["a newword film"])[0]["label"] in ("negative", "positive")
 
 
 def test_attention_dropout_is_set_whatever_the_architecture_calls_it(tmp_path):
