@@ -11,7 +11,8 @@ alone fails its request. `refusal()` tells the app whether a request can fit, in
 in room its client may take back from one holding more than its share of a full queue, before its
 body is read; the slots are taken (and others' requests pushed out) when the texts are queued.
 `stalled()` tells it when the batcher can no longer answer: a model call that never returns (a
-hung GPU), or a batching task that ended.
+hung GPU), a device that can no longer compute (after a failed call, the Predictor is asked), or
+a batching task that ended.
 It knows nothing of HTTP: routes and error statuses live in `serving`.
 """
 
@@ -148,6 +149,11 @@ class ModelError(Exception):
     """The model failed on a text (the detail is logged, not sent to the client)."""
 
 
+class DeviceFailed(ModelError):
+    """The model's device can no longer compute (a CUDA error that poisons the process): every text
+    fails, at once, until the service is restarted. The message says why."""
+
+
 def log_end(task):
     if not task.cancelled() and task.exception() is not None:
         log.error("the batching task ended; /health and /ready now answer 503", exc_info=task.exception())
@@ -185,6 +191,7 @@ class MicroBatcher:
         self.queue = FairQueue(settings.queue_size, settings.queue_size_per_client)
         self.heavy = False  # the last batch had company: worth waiting a moment for more
         self.busy_since = None  # when the model call under way began
+        self.failed = None  # why the device can no longer compute, once a failed call showed it
         self.task = asyncio.create_task(self.run())
         self.task.add_done_callback(log_end)
 
@@ -192,6 +199,8 @@ class MicroBatcher:
         """Why the batcher can no longer answer, or None while it can."""
         if self.task.done():
             return "the batching task has ended; the log says why"
+        if self.failed:
+            return self.failed
         busy_s = time.monotonic() - self.busy_since if self.busy_since is not None else 0.0
         if busy_s > limit_s:
             return f"a model call has run for {busy_s:.0f} s, over SENTIMENT_STALL_TIMEOUT_S ({limit_s:g} s)"
@@ -204,6 +213,8 @@ class MicroBatcher:
     async def submit(self, texts, client):
         """Queue `client`'s texts and wait for their answers: (answer, seconds queued, seconds in the
         model) per text. `QueueFull` at once if there is no room; `ModelError` if the model fails on one."""
+        if self.failed:
+            raise DeviceFailed(self.failed)
         full = self.queue.refusal(client, len(texts))
         if full:
             raise full
@@ -253,10 +264,7 @@ class MicroBatcher:
             texts, start = [text for text, _, _ in batch], time.perf_counter()
             self.busy_since = time.monotonic()
             try:
-                results = await loop.run_in_executor(self.executor, self.predictor.probabilities, texts)
-            except Exception as err:  # one bad text must not fail the others: score them alone
-                log.error("model error on a batch of %d texts; scoring them one by one", len(texts), exc_info=err)
-                results = await loop.run_in_executor(self.executor, score_one_by_one, self.predictor, texts)
+                results = await self.score(loop, texts)
             finally:
                 self.busy_since = None
             seconds = time.perf_counter() - start
@@ -264,8 +272,28 @@ class MicroBatcher:
                 if not future.done():
                     self.deliver(future, result, start - queued, seconds)
 
+    async def score(self, loop, texts):
+        """Each text's probabilities, or its error. A failed batch is scored text by text, so one bad
+        text does not fail the others, unless the failure left the device unable to compute at all."""
+        if self.failed:  # texts queued before it failed
+            return [DeviceFailed(self.failed)] * len(texts)
+        try:
+            return await loop.run_in_executor(self.executor, self.predictor.probabilities, texts)
+        except Exception as err:
+            log.error("model error on a batch of %d texts", len(texts), exc_info=err)
+        failure = await loop.run_in_executor(self.executor, self.predictor.device_fails)
+        if failure:
+            self.failed = (f"{self.predictor.device} can no longer compute ({failure}); every request fails "
+                           f"until the service is restarted")
+            log.error("%s; /health and /ready now answer 503", self.failed)
+            return [DeviceFailed(self.failed)] * len(texts)
+        return await loop.run_in_executor(self.executor, score_one_by_one, self.predictor, texts)
+
     def deliver(self, future, result, queued_s, model_s):
         """A text's answer, or its error: nothing about one text may end the batching task."""
+        if isinstance(result, DeviceFailed):  # said once, in the log, when it happened
+            future.set_exception(result)
+            return
         try:
             if isinstance(result, Exception):
                 raise result

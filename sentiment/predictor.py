@@ -177,6 +177,19 @@ class Predictor:
         with torch.autocast("cpu", dtype=torch.bfloat16) if self.cpu_autocast else contextlib.nullcontext():
             return self.model(**padded).logits.float()
 
+    def device_fails(self):
+        """Why the device can no longer compute, or None while it can. After a device-side assert or an
+        illegal memory access every later CUDA call of the process fails, and only a restart mends it;
+        a lack of memory is not such a failure. Ask after a model call failed."""
+        if self.device.type == "cpu":
+            return None
+        try:
+            torch.ones(1, device=self.device).add(1).cpu()
+        except Exception as err:
+            detail = str(err).strip().splitlines()
+            return f"{type(err).__name__}: {detail[0] if detail else ''}"
+        return None
+
     def probabilities(self, texts):
         """Each label's score for raw texts, one row each: calibrated probabilities from a model train.py
         wrote, the pipeline's scores from any other (`metrics.output_function`); a row of NaN for a text with

@@ -31,7 +31,7 @@ from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .batcher import MicroBatcher, ModelError, QueueFull, model_thread
+from .batcher import DeviceFailed, MicroBatcher, ModelError, QueueFull, model_thread
 from .config import ServeSettings
 from .connections import client_key
 from .errors import SentimentError, SettingError
@@ -204,6 +204,8 @@ async def answer(request):
     # A request that cannot fit (a full queue this client may take no room from) is answered before
     # the body is read, so a burst costs a parse only for what fits; the slots themselves are taken
     # once the body is in, so a slow body holds none.
+    if batcher.failed:  # every request fails until a restart: no use reading the body
+        return error(503, "stalled", batcher.failed)
     client = client_of(request)
     retry_at = state.retry_times.of(client)  # as told before this request came
     full = batcher.refusal(client)
@@ -228,6 +230,8 @@ async def answer(request):
         return Overloaded(client, retry_at, full.limit, str(full))
     except TimeoutError:
         return error(504, "timeout", f"no answer within {settings.request_timeout_s} s (SENTIMENT_REQUEST_TIMEOUT_S)")
+    except DeviceFailed as failed:  # a load balancer may send it elsewhere; a liveness probe restarts it
+        return error(503, "stalled", str(failed))
     except ModelError:
         return error(500, "model_error", "the model failed on this text; the service is still running")
     answers, queued, scored = zip(*results)

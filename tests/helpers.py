@@ -122,6 +122,7 @@ class FakePredictor:
 
     labels = ["negative", "positive"]
     max_batch_tokens, max_length = 4096, 512
+    device, failure = "cpu", None  # failure: what device_fails says
 
     def __init__(self, delay=0.0, gate=None, batch_size=16, function="softmax"):
         self.delay, self.gate, self.batch_size, self.batches = delay, gate, batch_size, []
@@ -138,3 +139,6 @@ class FakePredictor:
 
     def answer(self, probs):
         return Predictor.answer(self, probs)
+
+    def device_fails(self):
+        return self.failure

@@ -103,3 +103,40 @@ def test_scoring_on_a_gpu_short_of_memory_halves_its_batches(trained_model, capf
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert greedy.max_batch_tokens < 10**7 and "ran out of memory on" in capfd.readouterr().err
     np.testing.assert_allclose(scores, expected, atol=1e-4)
+
+
+DEVICE_SIDE_ASSERT = """
+import json, sys, time
+import torch
+from starlette.testclient import TestClient
+from sentiment.config import ServeSettings
+from sentiment.serving import create_app
+seen = {}
+with TestClient(create_app(ServeSettings(model=sys.argv[1], device="cuda"))) as client:
+    while client.get("/ready").status_code != 200:
+        time.sleep(0.05)
+    predictor = client.app.state.batcher.predictor
+    try:  # out of memory: the device still computes
+        torch.empty(2**62, dtype=torch.uint8, device="cuda")
+    except torch.OutOfMemoryError:
+        seen["after out of memory"] = predictor.device_fails()
+    seen["before"] = client.post("/predict", json={"text": "good"}).status_code
+    try:  # an index past the end of a table: a device-side assert, which poisons the process's CUDA context
+        torch.nn.functional.embedding(torch.tensor([10], device="cuda"), torch.zeros(5, 4, device="cuda")).cpu()
+    except Exception as err:
+        seen["assert"] = type(err).__name__
+    after = client.post("/predict", json={"text": "good"})
+    seen["after"] = [after.status_code, after.json()["error"]["message"]]
+    seen["health"] = client.get("/health").status_code
+    print(json.dumps(seen), flush=True)  # before the service stops, on a device that no longer works
+"""
+
+
+@pytest.mark.skipif(not GPU, reason="a device-side assert needs a CUDA device; test_serving checks the service's "
+                                    "answer with a model whose device fails")
+def test_a_device_side_assert_fails_the_service_s_health_and_out_of_memory_does_not(trained_model):
+    # In a process of its own: nothing on its CUDA device works after the assert.
+    result = run_script("-c", DEVICE_SIDE_ASSERT, str(trained_model), check=False)
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["after out of memory"] is None and seen["before"] == 200 and seen["assert"]
+    assert seen["after"][0] == 503 and "can no longer compute" in seen["after"][1] and seen["health"] == 503

@@ -196,6 +196,37 @@ def test_a_model_call_that_never_returns_fails_health_and_readiness():
         assert re.fullmatch(r"a model call has run for [1-9]\d* s, over SENTIMENT_STALL_TIMEOUT_S \(0.5 s\)", message)
 
 
+def test_a_device_that_can_no_longer_compute_fails_health_and_every_request_at_once():
+    # After a device-side assert or an illegal memory access, every CUDA call of the process fails. The
+    # service answered 500 to every request, trying each text of each batch again alone, while /health
+    # said "ok": no liveness probe restarted it.
+    class DeadAfterBoom(FakePredictor):
+        calls = 0
+
+        def probabilities(self, texts):
+            self.calls += 1
+            if self.failure:
+                raise RuntimeError("CUDA error: device-side assert triggered")
+            try:
+                return super().probabilities(texts)
+            except ValueError:
+                self.failure = "AcceleratorError: CUDA error: device-side assert triggered"
+                raise
+
+    predictor = DeadAfterBoom()
+    with client_for(predictor) as client:
+        wait_ready(client)
+        assert client.post("/predict", json={"text": "good"}).status_code == 200
+        calls = predictor.calls
+        answers = [client.post("/predict", json={"text": text}) for text in ("boom", "good", "good")]
+        health, readiness = client.get("/health"), client.get("/ready")
+    assert predictor.calls == calls + 1  # nothing more is asked of a device that cannot compute
+    message = ("cpu can no longer compute (AcceleratorError: CUDA error: device-side assert triggered); every "
+               "request fails until the service is restarted")
+    for answer in answers + [health, readiness]:
+        assert answer.status_code == 503 and answer.json()["error"] == {"type": "stalled", "message": message}
+
+
 def test_an_answer_that_cannot_be_made_fails_its_request_and_not_the_batcher():
     # An error while making one text's answer ended the batching task: that request and every one
     # after it waited for its timeout, and /health still said "ok".
