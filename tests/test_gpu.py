@@ -1,5 +1,5 @@
 """The GPU path: mixed-precision training steps, mid-epoch resume, bf16 and fp16 scoring, scoring short of
-memory, the service.
+memory, the service, and the service after a device-side assert.
 
 Deselected on a machine without a GPU (conftest.py); `bash bench/gpu_check.sh` runs them on a
 GPU machine (`pytest -m gpu`), and `bench/gpu_check.sh --cpu-smoke` on the CPU at toy size
