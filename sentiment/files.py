@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 
 from .errors import SentimentError
 
@@ -63,10 +64,20 @@ def write_atomically(path, text):
             os.remove(tmp)
 
 
+# What fsync says on a file system that cannot flush a directory (CIFS shares, some FUSE mounts and
+# Ceph volumes); writeback errors are EIO, ENOSPC or EDQUOT, never these.
+CANNOT_FLUSH = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
 def fsync_path(path):
+    """Flush a file or a folder to disk. A folder its file system cannot flush is left as it is: its
+    renames are as durable as that file system makes them, and the file they name is flushed already."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as err:
+        if err.errno not in CANNOT_FLUSH or not stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise
     finally:
         os.close(fd)
 

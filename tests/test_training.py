@@ -1056,6 +1056,35 @@ def test_small_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     assert path.read_text() == "new" and os.listdir(tmp_path) == ["metrics.json"]
 
 
+def test_a_file_system_that_cannot_flush_a_folder_still_trains_and_scores(tmp_path, monkeypatch, reviews_csv):
+    # fsync on a folder is EINVAL on CIFS shares, some FUSE mounts and Ceph volumes: the run failed at
+    # its first checkpoint, and infer.py after writing its whole output, with a traceback.
+    from sentiment import inference
+    fsync = os.fsync
+
+    def no_folder_flush(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", no_folder_flush)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    out = tmp_path / "out"
+    training.train(parse_args(TrainArgs, "", ["--data", str(reviews_csv), *TINY, "--checkpoint-every", "3",
+                                              "--output-dir", str(out)]))
+    assert checkpointing.complete_checkpoints(out) and (out / "model.safetensors").exists()
+    inference.run(parse_args(InferArgs, "", ["--model", str(out), "--input", str(reviews_csv),
+                                             "--output", str(tmp_path / "scored.csv")]))
+    assert len(pl.read_csv(tmp_path / "scored.csv")) == len(pl.read_csv(reviews_csv))
+
+    def failing_disk(fd):  # a file's writeback error is not hidden
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_disk)
+    with pytest.raises(OSError, match="Input/output error"):
+        write_atomically(str(tmp_path / "metrics.json"), "{}")
+
+
 def test_the_last_short_accumulation_window_weighs_as_much_as_a_full_one():
     from accelerate import Accelerator
     # Five batches with --grad-accum 4: the last window holds one batch.
