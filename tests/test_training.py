@@ -1085,6 +1085,20 @@ def test_a_file_system_that_cannot_flush_a_folder_still_trains_and_scores(tmp_pa
         write_atomically(str(tmp_path / "metrics.json"), "{}")
 
 
+def test_a_folder_that_cannot_be_locked_trains_with_a_warning(tmp_path, monkeypatch, reviews_csv, capsys):
+    # flock on a network file system without a lock service is ENOLCK: the run ended in a traceback.
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(outputs.fcntl, "flock", no_locks)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    out = tmp_path / "out"
+    training.train(parse_args(TrainArgs, "", ["--data", str(reviews_csv), *TINY, "--output-dir", str(out)]))
+    assert (out / "model.safetensors").exists()
+    assert (f"warning: --output-dir {out} cannot be locked (No locks available), so a second run into it would not "
+            f"be refused") in capsys.readouterr().err
+
+
 def test_the_last_short_accumulation_window_weighs_as_much_as_a_full_one():
     from accelerate import Accelerator
     # Five batches with --grad-accum 4: the last window holds one batch.
