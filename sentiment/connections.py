@@ -113,7 +113,7 @@ def quiet_accept_failures(loop, refused):
 
 
 def http_protocol(settings, metrics):
-    """uvicorn's HTTP/1.1 protocol, plus:
+    """uvicorn's HTTP/1.1 protocol, without WebSocket upgrades, plus:
     - a deadline on each request's head (request line and headers): a connection that has not sent a
       whole head `settings.head_timeout_s` after it opened, or after it began its next request, is
       closed. uvicorn waits for a head forever; the body has its own deadline (`body_timeout_s`) in the app;
@@ -123,6 +123,12 @@ def http_protocol(settings, metrics):
     limits = None  # made with the first connection, once uvicorn's config says which peers are proxies
 
     class GuardedProtocol(H11Protocol):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # The service has no WebSocket routes. With a WebSocket library installed, uvicorn would hand
+            # an upgrade's connection to that library's protocol, and it would never be counted as closed.
+            self.ws_protocol_class = None  # an upgrade is a plain request
+
         def connection_made(self, transport):
             nonlocal limits
             super().connection_made(transport)

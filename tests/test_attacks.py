@@ -29,14 +29,14 @@ GOOD = "The acting was superb. I loved it."
 class Server:
     """`uvicorn app:app --http app:HTTP` on a free loopback port, with SENTIMENT_* settings; its output is kept."""
 
-    def __init__(self, model, open_files=None, **settings):
+    def __init__(self, model, open_files=None, uvicorn_flags=(), env=None, **settings):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "SENTIMENT_MODEL": str(model), "TOKENIZERS_PARALLELISM": "false",
+        env = {**os.environ, "SENTIMENT_MODEL": str(model), "TOKENIZERS_PARALLELISM": "false", **(env or {}),
                **{f"SENTIMENT_{k.upper()}": str(v) for k, v in settings.items()}}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "app:app", "--http", "app:HTTP", "--host", "127.0.0.1",
-             "--port", str(self.port)],
+             "--port", str(self.port), *uvicorn_flags],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             preexec_fn=open_files and (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))))
         self.output = []
@@ -451,6 +451,45 @@ def test_connections_beyond_a_client_s_share_are_closed_as_they_come_and_a_proxy
     assert counted[("sentiment_connections_refused_total", (("limit", "connections"),))] == 5
     for sock in one[5:] + proxy + others + [again]:
         sock.close()
+
+
+# A WebSocket protocol as uvicorn would run it with `websockets` installed (uvicorn[standard]), for a
+# handshake the app refuses: it takes the connection over from the HTTP protocol, then closes it.
+REFUSED_WEBSOCKET = """
+import asyncio
+
+
+class RefusedWebSocket(asyncio.Protocol):
+    def __init__(self, config, server_state, app_state):
+        pass
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.transport.write(b"HTTP/1.1 403 Forbidden\\r\\ncontent-length: 0\\r\\n\\r\\n")
+        self.transport.close()
+"""
+
+
+def test_upgrades_to_websocket_are_plain_requests_and_give_their_connection_back(serve, tmp_path):
+    # The service has no WebSocket routes. With a WebSocket library installed, uvicorn handed an upgrade's
+    # connection to that library's protocol, so it was never counted as closed: five upgrades from one
+    # client, its share, and every later connection of that client was closed as it came.
+    (tmp_path / "refused_websocket.py").write_text(REFUSED_WEBSOCKET)
+    server = serve(max_connections=10, max_connections_per_client=5, env={"PYTHONPATH": str(tmp_path)},
+                   uvicorn_flags=["--ws", "refused_websocket:RefusedWebSocket"])
+    upgrade = (b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    for _ in range(8):
+        with connect(server.port, "127.0.0.2") as sock:
+            sock.sendall(upgrade)
+            assert read_status(sock, 10) == 404  # as any unknown path
+    with connect(server.port, "127.0.0.2") as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_status(sock, 10) == 200
+    time.sleep(0.5)
+    assert server.metrics()[("sentiment_connections_open", ())] == 1  # the metrics request's own
 
 
 def test_deeply_nested_json_is_a_400_and_every_request_is_counted_once(serve):
