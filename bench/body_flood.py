@@ -4,8 +4,8 @@ without one (SENTIMENT_MAX_BODY_BYTES_TOTAL as large as can be), same attack, in
 For each, N connections each send a 1 MiB body but for its last bytes and hold it; the service's
 resident memory is read before and after, and one ordinary review is sent meanwhile by another
 client (another loopback address; the flood comes from 127.0.0.1). The budget
-bounds what bodies hold; what is left per connection is uvicorn's own buffering (bound the
-connections with `--limit-concurrency` or the proxy in front).
+bounds what bodies hold; what is left per connection is uvicorn's own buffering, which the bound
+on open connections (SENTIMENT_MAX_CONNECTIONS) limits in turn.
 
     python -m bench.body_flood --model outputs/demo --connections 2000
 """

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -35,13 +36,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(app, model, http="auto", **env):
+def start_server(app, model, http="auto", open_files=None, log=subprocess.DEVNULL, **env):
+    """uvicorn serving `app` on a free loopback port, its warnings and errors to `log`; `open_files` sets its
+    open-file limit (`ulimit -n`)."""
     port = free_port()
+    limit = open_files and (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files)))
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", app, "--http", http, "--host", "127.0.0.1", "--port", str(port),
          "--log-level", "warning"],
-        cwd=ROOT, env={**os.environ, "SENTIMENT_MODEL": model, **env},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cwd=ROOT, env={**os.environ, "SENTIMENT_MODEL": model, **env}, preexec_fn=limit,
+        stdout=log, stderr=subprocess.STDOUT if log is not subprocess.DEVNULL else log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
