@@ -129,6 +129,7 @@ class TrainArgs:
     def __post_init__(self):
         if not self.data:
             raise SentimentError("--data is required: a table file, 'imdb' or 'demo'")
+        refuse_names_not_utf8(self)
         refuse_one_column_for_both(self.text_column, self.label_column)
         for name in ("val_data", "test_data"):  # its rows would all be taken out of the training rows
             if getattr(self, name) and same_file(getattr(self, name), self.data):
@@ -173,6 +174,22 @@ class TrainArgs:
                 raise SentimentError(f"{flag(name)} must be 0 or more, got {value}")
         if not 0 <= self.seed < 2**32:  # numpy's seeding takes no other (a traceback, after the data was read)
             raise SentimentError(f"--seed must be from 0 to {2**32 - 1}, got {self.seed}")
+
+
+def refuse_names_not_utf8(args, setting=lambda name, value: f"{flag(name)} {value}", error=SentimentError):
+    """Refuse a setting that is not valid UTF-8 (a file name in Latin-1, say, which reaches Python as lone
+    surrogates): polars, tokenizers and transformers take UTF-8 names alone, and failed with a traceback,
+    after training steps for an --output-dir. `setting(name, value)` shows it as it was given."""
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                raise error(f"{setting(f.name, shown)}: not valid UTF-8 (a name in another encoding, such as "
+                            f"Latin-1), which the libraries that read tables and models cannot take; give it in "
+                            f"UTF-8 (convmv -f latin1 -t utf8 --notest NAME renames a file)") from None
 
 
 def refuse_one_column_for_both(text_column, label_column):
@@ -253,6 +270,7 @@ class InferArgs:
         if self.texts and self.metrics_out:
             raise SentimentError("--metrics-out needs true labels, from a label column of an --input file; texts on "
                                  "the command line have none")
+        refuse_names_not_utf8(self)
         refuse_one_column_for_both(self.text_column, self.label_column)
         for number, text in enumerate(self.texts or [], 1):
             try:
@@ -337,6 +355,7 @@ class ServeSettings:
         return cls(**values)
 
     def __post_init__(self):
+        refuse_names_not_utf8(self, lambda name, value: f"SENTIMENT_{name.upper()}={value}", ValueError)
         for name in ("queue_size", "queue_size_per_client", "max_body_bytes", "max_body_bytes_total",
                      "max_body_bytes_per_client", "max_texts", "max_chars", "request_timeout_s", "body_timeout_s",
                      "head_timeout_s", "stall_timeout_s", "max_batch_size", "max_batch_tokens", "threads",

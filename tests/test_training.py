@@ -1099,6 +1099,27 @@ def test_a_folder_that_cannot_be_locked_trains_with_a_warning(tmp_path, monkeypa
             f"be refused") in capsys.readouterr().err
 
 
+def test_names_that_are_not_utf8_are_one_line_before_anything_runs(tmp_path, trained_model, reviews_csv):
+    # polars, tokenizers and transformers take UTF-8 names alone: a Latin-1 file name was a TypeError
+    # traceback from infer.py and train.py, and an --output-dir one failed at the first checkpoint,
+    # after the training steps, with a UnicodeEncodeError.
+    from sentiment.config import ServeSettings
+    latin1 = os.fsdecode(b"caf\xe9")
+    data = tmp_path / f"{latin1}.csv"
+    shutil.copy(reviews_csv, data)
+    runs = {"--input": run_script("infer.py", "--model", str(trained_model), "--input", str(data), check=False),
+            "--data": run_script("train.py", "--data", str(data), *TINY, "--output-dir", str(tmp_path / "out"),
+                                 check=False),
+            "--output-dir": run_script("train.py", "--data", str(reviews_csv), *TINY, "--output-dir",
+                                       str(tmp_path / latin1), check=False)}
+    for name, result in runs.items():
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert re.search(rf"^error: {name} \S*caf\\xe9\S*: not valid UTF-8 .*convmv", result.stderr, re.M), name
+    assert not (tmp_path / latin1).exists() and not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=r"^SENTIMENT_MODEL=\S*caf\\xe9: not valid UTF-8"):
+        ServeSettings(model=str(tmp_path / latin1))
+
+
 def test_the_last_short_accumulation_window_weighs_as_much_as_a_full_one():
     from accelerate import Accelerator
     # Five batches with --grad-accum 4: the last window holds one batch.
