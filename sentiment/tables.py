@@ -260,6 +260,9 @@ def writable(path, flag, source=None, model=None):
         raise SentimentError(f"{flag} {path}: the folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK):
         raise SentimentError(f"{flag} {path}: the folder {folder} is not writable")
+    if os.path.isfile(path) and not os.access(path, os.W_OK):  # the rename would replace it all the same
+        raise SentimentError(f"{flag} {path} is read-only, as if kept from being overwritten; make it writable "
+                             f"(chmod u+w) to replace it, or write to another file")
     if source and source != "-" and (os.path.abspath(source) == os.path.abspath(path) or (
             os.path.exists(source) and os.path.exists(path) and os.path.samefile(source, path))):
         raise SentimentError(f"{flag} {path} is the input file; write to another file, then rename it")

@@ -502,6 +502,22 @@ def test_outputs_that_cannot_be_written_are_one_line(tmp_path, trained_model, re
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_read_only_output_is_refused_and_kept(tmp_path, trained_model, reviews_csv, monkeypatch):
+    # The rename replaced a file made read-only to keep it, where the shell's `>` refuses it. (The tests
+    # run as root, who may write anything, so the check's answer is what is faked.)
+    kept = tmp_path / "kept.csv"
+    kept.write_text("results worth keeping\n")
+    kept.chmod(0o444)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: not (str(path) == str(kept) and mode & os.W_OK)
+                        and real_access(path, mode))
+    with pytest.raises(SentimentError, match=r"--output .*kept\.csv is read-only, as if kept from being overwritten; "
+                                             r"make it writable \(chmod u\+w\)"):
+        inference.run(parse_args(InferArgs, "", ["--model", str(trained_model), "--input", str(reviews_csv),
+                                                 "--output", str(kept)]))
+    assert kept.read_text() == "results worth keeping\n" and sorted(os.listdir(tmp_path)) == ["kept.csv", "reviews.csv"]
+
+
 def test_text_that_is_not_utf8_is_one_line(tmp_path, trained_model):
     piped = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), "--model", str(trained_model),
                             "--input", "-"], input=b"good film\ncaf\xe9 au lait\n", capture_output=True, cwd=ROOT)
