@@ -16,13 +16,14 @@ import dataclasses
 import math
 import os
 import typing
+from dataclasses import dataclass, field
+
+from .errors import SentimentError, flag
+
 try:
     import resource
 except ImportError:  # Windows: no open-file limit to read
     resource = None
-from dataclasses import dataclass, field
-
-from .errors import SentimentError, flag
 
 TRUNCATIONS = ("head", "tail", "head+tail")  # which tokens of a long text to keep (batching.truncate)
 MIN_LENGTH = 8  # the shortest max length: a text keeps a few tokens beside the special ones

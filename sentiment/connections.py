@@ -63,9 +63,9 @@ def trusted_proxies(config):
 
 
 class ConnectionLimits:
-    """Open connections, in all and per client. `admit(host)` takes one for a new connection and
-    returns the limit it met instead ("connections", "client_connections"), or None; `release(key)`
-    gives back an admitted one."""
+    """Open connections, in all and per client. `admit(host)` takes one for a new connection from `host`:
+    it returns (the key it was counted under, None), or (None, the limit it met: "connections" or
+    "client_connections"). `release(key)` gives an admitted one back."""
 
     def __init__(self, most, most_per_client, trusted):
         self.most, self.most_per_client, self.trusted = most, most_per_client, trusted
@@ -106,8 +106,9 @@ def quiet_accept_failures(loop, refused):
         failed += 1
         refused.labels(limit="open_files").inc()
         if time.monotonic() - said_at >= ACCEPT_LOG_EVERY_S:
-            log.warning("%d connection(s) of a burst could not be accepted (%s); raise the open-file limit "
-                        "(ulimit -n) for such bursts", failed, context.get("exception"))
+            log.warning("connections could not be accepted (%s), %d since the last such line: a burst came faster "
+                        "than they could be closed; raise the open-file limit (ulimit -n) for such bursts",
+                        context.get("exception"), failed)
             failed, said_at = 0, time.monotonic()
     loop.set_exception_handler(handle)
 
@@ -136,8 +137,8 @@ def http_protocol(settings, metrics):
                 quiet_accept_failures(self.loop, metrics.connections_refused)
                 limits = ConnectionLimits(settings.max_connections, settings.max_connections_per_client,
                                           trusted_proxies(self.config))
-            self.head_deadline = None
-            self.admitted, (self.counted_as, refused) = False, limits.admit(self.client[0] if self.client else "")
+            self.head_deadline, self.admitted = None, False
+            self.counted_as, refused = limits.admit(self.client[0] if self.client else "")
             if refused:
                 metrics.connections_refused.labels(limit=refused).inc()
                 transport.close()
