@@ -22,7 +22,7 @@ import warnings
 import safetensors.torch
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
@@ -195,7 +195,7 @@ class FineTuneRecipe:
             self.tokenizer = (AutoTokenizer.from_pretrained(self.resume_from) if self.resume_from
                               else load_tokenizer(args.model, self.splits.train["text"].to_list()))
         self.config["data_digest"] = self.splits.digest()  # a resume checks that the rows are the same
-        check_same_data(args, self.config["data_digest"])
+        check_same_data(args, accelerator, self.config["data_digest"])
         accelerator.print(f"data: {json.dumps(self.splits.report)}; labels: {self.splits.labels}")
         self.model = load_model(args.model, self.splits.labels, len(self.tokenizer), args.attention_dropout)
         if added := grow_embeddings(self.model, len(self.tokenizer)):
@@ -533,11 +533,14 @@ def stop_on_signals(received):
             signal.signal(s, old)
 
 
-def check_same_data(args, digest):
+def check_same_data(args, accelerator, digest):
     """Every process reads the data on its own: the same rows, or a clear stop. Different copies of the
     file (one per machine) or a file changed as the run starts would otherwise train each process on
     other rows, or hang it at the end of a shorter epoch, waiting for the others."""
-    digests = gather_object([digest])
+    # A gather of tensors, as evaluation makes: after `gather_object` (pickles in tensors) half the two-process
+    # runs hung at exit, a gloo thread waiting for the GIL while the main thread freed the process group.
+    mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.int64, device=accelerator.device)
+    digests = [bytes(row).hex() for row in accelerator.gather(mine).view(-1, len(mine)).tolist()]
     if len(set(digests)) > 1:
         differ = [rank for rank, other in enumerate(digests) if other != digests[0]]
         raise SentimentError(f"the processes of this run read different data: process{'es' if len(differ) > 1 else ''} "
