@@ -195,7 +195,6 @@ class FineTuneRecipe:
             self.tokenizer = (AutoTokenizer.from_pretrained(self.resume_from) if self.resume_from
                               else load_tokenizer(args.model, self.splits.train["text"].to_list()))
         self.config["data_digest"] = self.splits.digest()  # a resume checks that the rows are the same
-        check_same_data(args, accelerator, self.config["data_digest"])
         accelerator.print(f"data: {json.dumps(self.splits.report)}; labels: {self.splits.labels}")
         self.model = load_model(args.model, self.splits.labels, len(self.tokenizer), args.attention_dropout)
         if added := grow_embeddings(self.model, len(self.tokenizer)):
@@ -531,22 +530,6 @@ def stop_on_signals(received):
     finally:
         for s, old in previous.items():
             signal.signal(s, old)
-
-
-def check_same_data(args, accelerator, digest):
-    """Every process reads the data on its own: the same rows, or a clear stop. Different copies of the
-    file (one per machine) or a file changed as the run starts would otherwise train each process on
-    other rows, or hang it at the end of a shorter epoch, waiting for the others."""
-    # A gather of tensors, as evaluation makes: after `gather_object` (pickles in tensors) half the two-process
-    # runs hung at exit, a gloo thread waiting for the GIL while the main thread freed the process group.
-    mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.int64, device=accelerator.device)
-    digests = [bytes(row).hex() for row in accelerator.gather(mine).view(-1, len(mine)).tolist()]
-    if len(set(digests)) > 1:
-        differ = [rank for rank, other in enumerate(digests) if other != digests[0]]
-        raise SentimentError(f"the processes of this run read different data: process{'es' if len(differ) > 1 else ''} "
-                             f"{', '.join(map(str, differ))} found other rows than process 0 in {args.data}"
-                             f"{''.join(f', {p}' for p in (args.val_data, args.test_data) if p)}; give every machine "
-                             f"the same copy, and leave it unchanged while the run starts")
 
 
 def train(args):
