@@ -174,6 +174,7 @@ class FineTuneRecipe:
         self.log_path = os.path.join(args.output_dir, LOG_FILE)
         self.signals = []  # Ctrl-C / SIGTERM received: stop at the next step, with a checkpoint
         self.finite_step = 0  # the last step at which the loss and weights were seen finite
+        self.closed = False
 
     # setup ----------------------------------------------------------------------------------
 
@@ -195,6 +196,7 @@ class FineTuneRecipe:
             self.tokenizer = (AutoTokenizer.from_pretrained(self.resume_from) if self.resume_from
                               else load_tokenizer(args.model, self.splits.train["text"].to_list()))
         self.config["data_digest"] = self.splits.digest()  # a resume checks that the rows are the same
+        check_same_data(args, accelerator, self.config["data_digest"])
         accelerator.print(f"data: {json.dumps(self.splits.report)}; labels: {self.splits.labels}")
         self.model = load_model(args.model, self.splits.labels, len(self.tokenizer), args.attention_dropout)
         if added := grow_embeddings(self.model, len(self.tokenizer)):
@@ -270,10 +272,11 @@ class FineTuneRecipe:
     # train ----------------------------------------------------------------------------------
 
     def train(self):
-        args, accelerator, model, state = self.args, self.accelerator, self.model, self.state
+        # The model is always `self.model`, never a local: `close` lets go of its DDP wrapper before the group.
+        args, accelerator, state = self.args, self.accelerator, self.state
         bar = tqdm(total=self.total_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process)
         running_loss, loss_batches = torch.zeros((), device=accelerator.device), 0
-        model.train()
+        self.model.train()
         for epoch in range(state.epoch, args.epochs):
             if state.step >= self.total_steps or state.stopped_early:  # --max-steps or early stopping ended it
                 break
@@ -284,13 +287,13 @@ class FineTuneRecipe:
                 loader._non_blocking = self.train_dl._non_blocking  # dropped by Accelerate before 1.16
             self.clock.start()
             for batch in loader:
-                with accelerator.accumulate(model):
+                with accelerator.accumulate(self.model):
                     # forward/backward (Accelerate divides the loss by --grad-accum; a short last window is scaled back)
                     loss = self.loss(batch)
                     accelerator.backward(loss * window_scale(state.batches_done, len(self.train_dl), args.grad_accum))
                     # clip, on the steps that update the weights
                     if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
                     # step (a no-op between accumulation boundaries)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -443,8 +446,7 @@ class FineTuneRecipe:
         self.accelerator.print(f"stopped by {signal.Signals(signum).name} at step {self.state.step}: checkpoint "
                                f"saved in {folder}; continue with --resume latest", file=sys.stderr)
         self.accelerator.wait_for_everyone()
-        self.accelerator.end_training()  # as at the end of a run: trackers flushed, the process group freed
-        raise SystemExit(128 + signum)
+        raise SystemExit(128 + signum)  # `close` frees the process group, as at the end of a run
 
     # cleanup --------------------------------------------------------------------------------
 
@@ -467,8 +469,21 @@ class FineTuneRecipe:
                                                "train_samples_per_second", "wall_seconds", "best_epoch")}
         accelerator.print(f"done: {json.dumps(summary)}; model folder: {args.output_dir}")
         accelerator.wait_for_everyone()
-        accelerator.end_training()
         return metrics
+
+    def close(self):
+        """Flush the trackers and free the process group, the model's DDP wrapper first, at the end of a run
+        or a stop or an error. DDP's reducer holds the group too: freed after `destroy_process_group`, it
+        frees the group itself, joining gloo's threads while it holds the GIL, and a thread still dropping a
+        finished collective's tensors waits for the GIL: the process hung as it ended (one run in 16, two at a
+        time on two cores). Freed by `destroy_process_group`, the group lets go of the GIL as it joins."""
+        if self.closed:
+            return
+        self.closed = True
+        if getattr(self, "model", None) is not None:
+            self.model = self.plain_model()
+        self.accelerator.free_memory()  # Accelerate's own references to the wrapper; collects the garbage
+        self.accelerator.end_training()
 
     def final_figures(self):
         """Validation figures and the fitted temperature; test figures with calibration error before and after."""
@@ -532,6 +547,20 @@ def stop_on_signals(received):
             signal.signal(s, old)
 
 
+def check_same_data(args, accelerator, digest):
+    """Every process reads the data on its own: the same rows, or a clear stop. Different copies of the
+    file (one per machine) or a file changed as the run starts would otherwise train each process on
+    other rows, or hang it at the end of a shorter epoch, waiting for the others."""
+    mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.int64, device=accelerator.device)
+    digests = [bytes(row).hex() for row in accelerator.gather(mine).view(-1, len(mine)).tolist()]
+    if len(set(digests)) > 1:
+        differ = [rank for rank, other in enumerate(digests) if other != digests[0]]
+        raise SentimentError(f"the processes of this run read different data: process{'es' if len(differ) > 1 else ''} "
+                             f"{', '.join(map(str, differ))} found other rows than process 0 in {args.data}"
+                             f"{''.join(f', {p}' for p in (args.val_data, args.test_data) if p)}; give every machine "
+                             f"the same copy, and leave it unchanged while the run starts")
+
+
 def train(args):
     recipe = FineTuneRecipe(args)
     try:
@@ -551,5 +580,6 @@ def train(args):
             raise disk_full_error(args.output_dir, err, "continue with --resume latest") from None
         raise
     finally:
+        recipe.close()
         if getattr(recipe, "lock", None):
             recipe.lock.close()  # the output folder is free for the next run, even after a crash

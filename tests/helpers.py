@@ -28,9 +28,23 @@ TWO_PROCESSES = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_proce
                  "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 # Loaded by every Python process started with `threads_at_exit(folder)`'s environment: when its interpreter
-# begins to shut down (the last exit handler), it writes its arguments and its threads' names to folder/<pid>.
+# begins to shut down (the last exit handler), it writes its arguments and its threads' names to folder/<pid>;
+# when it destroys a process group, how many DDP wrappers were alive then, to folder/destroy-<pid>.
 THREADS_AT_EXIT = """
-import atexit, json, os, sys
+import atexit, gc, json, os, sys
+
+import torch.distributed
+from torch.nn.parallel import DistributedDataParallel
+
+destroy_process_group = torch.distributed.destroy_process_group
+
+def destroy_and_record(*args, **kwargs):
+    alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    with open(os.path.join(FOLDER, f"destroy-{os.getpid()}"), "w") as f:
+        json.dump({"argv": sys.argv, "ddp_alive": alive}, f)
+    return destroy_process_group(*args, **kwargs)
+
+torch.distributed.destroy_process_group = destroy_and_record
 
 def name(task):
     try:
@@ -74,6 +88,14 @@ def gloo_threads_left(folder, script):
     records = [json.loads(path.read_text()) for path in folder.iterdir() if path.name.isdigit()]
     return [[name for name in r["threads"] if "gloo" in name] for r in records
             if r["argv"] and os.path.basename(r["argv"][0]) == script]
+
+
+def wrappers_alive_at_destroy(folder, script):
+    """For each process that ran `script` under `threads_at_exit(folder)` and destroyed its process group,
+    how many DDP wrappers were still alive at that moment: `[0, 0]` for two processes that let go of
+    theirs first (one freed after the group joins gloo's threads holding the GIL, which can hang)."""
+    records = [json.loads(path.read_text()) for path in folder.iterdir() if path.name.startswith("destroy-")]
+    return [r["ddp_alive"] for r in records if os.path.basename(r["argv"][0]) == script]
 
 
 def predict_sh(url, *args, stdin=None):

@@ -21,7 +21,8 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from helpers import ONE_PROCESS, ROOT, TINY, TWO_PROCESSES, gloo_threads_left, run_script, threads_at_exit
+from helpers import (ONE_PROCESS, ROOT, TINY, TWO_PROCESSES, gloo_threads_left, run_script, threads_at_exit,
+                     wrappers_alive_at_destroy)
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
@@ -213,6 +214,7 @@ def test_two_processes_evaluate_the_same_samples_as_one(tmp_path):
     run_script(*common, "--grad-accum", "2", "--output-dir", str(tmp_path / "one"))
     run_script(*TWO_PROCESSES, *common, "--output-dir", str(tmp_path / "two"), env=threads_at_exit(tmp_path / "exit"))
     assert gloo_threads_left(tmp_path / "exit", "train.py") == [[], []]  # the group freed, as in infer.py
+    assert wrappers_alive_at_destroy(tmp_path / "exit", "train.py") == [0, 0]  # and DDP's wrapper before it
     one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
     config = json.loads((tmp_path / "two" / "train_config.json").read_text())
     assert config["num_processes"] == 2
@@ -222,6 +224,32 @@ def test_two_processes_evaluate_the_same_samples_as_one(tmp_path):
         assert one[split]["examples_per_class"] == two[split]["examples_per_class"]
         assert abs(one[split]["accuracy"] - two[split]["accuracy"]) <= 0.02
         assert two[split]["accuracy"] >= 0.95
+
+
+# train.py, but process 1 reads reviews.other.csv where --data names reviews.csv: a machine of its own with its copy.
+OWN_COPY = ("import os, runpy, sys; sys.argv = sys.argv[1:]; "
+            "i = sys.argv.index('--data') + 1; "
+            "sys.argv[i] = sys.argv[i].replace('.csv', '.other.csv') if os.environ['RANK'] == '1' else sys.argv[i]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def test_processes_that_read_different_data_stop_and_say_so(tmp_path):
+    # Each process reads the data itself: two copies that differed by one review trained each process on
+    # its own rows without a word (and rows more in one would hang it at the end of an epoch).
+    data = tmp_path / "reviews.csv"
+    reviews = demo_reviews(1200, seed=14)
+    reviews.write_csv(data)
+    first = pl.int_range(pl.len()) == 0
+    reviews.with_columns(pl.when(first).then("Edited. " + pl.col("review")).otherwise("review").alias("review")
+                         ).write_csv(tmp_path / "reviews.other.csv")
+    wrapper = tmp_path / "own_copy.py"
+    wrapper.write_text(OWN_COPY)
+    launch = [*TWO_PROCESSES, str(wrapper), os.path.join(ROOT, "train.py")]
+    result = run_script(*launch, "--data", str(data), *TINY, "--output-dir", str(tmp_path / "out"), check=False)
+    assert result.returncode != 0 and "[rank0]: Traceback" not in result.stderr  # the launcher's own record is not ours
+    assert (f"the processes of this run read different data: process 1 found other rows than process 0 in {data}; "
+            f"give every machine the same copy") in result.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("problem, flags, message", [
@@ -748,6 +776,7 @@ def test_a_signal_to_every_process_of_a_two_process_run_stops_it_with_one_checkp
     _, stderr = process.communicate(timeout=120)
     assert stderr.count("stopped by SIGTERM at step") == 1, stderr[-3000:]
     assert gloo_threads_left(tmp_path / "exit", "train.py") == [[], []]  # the group freed, as at the end
+    assert wrappers_alive_at_destroy(tmp_path / "exit", "train.py") == [0, 0]
     saved = checkpointing.complete_checkpoints(tmp_path / "out")
     assert len(saved) == 1 and str(saved[0]) in stderr
     resumed = run_script(*TWO_PROCESSES, "train.py", *flags, "--resume", "latest")
