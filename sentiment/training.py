@@ -88,8 +88,9 @@ def evaluate(model, loader, accelerator, desc="evaluate"):
     """Logits and labels of every example in `loader`, gathered from all processes, each once."""
     model.eval()
     all_logits, all_labels = [], []
-    with torch.inference_mode():
-        for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_main_process):
+    bar = tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_main_process)
+    with torch.inference_mode(), bar:  # closed on an error too: the error's line is then a line of its own
+        for batch in bar:
             labels = batch.pop("labels")
             logits = model(**batch).logits.float()
             logits, labels = accelerator.gather_for_metrics((logits, labels))
@@ -274,7 +275,8 @@ class FineTuneRecipe:
     def train(self):
         # The model is always `self.model`, never a local: `close` lets go of its DDP wrapper before the group.
         args, accelerator, state = self.args, self.accelerator, self.state
-        bar = tqdm(total=self.total_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process)
+        self.bar = bar = tqdm(total=self.total_steps, initial=state.step, desc="train",
+                              disable=not accelerator.is_main_process)  # closed by `close` after an error
         running_loss, loss_batches = torch.zeros((), device=accelerator.device), 0
         self.model.train()
         for epoch in range(state.epoch, args.epochs):
@@ -441,6 +443,7 @@ class FineTuneRecipe:
     def stop(self):
         """Save a checkpoint where the loop stands, say where, and exit as the signal asks (130, 143, 129)."""
         signum = self.signals[0] if self.signals else signal.SIGTERM
+        self.bar.close()  # what is said below starts a line of its own
         with self.clock.paused():
             folder = self.save_checkpoint()
         self.accelerator.print(f"stopped by {signal.Signals(signum).name} at step {self.state.step}: checkpoint "
@@ -480,6 +483,8 @@ class FineTuneRecipe:
         if self.closed:
             return
         self.closed = True
+        if getattr(self, "bar", None) is not None:  # an error's line then starts a line of its own
+            self.bar.close()
         if getattr(self, "model", None) is not None:
             self.model = self.plain_model()
         self.accelerator.free_memory()  # Accelerate's own references to the wrapper; collects the garbage

@@ -641,7 +641,7 @@ def test_a_signal_stops_at_the_next_step_with_a_checkpoint_and_resume_continues(
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == status, stderr
-    assert "Traceback" not in stderr and f"stopped by {signal.Signals(signum).name} at step" in stderr
+    assert "Traceback" not in stderr and f"\nstopped by {signal.Signals(signum).name} at step" in stderr  # its own line
     saved = checkpointing.complete_checkpoints(tmp_path / "out")
     assert len(saved) == 1 and str(saved[0]) in stderr
     resumed = run_script("train.py", *flags, "--resume", "latest")
@@ -995,7 +995,7 @@ def test_a_run_that_diverges_stops_and_saves_nothing_from_after_it(
     assert not (out / "model.safetensors").exists()
 
 
-def test_a_full_disk_is_one_line_that_says_so(tmp_path, monkeypatch):
+def test_a_full_disk_is_one_line_that_says_so(tmp_path, monkeypatch, capsys):
     def full(*args, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 123 vs 456: "
                            "PytorchStreamWriter failed writing file data/0: file write failed")
@@ -1004,9 +1004,12 @@ def test_a_full_disk_is_one_line_that_says_so(tmp_path, monkeypatch):
     data = tmp_path / "reviews.csv"
     demo_reviews(200, seed=20).write_csv(data)
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    with pytest.raises(SentimentError, match=r"the disk of .* is full .*continue with --resume latest"):
+    with pytest.raises(SentimentError, match=r"the disk of .* is full .*continue with --resume latest") as caught:
         training.train(parse_args(TrainArgs, "", ["--data", str(data), *TINY, "--checkpoint-every", "3",
                                                   "--output-dir", str(tmp_path / "out")]))
+    # The progress bar was closed as the error left, not when its traceback is freed (`caught` holds it),
+    # which is after the error is printed: the error's line is a line of its own.
+    assert capsys.readouterr().err.endswith("\n") and caught.traceback
 
 
 def half_written_then_full(path_of):
