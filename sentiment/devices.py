@@ -4,7 +4,7 @@
 `gpu_has_bf16` say whether bf16 arithmetic runs in hardware, where it is fast, or is emulated,
 where it is slower than fp32 (PyTorch's own `is_bf16_supported()` counts emulation as support).
 `native_bf16` is the one test of both; `emulated_bf16` says in words why bf16 would be slow, for a
-run about to use it there.
+run about to use it there. `device_fails` says whether a device still computes, after an error.
 """
 
 import torch
@@ -62,3 +62,17 @@ def emulated_bf16(device):
     major, minor = torch.cuda.get_device_capability(device)
     return (f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no bf16 arithmetic; "
             f"bf16 is emulated there, without the tensor cores fp16 runs on")
+
+
+def device_fails(device):
+    """Why `device` can no longer compute, or None while it can. After a device-side assert or an illegal
+    memory access every later CUDA call of the process fails, and only a restart mends it; a lack of
+    memory is not such a failure."""
+    if device.type == "cpu":
+        return None
+    try:
+        torch.ones(1, device=device).add(1).cpu()
+    except Exception as err:
+        detail = str(err).strip().splitlines()
+        return f"{type(err).__name__}: {detail[0] if detail else ''}"
+    return None

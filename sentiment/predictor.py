@@ -18,7 +18,7 @@ import torch
 from .batching import Collator, by_length, encode, special_tokens
 from .config import CPU_BATCH_SIZE, CPU_BATCH_TOKENS, GPU_BATCH_SIZE, GPU_BATCH_TOKENS, PRECISIONS
 from .data import clean_texts
-from .devices import emulated_bf16, native_bf16, pick_device
+from .devices import device_fails, emulated_bf16, native_bf16, pick_device
 from .errors import SentimentError, SettingError
 from .metrics import output_function, scores
 from .modeling import check_max_length, load_model_folder
@@ -178,17 +178,9 @@ class Predictor:
             return self.model(**padded).logits.float()
 
     def device_fails(self):
-        """Why the device can no longer compute, or None while it can. After a device-side assert or an
-        illegal memory access every later CUDA call of the process fails, and only a restart mends it;
-        a lack of memory is not such a failure. Ask after a model call failed."""
-        if self.device.type == "cpu":
-            return None
-        try:
-            torch.ones(1, device=self.device).add(1).cpu()
-        except Exception as err:
-            detail = str(err).strip().splitlines()
-            return f"{type(err).__name__}: {detail[0] if detail else ''}"
-        return None
+        """Why the Predictor's device can no longer compute, or None while it can (`devices.device_fails`).
+        Ask after a model call failed."""
+        return device_fails(self.device)
 
     def probabilities(self, texts):
         """Each label's score for raw texts, one row each: calibrated probabilities from a model train.py

@@ -31,7 +31,7 @@ from .checkpointing import (TrainState, best_weights, check_random_states, find_
                             load_trainer_state, save_checkpoint)
 from .config import CONFIG_FILE, LOG_FILE
 from .data import load_splits
-from .devices import emulated_bf16
+from .devices import device_fails, emulated_bf16
 from .errors import SentimentError
 from .files import as_plain_files, disk_full, disk_full_error, replace_durably, write_atomically
 from .launcher import free_the_group_at_the_end, launcher_gone, stop_with_the_launcher
@@ -475,16 +475,19 @@ class FineTuneRecipe:
         return metrics
 
     def close(self):
-        """Flush the trackers and free the process group, the model's DDP wrapper first, at the end of a run
-        or a stop or an error. DDP's reducer holds the group too: freed after `destroy_process_group`, it
-        frees the group itself, joining gloo's threads while it holds the GIL, and a thread still dropping a
-        finished collective's tensors waits for the GIL: the process hung as it ended (one run in 16, two at a
-        time on two cores). Freed by `destroy_process_group`, the group lets go of the GIL as it joins."""
+        """Close the progress bar, flush the trackers and free the process group, at the end of a run, a stop
+        or an error. The model's DDP wrapper goes first: its reducer holds the group too, and freed after
+        `destroy_process_group` it frees the group itself, joining gloo's threads while it holds the GIL,
+        which a thread still dropping a finished collective's tensors waits for: the process hung as it ended
+        (one run in 16, two at a time on two cores). Freed by `destroy_process_group`, the group lets go of
+        the GIL as it joins."""
         if self.closed:
             return
         self.closed = True
         if getattr(self, "bar", None) is not None:  # an error's line then starts a line of its own
             self.bar.close()
+        if device_fails(self.accelerator.device):
+            return  # a device-side assert: every later CUDA call fails, NCCL's teardown too; the exit frees all
         if getattr(self, "model", None) is not None:
             self.model = self.plain_model()
         self.accelerator.free_memory()  # Accelerate's own references to the wrapper; collects the garbage

@@ -1,5 +1,5 @@
-"""The GPU path: mixed-precision training steps, mid-epoch resume, bf16 and fp16 scoring, scoring short of
-memory, the service, and the service after a device-side assert.
+"""The GPU path: mixed-precision training steps, mid-epoch resume, a run whose device fails, bf16 and fp16
+scoring, scoring short of memory, the service, and the service after a device-side assert.
 
 Deselected on a machine without a GPU (conftest.py); `bash bench/gpu_check.sh` runs them on a
 GPU machine (`pytest -m gpu`), and `bench/gpu_check.sh --cpu-smoke` on the CPU at toy size
@@ -57,6 +57,33 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_same_end(tmp_path, data):
     assert "at step 90" in resumed.stdout
     again = json.loads((out / "metrics.json").read_text())
     assert again["steps"] == whole["steps"] and abs(again["test_accuracy"] - whole["test_accuracy"]) <= 0.02
+
+
+# train.py, whose third step looks up an index past the end of a table on the model's device: on a GPU a
+# device-side assert, after which every CUDA call of the process fails; on a CPU an IndexError.
+FAILING_STEP = """
+import runpy, sys, torch
+from sentiment import training
+real_loss = training.FineTuneRecipe.loss
+def loss(self, batch):
+    if self.state.step == 3:
+        device = batch["input_ids"].device
+        torch.nn.functional.embedding(torch.tensor([10], device=device), torch.zeros(5, 4, device=device)).cpu()
+    return real_loss(self, batch)
+training.FineTuneRecipe.loss = loss
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_run_whose_device_fails_ends_with_that_error_alone(tmp_path, data):
+    # Freeing the run's memory and process group as it ends asks the device again; after a device-side
+    # assert that raised a second error over the first (or hung, in NCCL's teardown).
+    result = run_script("-c", FAILING_STEP, "train.py", "--data", str(data), *TINY, "--output-dir", str(tmp_path),
+                        check=False, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.count("Traceback (most recent call last)") == 1, result.stderr[-3000:]
+    assert ("device-side assert" if GPU else "IndexError") in result.stderr
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
