@@ -20,12 +20,19 @@ TINY = ["--model", "tiny", "--epochs", "2", "--batch-size", "16", "--lr", "1e-3"
         "--seed", "0"]
 
 # `python -m accelerate.commands.launch` as `accelerate launch` runs on this CPU, before the script:
-# `run_script(*TWO_PROCESSES, "train.py", …)`.
+# `run_script(*ONE_PROCESS, "train.py", …)`; for two processes, `two_processes()`.
 ONE_PROCESS = ["-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no"]
-# Port 0: a free port of its own for each run, as two test workers may launch at the same moment.
-TWO_PROCESSES = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                 "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def two_processes():
+    """The launcher's flags for two processes on this CPU, before the script: `run_script(*two_processes(),
+    "train.py", …)`. Each run has a free port of its own, as two test workers may launch at the same moment;
+    Accelerate picks one for `--main_process_port 0` only from 1.7, and before that its processes wait
+    forever for a store on port 0 (`.ci/lowest` tests 1.4)."""
+    return ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]
+
 
 # Loaded by every Python process started with `threads_at_exit(folder)`'s environment: when its interpreter
 # begins to shut down (the last exit handler), it writes its arguments and its threads' names to folder/<pid>;

@@ -17,8 +17,8 @@ import time
 import numpy as np
 import polars as pl
 import pytest
-from helpers import (ONE_PROCESS, ROOT, TWO_PROCESSES, gloo_threads_left, renames_made_durable, run_script,
-                     threads_at_exit)
+from helpers import (ONE_PROCESS, ROOT, gloo_threads_left, renames_made_durable, run_script, threads_at_exit,
+                     two_processes)
 
 from sentiment import inference, tables
 from sentiment.config import InferArgs, parse_args
@@ -279,7 +279,7 @@ def test_two_processes_write_the_same_output_as_one(tmp_path, trained_model):
     demo_reviews(333, seed=23).write_csv(tmp_path / "in.csv")
     common = ["--model", str(trained_model), "--input", str(tmp_path / "in.csv"), "--chunk-rows", "100"]
     run_script("infer.py", *common, "--output", str(tmp_path / "one.csv"))
-    run_script(*TWO_PROCESSES, "infer.py", *common, "--output", str(tmp_path / "two.csv"))
+    run_script(*two_processes(), "infer.py", *common, "--output", str(tmp_path / "two.csv"))
     one, two = pl.read_csv(tmp_path / "one.csv"), pl.read_csv(tmp_path / "two.csv")
     assert len(two) == 333
     assert one["review"].to_list() == two["review"].to_list()
@@ -443,7 +443,7 @@ def test_a_two_process_run_stopped_by_a_signal_keeps_the_old_output_and_says_so_
     # As Slurm or systemd stop a job: every process is sent SIGTERM.
     (tmp_path / "run").mkdir()
     _, stderr = stopped_while_scoring(tmp_path / "run", trained_model, lambda p: os.killpg(p.pid, signal.SIGTERM),
-                                      TWO_PROCESSES, env=threads_at_exit(tmp_path / "threads"))
+                                      two_processes(), env=threads_at_exit(tmp_path / "threads"))
     assert stderr.count("stopped by SIGTERM") == 1, stderr[-2000:]  # was said by each process
     # Each process used to shut its interpreter down with the group's gloo threads still running, which can
     # abort it (SIGABRT in place of exit status 143); the launcher's own record shows the recording worked.
@@ -629,14 +629,14 @@ def test_a_folder_without_our_settings_scores_as_the_pipeline_does(tmp_path, tra
 @pytest.mark.slow
 def test_two_processes_score_standard_input_once(trained_model, tmp_path):
     lines = "".join(f"The acting was superb. I loved it. {i}\n" for i in range(40))
-    result = run_script(*TWO_PROCESSES, "infer.py", "--model", str(trained_model), "--input", "-", input=lines,
+    result = run_script(*two_processes(), "infer.py", "--model", str(trained_model), "--input", "-", input=lines,
                         env=threads_at_exit(tmp_path), timeout=300)
     answers = [json.loads(line) for line in result.stdout.splitlines()]
     assert [a["text"] for a in answers] == lines.splitlines()
     # The process group is gone before the interpreter shuts down: a gloo thread still running then can
     # abort a run whose work is done (SIGABRT, and the launcher reports it failed).
     assert gloo_threads_left(tmp_path, "infer.py") == [[], []]
-    texts = run_script(*TWO_PROCESSES, "infer.py", "--model", str(trained_model), "one review", "another",
+    texts = run_script(*two_processes(), "infer.py", "--model", str(trained_model), "one review", "another",
                        timeout=300)
     assert len(texts.stdout.splitlines()) == 2  # printed once, not once per process
 

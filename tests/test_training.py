@@ -21,8 +21,8 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from helpers import (ONE_PROCESS, ROOT, TINY, TWO_PROCESSES, gloo_threads_left, run_script, threads_at_exit,
-                     wrappers_alive_at_destroy)
+from helpers import (ONE_PROCESS, ROOT, TINY, gloo_threads_left, run_script, threads_at_exit,
+                     two_processes, wrappers_alive_at_destroy)
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
@@ -212,7 +212,7 @@ def test_two_processes_evaluate_the_same_samples_as_one(tmp_path):
     demo_reviews(1200, seed=14).write_csv(data)
     common = ["train.py", "--data", str(data), *TINY, "--batch-size", "8", "--epochs", "3"]
     run_script(*common, "--grad-accum", "2", "--output-dir", str(tmp_path / "one"))
-    run_script(*TWO_PROCESSES, *common, "--output-dir", str(tmp_path / "two"), env=threads_at_exit(tmp_path / "exit"))
+    run_script(*two_processes(), *common, "--output-dir", str(tmp_path / "two"), env=threads_at_exit(tmp_path / "exit"))
     assert gloo_threads_left(tmp_path / "exit", "train.py") == [[], []]  # the group freed, as in infer.py
     assert wrappers_alive_at_destroy(tmp_path / "exit", "train.py") == [0, 0]  # and DDP's wrapper before it
     one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
@@ -244,7 +244,7 @@ def test_processes_that_read_different_data_stop_and_say_so(tmp_path):
                          ).write_csv(tmp_path / "reviews.other.csv")
     wrapper = tmp_path / "own_copy.py"
     wrapper.write_text(OWN_COPY)
-    launch = [*TWO_PROCESSES, str(wrapper), os.path.join(ROOT, "train.py")]
+    launch = [*two_processes(), str(wrapper), os.path.join(ROOT, "train.py")]
     result = run_script(*launch, "--data", str(data), *TINY, "--output-dir", str(tmp_path / "out"), check=False)
     assert result.returncode != 0 and "[rank0]: Traceback" not in result.stderr  # the launcher's own record is not ours
     assert (f"the processes of this run read different data: process 1 found other rows than process 0 in {data}; "
@@ -767,7 +767,7 @@ def test_a_signal_to_every_process_of_a_two_process_run_stops_it_with_one_checkp
     data = tmp_path / "reviews.csv"
     demo_reviews(1200, seed=15).write_csv(data)
     flags = ["--data", str(data), *TINY, "--output-dir", str(tmp_path / "out"), "--checkpoint-every", "0"]
-    process = subprocess.Popen([sys.executable, *TWO_PROCESSES, "train.py", *flags], cwd=ROOT, text=True,
+    process = subprocess.Popen([sys.executable, *two_processes(), "train.py", *flags], cwd=ROOT, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false",
                                     **threads_at_exit(tmp_path / "exit")})
@@ -779,7 +779,7 @@ def test_a_signal_to_every_process_of_a_two_process_run_stops_it_with_one_checkp
     assert wrappers_alive_at_destroy(tmp_path / "exit", "train.py") == [0, 0]
     saved = checkpointing.complete_checkpoints(tmp_path / "out")
     assert len(saved) == 1 and str(saved[0]) in stderr
-    resumed = run_script(*TWO_PROCESSES, "train.py", *flags, "--resume", "latest")
+    resumed = run_script(*two_processes(), "train.py", *flags, "--resume", "latest")
     assert f"at step {checkpointing.step_of(saved[0])}" in resumed.stdout
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 2 * 30
 
