@@ -569,6 +569,11 @@ def check_same_data(args, accelerator, digest):
                              f"the same copy, and leave it unchanged while the run starts")
 
 
+# What a collective raises in a process whose peer has gone (gloo: a full disk where only the main process
+# writes, say); a traceback there only hides the peer's own error.
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
 def train(args):
     recipe = FineTuneRecipe(args)
     try:
@@ -586,6 +591,10 @@ def train(args):
     except (OSError, RuntimeError) as err:
         if disk_full(err):
             raise disk_full_error(args.output_dir, err, "continue with --resume latest") from None
+        if recipe.accelerator.num_processes > 1 and any(words in str(err) for words in PEER_GONE):
+            raise SentimentError(f"process {recipe.accelerator.process_index}: another process of this run ended "
+                                 f"(its own output says why, unless it was killed outright), so this one stops "
+                                 f"too") from None
         raise
     finally:
         recipe.close()

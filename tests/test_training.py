@@ -252,6 +252,37 @@ def test_processes_that_read_different_data_stop_and_say_so(tmp_path):
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+# train.py, but in process 0 alone the disk is full when a checkpoint is put in place: only it writes there.
+FULL_IN_PROCESS_0 = """
+import errno, os, runpy, sys
+sys.argv = sys.argv[1:]
+real_replace = os.replace
+def replace(src, dst):
+    if ".tmp-step-" in str(src):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    real_replace(src, dst)
+if os.environ["RANK"] == "0":
+    os.replace = replace
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_when_one_process_stops_on_an_error_the_others_say_so_in_a_line(tmp_path):
+    # Process 0 stopped with its one-line error; process 1, waiting for it at the checkpoint, ended in a
+    # gloo traceback ("Connection closed by peer") longer than the error it hid.
+    data = tmp_path / "reviews.csv"
+    demo_reviews(600, seed=16).write_csv(data)
+    wrapper = tmp_path / "full_in_0.py"
+    wrapper.write_text(FULL_IN_PROCESS_0)
+    result = run_script(*two_processes(), str(wrapper), os.path.join(ROOT, "train.py"), "--data", str(data), *TINY,
+                        "--checkpoint-every", "5", "--output-dir", str(tmp_path / "out"), check=False)
+    assert result.returncode != 0
+    assert result.stderr.count("error: the disk of") == 1, result.stderr[-3000:]
+    assert "error: process 1: another process of this run ended" in result.stderr, result.stderr[-3000:]
+    assert "[rank1]: Traceback" not in result.stderr and "[rank0]: Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("problem, flags, message", [
     ("missing file", ["--data", "nowhere.csv"], "nowhere.csv: no such file"),
     ("unknown column", ["--text-column", "body"], "no column 'body'; it has 'review', 'sentiment'"),
