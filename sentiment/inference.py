@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .data import check_text_column, label_text
 from .errors import SentimentError, n_rows
 from .files import disk_full, disk_full_error, write_atomically
-from .launcher import free_the_group_at_the_end, stop_with_the_launcher
+from .launcher import free_the_group_at_the_end, peer_gone, stop_with_the_launcher
 from .metrics import classification_report
 from .predictor import Predictor
 from .tables import (SCANNERS, TableWriter, existing_file, extension, row_count, scan_chunks, scanner,
@@ -342,6 +342,8 @@ def run(args):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the flush at exit fails again
             raise SystemExit(128 + signal.SIGPIPE) from None  # as a tool that SIGPIPE ended
         except Exception as err:
+            if gone := peer_gone(err):
+                raise gone from None
             if not disk_full(err):
                 raise
             where = os.path.dirname(os.path.abspath(args.output or args.metrics_out or "."))

@@ -9,6 +9,7 @@ With several processes torchrun passes signals on itself.
 With several processes, the process group must be gone before the interpreter shuts down: a gloo
 thread still running then, dropping its last collective's tensor, aborts a run whose work is done
 (SIGABRT, and the launcher reports a failure). `free_the_group_at_the_end` sees that destroying it frees it.
+When one process stops on an error the others do not meet, `peer_gone` is what the others say.
 """
 
 import ctypes
@@ -16,8 +17,13 @@ import os
 import signal
 import sys
 
+from .errors import SentimentError
+
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 followed = None  # the process id of the launcher whose death sends SIGTERM, once asked for
+# What a collective raises (gloo) in a process whose peer has gone: after a full disk where only the main
+# process writes, say. Its traceback only hides the peer's own error.
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
 def launched_by_accelerate(command):
@@ -68,3 +74,14 @@ def free_the_group_at_the_end():
     import torch.distributed
     if torch.distributed.is_available():  # a torch built without it makes no group either
         import torch.distributed.nn  # noqa: F401
+
+
+def peer_gone(err):
+    """The one-line error for a process of several whose collective failed (`err`) because another process
+    of the run ended; None for any other error."""
+    if int(os.environ.get("WORLD_SIZE", 1)) < 2 or not isinstance(err, RuntimeError):
+        return None  # an OSError's "Broken pipe" is a closed standard output
+    if not any(words in str(err) for words in PEER_GONE):
+        return None
+    return SentimentError(f"process {os.environ.get('RANK', '?')}: another process of this run ended (its own "
+                          f"output says why, unless it was killed outright), so this one stops too")

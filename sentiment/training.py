@@ -34,7 +34,7 @@ from .data import load_splits
 from .devices import device_fails, emulated_bf16
 from .errors import SentimentError
 from .files import as_plain_files, disk_full, disk_full_error, replace_durably, write_atomically
-from .launcher import free_the_group_at_the_end, launcher_gone, stop_with_the_launcher
+from .launcher import free_the_group_at_the_end, launcher_gone, peer_gone, stop_with_the_launcher
 from .metrics import (classification_report, expected_calibration_error, fit_temperature, inverse_frequency_weights,
                       reliability_bins, softmax)
 from .modeling import ModelSettings, check_max_length, grow_embeddings, load_model, load_tokenizer, padding_id
@@ -569,11 +569,6 @@ def check_same_data(args, accelerator, digest):
                              f"the same copy, and leave it unchanged while the run starts")
 
 
-# What a collective raises in a process whose peer has gone (gloo: a full disk where only the main process
-# writes, say); a traceback there only hides the peer's own error.
-PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
-
-
 def train(args):
     recipe = FineTuneRecipe(args)
     try:
@@ -591,10 +586,8 @@ def train(args):
     except (OSError, RuntimeError) as err:
         if disk_full(err):
             raise disk_full_error(args.output_dir, err, "continue with --resume latest") from None
-        if recipe.accelerator.num_processes > 1 and any(words in str(err) for words in PEER_GONE):
-            raise SentimentError(f"process {recipe.accelerator.process_index}: another process of this run ended "
-                                 f"(its own output says why, unless it was killed outright), so this one stops "
-                                 f"too") from None
+        if gone := peer_gone(err):
+            raise gone from None
         raise
     finally:
         recipe.close()

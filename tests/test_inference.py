@@ -287,6 +287,35 @@ def test_two_processes_write_the_same_output_as_one(tmp_path, trained_model):
     np.testing.assert_allclose(one["score"].to_numpy(), two["score"].to_numpy(), atol=1e-6)
 
 
+# infer.py, but in process 0 alone, the one that writes, the disk is full as the output is written.
+FULL_IN_PROCESS_0 = """
+import errno, os, runpy, sys
+sys.argv = sys.argv[1:]
+if os.environ["RANK"] == "0":
+    from sentiment import tables
+    def write(self, frame):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    tables.TableWriter.write = write
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_when_the_writing_process_stops_on_an_error_the_other_says_so_in_a_line(tmp_path, trained_model):
+    # Process 1, waiting for process 0 to gather the next chunk's scores, ended in a gloo traceback
+    # ("Connection closed by peer") longer than process 0's one-line error.
+    demo_reviews(300, seed=24).write_csv(tmp_path / "in.csv")
+    wrapper = tmp_path / "full_in_0.py"
+    wrapper.write_text(FULL_IN_PROCESS_0)
+    result = run_script(*two_processes(), str(wrapper), os.path.join(ROOT, "infer.py"), "--model", str(trained_model),
+                        "--input", str(tmp_path / "in.csv"), "--output", str(tmp_path / "out.csv"),
+                        "--chunk-rows", "50", check=False)
+    assert result.returncode != 0
+    assert result.stderr.count("error: the disk of") == 1, result.stderr[-3000:]
+    assert "error: process 1: another process of this run ended" in result.stderr, result.stderr[-3000:]
+    assert "[rank1]: Traceback" not in result.stderr and not (tmp_path / "out.csv").exists()
+
+
 def test_output_onto_the_input_is_refused_and_the_input_is_kept(tmp_path, trained_model, reviews_csv):
     before = reviews_csv.read_bytes()
     result = run_script("infer.py", "--model", str(trained_model), "--input", str(reviews_csv),
