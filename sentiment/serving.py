@@ -201,11 +201,11 @@ async def answer(request):
     batcher, settings = state.batcher, state.settings
     if batcher is None:
         return not_ready(state)
+    if batcher.failed:  # every request fails until a restart: no use reading the body
+        return error(503, "stalled", batcher.failed)
     # A request that cannot fit (a full queue this client may take no room from) is answered before
     # the body is read, so a burst costs a parse only for what fits; the slots themselves are taken
     # once the body is in, so a slow body holds none.
-    if batcher.failed:  # every request fails until a restart: no use reading the body
-        return error(503, "stalled", batcher.failed)
     client = client_of(request)
     retry_at = state.retry_times.of(client)  # as told before this request came
     full = batcher.refusal(client)

@@ -175,7 +175,6 @@ class FineTuneRecipe:
         self.log_path = os.path.join(args.output_dir, LOG_FILE)
         self.signals = []  # Ctrl-C / SIGTERM received: stop at the next step, with a checkpoint
         self.finite_step = 0  # the last step at which the loss and weights were seen finite
-        self.closed = False
 
     # setup ----------------------------------------------------------------------------------
 
@@ -480,10 +479,7 @@ class FineTuneRecipe:
         `destroy_process_group` it frees the group itself, joining gloo's threads while it holds the GIL,
         which a thread still dropping a finished collective's tensors waits for: the process hung as it ended
         (one run in 16, two at a time on two cores). Freed by `destroy_process_group`, the group lets go of
-        the GIL as it joins."""
-        if self.closed:
-            return
-        self.closed = True
+        the GIL as it joins. Called once, from `train`'s `finally`."""
         if getattr(self, "bar", None) is not None:  # an error's line then starts a line of its own
             self.bar.close()
         if device_fails(self.accelerator.device):
