@@ -77,6 +77,10 @@ class TokenIds:
     def __getitem__(self, i):
         return self.tokens[self.offsets[i]:self.offsets[i + 1]]
 
+    def take(self, indices):
+        """The sequences at `indices`, packed anew."""
+        return TokenIds.pack([self[i] for i in indices])
+
 
 def encode(tokenizer, texts, max_length, truncation, progress=None):
     """`TokenIds` (special tokens included) of each text, at most `max_length` long, tokenised in

@@ -159,6 +159,16 @@ class Splits:
     test: pl.DataFrame  # may be empty: then there is no test figure
     report: dict
 
+    def leave_out_untokenised(self, split, rows):
+        """The frame of `split` without `rows` (positions), whose text the tokenizer keeps nothing of;
+        they are counted in the report (`no_tokens`) and its sizes."""
+        frame = getattr(self, split)
+        frame = frame.filter(~pl.Series(np.isin(np.arange(len(frame)), rows)))
+        setattr(self, split, frame)
+        self.report["data"]["no_tokens"] = self.report["data"].get("no_tokens", 0) + len(rows)
+        self.report["sizes"][split] = len(frame)
+        return frame
+
     def label_ids(self, frame):
         index = {name: i for i, name in enumerate(self.labels)}
         return [index[name] for name in frame["label"].to_list()]

@@ -19,6 +19,7 @@ import sys
 import time
 import warnings
 
+import numpy as np
 import safetensors.torch
 import torch
 from accelerate import Accelerator
@@ -26,7 +27,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
-from .batching import Collator, LengthGroupedBatches, TokenizedDataset, by_length, encode
+from .batching import Collator, LengthGroupedBatches, TokenizedDataset, by_length, encode, special_tokens
 from .checkpointing import (TrainState, best_weights, check_random_states, find_checkpoint, forget_after,
                             load_trainer_state, save_checkpoint)
 from .config import CONFIG_FILE, LOG_FILE
@@ -202,26 +203,36 @@ class FineTuneRecipe:
         if added := grow_embeddings(self.model, len(self.tokenizer)):
             accelerator.print(f"warning: {args.model}: its tokenizer has tokens its model has no embeddings for "
                               f"({added}, added to the tokenizer alone); they get new ones, learnt in training")
+        self.settings = ModelSettings(labels=self.splits.labels, truncation=args.truncation,
+                                      max_length=check_max_length(args.max_length, self.model.config))
+        self.train_set, self.val_set, self.test_set = map(self.dataset, ("train", "val", "test"))
         self.class_weights = None
         if args.class_weights == "auto":
             weights = inverse_frequency_weights(self.splits.label_ids(self.splits.train), len(self.splits.labels))
             self.config["class_weight_values"] = dict(zip(self.splits.labels, weights.tolist()))
             self.class_weights = torch.tensor(weights, dtype=torch.float32, device=accelerator.device)
-        self.settings = ModelSettings(labels=self.splits.labels, truncation=args.truncation,
-                                      max_length=check_max_length(args.max_length, self.model.config))
-        self.train_set, self.val_set, self.test_set = (self.dataset(self.splits.train, "train"),
-                                                       self.dataset(self.splits.val, "val"),
-                                                       self.dataset(self.splits.test, "test"))
         self.collate = Collator(padding_id(self.tokenizer, self.model.config),
                                 multiple_of=8 if accelerator.device.type == "cuda" else 1)
         self.batches = LengthGroupedBatches(self.train_set.lengths, args.batch_size, args.seed)
         self.train_dl = make_loader(self.train_set, self.collate, batch_sampler=self.batches)
         self.val_dl, self.test_dl = self.eval_loader(self.val_set), self.eval_loader(self.test_set)
 
-    def dataset(self, frame, name):
-        """A split tokenised once, with the settings the model folder will record."""
+    def dataset(self, split):
+        """A split tokenised once, with the settings the model folder will record. Rows whose text the
+        tokenizer keeps nothing of (only control or zero-width characters) are left out, as inference
+        refuses to score such a text: trained on, each was a bare [CLS] [SEP] with a label."""
+        frame = getattr(self.splits, split)
         ids = encode(self.tokenizer, frame["text"].to_list(), self.settings.max_length, self.settings.truncation,
-                     progress=f"tokenise {name}" if self.accelerator.is_main_process else None)
+                     progress=f"tokenise {split}" if self.accelerator.is_main_process else None)
+        empty = np.flatnonzero(ids.lengths == sum(map(len, special_tokens(self.tokenizer))))
+        if len(empty):
+            example = frame["text"][int(empty[0])]
+            frame = self.splits.leave_out_untokenised(split, empty)
+            ids = ids.take(np.setdiff1d(np.arange(len(ids)), empty))
+            self.accelerator.print(f"warning: {len(empty)} row{'s' if len(empty) > 1 else ''} of the {split} split "
+                                   f"left out: the tokenizer keeps nothing of {'their' if len(empty) > 1 else 'its'} "
+                                   f"text (only control or zero-width characters, such as {example[:20]!r})",
+                                   file=sys.stderr)
         return TokenizedDataset(ids, self.splits.label_ids(frame))
 
     def eval_loader(self, data):

@@ -88,6 +88,26 @@ def test_train_end_to_end_writes_a_model_folder_pipeline_can_load(tmp_path):
     assert [a["label"] for a in answers] == ["positive", "negative"]
 
 
+def test_rows_whose_text_the_tokenizer_keeps_nothing_of_are_left_out_and_counted(tmp_path):
+    # A text of only zero-width or control characters is no text to the tokenizer: it was trained on,
+    # and tested on, as a bare [CLS] [SEP] with a label, where inference refuses to score it.
+    blank = ["\u200b", "\u200b\u200d", "\x07\x01", "\ufeff\u2060", "\u200b \u200b", "\u2060\u2060"]
+    data = tmp_path / "reviews.csv"
+    pl.concat([demo_reviews(400, seed=12), pl.DataFrame({"review": blank, "sentiment": ["positive", "negative"] * 3})
+               ]).write_csv(data)
+    out = tmp_path / "out"
+    result = run_script("train.py", "--data", str(data), "--output-dir", str(out), *TINY, "--epochs", "1",
+                        "--val-size", "0.25", "--test-size", "0.25")
+    metrics = json.loads((out / "metrics.json").read_text())
+    sizes, report = metrics["data"]["sizes"], metrics["data"]["data"]
+    assert report["no_tokens"] == len(blank)
+    assert sum(sizes.values()) == report["rows"] - report["bad_rows"] - report["duplicates"] - len(blank)
+    assert sum(metrics["test"]["examples_per_class"].values()) == sizes["test"]
+    left_out = re.findall(r"warning: (\d+) rows? of the (\w+) split left out: the tokenizer keeps nothing of "
+                          r"(?:its|their) text", result.stderr)
+    assert sum(int(n) for n, _ in left_out) == len(blank) and len(left_out) == len({s for _, s in left_out})
+
+
 def test_pipeline_on_the_model_folder_strips_markup_and_keeps_the_end_of_long_texts(trained_model):
     from transformers import AutoTokenizer, pipeline
     tokenizer = AutoTokenizer.from_pretrained(trained_model)
