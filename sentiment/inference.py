@@ -27,14 +27,14 @@ from tqdm.auto import tqdm
 from .data import check_text_column, label_text
 from .errors import SentimentError, n_rows
 from .files import disk_full, disk_full_error, write_atomically
-from .launcher import free_the_group_at_the_end, peer_gone, stop_with_the_launcher
+from .launcher import DeadEnds, free_the_group_at_the_end, peer_gone, stop_with_the_launcher
 from .metrics import classification_report
 from .predictor import Predictor
 from .tables import (SCANNERS, TableWriter, existing_file, extension, row_count, scan_chunks, scanner,
                      tsv_names, unknown_type, where_broken, writable)
 
 MAX_CONFUSION_SHOWN = 10  # classes whose confusion matrix is printed
-STOPS = (signal.SIGINT, signal.SIGTERM)
+STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PAUSE_S = 0.05  # standard input: lines that came are scored once no more come for this long
 PREDICTED = "predicted_"  # before the added columns' names where the input has a column of one of them
 
@@ -255,8 +255,9 @@ def score_file(args, state, columns):
     column, errors = label_column_of(args, columns), 0
     tally = LabelTally(column, predictor.labels) if column else None
     prefix = added_columns_prefix(columns.columns, predictor.labels, args.input) if writes else ""
-    bar = tqdm(desc="scoring", unit=" rows", disable=not writes, total=rows_in(args.input) if writes else None)
     writer = TableWriter(args.output) if writes else None  # its file, made at the first write, goes in the `finally`
+    # Made last before the `try`: one left open by a stop (a signal as the writer is made) is drawn at exit.
+    bar = tqdm(desc="scoring", unit=" rows", disable=not writes, total=rows_in(args.input) if writes else None)
     try:
         for frame in chunks:
             answers = score_chunk(predictor, state, frame[args.text_column].cast(pl.String).to_list())
@@ -300,14 +301,20 @@ def score_texts(args, state):
 
 @contextlib.contextmanager
 def stopped_by_signals(output):
-    """Ctrl-C and SIGTERM unwind the run, so its `finally` blocks remove the unfinished output (by
-    default SIGTERM ends the process on the spot and leaves it), then exit 130 or 143 with one line."""
+    """Ctrl-C, SIGTERM and a closed terminal's SIGHUP unwind the run, so its `finally` blocks remove the
+    unfinished output (by default SIGTERM and SIGHUP end the process on the spot and leave it), then exit
+    130, 143 or 129 with one line (where anything still reads it)."""
+    dead_ends = DeadEnds()
+    # Under nohup a hang-up is not a stop.
+    stops = [s for s in STOPS if not (s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN)]
+
     def stop(signum, frame):
-        for repeat in STOPS:  # a repeat, or the launcher's death, must not cut the removal of the output short
+        for repeat in stops:  # a repeat, or the launcher's death, must not cut the removal of the output short
             signal.signal(repeat, signal.SIG_IGN)
+        dead_ends.silence(signum)  # its line, written where nothing reads, would fail and say nothing
         raise KeyboardInterrupt(signum)
 
-    previous = {signum: signal.signal(signum, stop) for signum in STOPS}
+    previous = {signum: signal.signal(signum, stop) for signum in stops}
     try:
         stop_with_the_launcher()
         yield

@@ -2,19 +2,27 @@
 
 With one process, `accelerate launch` runs `train.py` or `infer.py` as its child and, when it is
 itself sent SIGTERM (`kill`, supervisord, a job manager that signals one process), dies without
-passing it on: the run went on unseen, to be killed later without a checkpoint. On Linux the
-child asks the kernel for SIGTERM when that launcher dies, and stops as SIGTERM makes it stop.
+passing it on (before 1.16; 1.16 passes it on) or is killed outright: the run went on unseen, to be
+killed later without a checkpoint. On Linux the child asks the kernel for SIGTERM when that
+launcher dies, and stops as SIGTERM makes it stop.
 With several processes torchrun passes signals on itself.
 
 With several processes, the process group must be gone before the interpreter shuts down: a gloo
 thread still running then, dropping its last collective's tensor, aborts a run whose work is done
 (SIGABRT, and the launcher reports a failure). `free_the_group_at_the_end` sees that destroying it frees it.
 When one process stops on an error the others do not meet, `peer_gone` is what the others say.
+
+What stops a run may also end what reads its output: a terminal that closes, and with it the
+launcher (which from Accelerate 1.16 reads the run's standard error through a pipe) or a `tee`.
+A write there then fails and would end the run before it stops as asked; `DeadEnds` points
+such outputs at /dev/null.
 """
 
 import ctypes
 import os
+import select
 import signal
+import stat
 import sys
 
 from .errors import SentimentError
@@ -85,3 +93,37 @@ def peer_gone(err):
         return None
     return SentimentError(f"process {os.environ.get('RANK', '?')}: another process of this run ended (its own "
                           f"output says why, unless it was killed outright), so this one stops too")
+
+
+class DeadEnds:
+    """Standard output and error, pointed at /dev/null once nothing reads them. Make it before any stop
+    signal comes (a terminal that has hung up is no longer one); call `silence(signum)` as one does."""
+
+    def __init__(self):
+        self.terminals = [fd for fd in (1, 2) if os.isatty(fd)]
+
+    def silence(self, signum):
+        """On a hang-up (SIGHUP), the terminals, where a write fails with EIO, and every pipe: what reads it,
+        in the same terminal, is ended by the hang-up too, if not yet. On any stop signal, the pipes whose
+        reader has gone (EPIPE): the launcher's, once it is dead."""
+        pipes = [fd for fd in (1, 2) if is_pipe(fd)]
+        gone = self.terminals + pipes if signum == signal.SIGHUP else [fd for fd in pipes if reader_gone(fd)]
+        if gone:
+            quiet = os.open(os.devnull, os.O_WRONLY)
+            for fd in gone:
+                os.dup2(quiet, fd)
+            os.close(quiet)
+
+
+def is_pipe(fd):
+    try:
+        return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:  # closed (`>&-`)
+        return False
+
+
+def reader_gone(fd):
+    """Whether the pipe `fd` writes to has no reader left: Linux then reports an error on it, as poll says."""
+    poll = select.poll()
+    poll.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poll.poll(0))

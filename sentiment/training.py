@@ -35,7 +35,7 @@ from .data import load_splits
 from .devices import device_fails, emulated_bf16
 from .errors import SentimentError
 from .files import as_plain_files, disk_full, disk_full_error, replace_durably, write_atomically
-from .launcher import free_the_group_at_the_end, launcher_gone, peer_gone, stop_with_the_launcher
+from .launcher import DeadEnds, free_the_group_at_the_end, launcher_gone, peer_gone, stop_with_the_launcher
 from .metrics import (classification_report, expected_calibration_error, fit_temperature, inverse_frequency_weights,
                       reliability_bins, softmax)
 from .modeling import ModelSettings, check_max_length, grow_embeddings, load_model, load_tokenizer, padding_id
@@ -531,28 +531,20 @@ def stop_on_signals(received):
     """Ctrl-C, SIGTERM and a closed terminal's SIGHUP append to `received` (the loop stops at the next
     step); another one, more than SAME_SIGNAL_S later, stops at once. So does the death of a one-process
     `accelerate launch` (`launcher`)."""
-    first = []
+    first, dead_ends = [], DeadEnds()
 
     def handler(signum, frame):
+        # A progress bar written where nothing reads any more would end the run before its checkpoint.
+        dead_ends.silence(signum)
         if not received:
             received.append(signum)
             first.append(time.monotonic())
         elif time.monotonic() - first[0] > SAME_SIGNAL_S and not launcher_gone():
             raise KeyboardInterrupt
 
-    terminals = [fd for fd in (1, 2) if os.isatty(fd)]  # asked now: a hung-up terminal is no longer one
-
-    def hung_up(signum, frame):
-        # The terminal is gone: a progress bar written to it fails (EIO) and ends the run before its checkpoint.
-        quiet = os.open(os.devnull, os.O_WRONLY)
-        for fd in terminals:
-            os.dup2(quiet, fd)
-        os.close(quiet)
-        handler(signum, frame)
-
     handlers = {signal.SIGINT: handler, signal.SIGTERM: handler}
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup a hang-up is not a stop
-        handlers[signal.SIGHUP] = hung_up
+        handlers[signal.SIGHUP] = handler
     previous = {s: signal.signal(s, h) for s, h in handlers.items()}
     try:
         stop_with_the_launcher()

@@ -3,11 +3,15 @@
 Fixtures live in `conftest.py`; this module holds plain helpers, imported by name.
 """
 
+import contextlib
+import fcntl
 import json
 import os
+import pty
 import socket
 import subprocess
 import sys
+import termios
 import time
 
 import numpy as np
@@ -171,3 +175,54 @@ class FakePredictor:
 
     def device_fails(self):
         return self.failure
+
+
+# train.py (or infer.py) run by a script that writes how it ended to the file named first: under a launcher,
+# which the hang-up kills, the run's own exit status reaches no one.
+RECORDS_ITS_END = """
+import runpy, sys
+record, sys.argv = sys.argv[1], sys.argv[2:]
+status = "killed"
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    status = 0
+except SystemExit as stop:
+    status = stop.code
+    raise
+except BaseException as err:
+    status = repr(err)
+    raise
+finally:
+    with open(record, "w") as f:
+        f.write(str(status))
+"""
+
+
+def hang_up_while_it_runs(tmp_path, launcher, script, *flags, started):
+    """Run `script` in a terminal of its own (under `launcher`), read what it prints until `started()`,
+    close the terminal, and return how the script ended, as RECORDS_ITS_END wrote it."""
+    wrapper, record = tmp_path / "records_its_end.py", tmp_path / "its_end"
+    wrapper.write_text(RECORDS_ITS_END)
+    terminal, its_end = pty.openpty()
+    process = subprocess.Popen([sys.executable, *launcher, str(wrapper), str(record), os.path.join(ROOT, script),
+                                *flags], cwd=ROOT, stdin=its_end, stdout=its_end, stderr=its_end,
+                               start_new_session=True,
+                               preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),  # its terminal
+                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    os.close(its_end)
+    os.set_blocking(terminal, False)
+    try:
+        deadline = time.monotonic() + 120
+        while not started():  # read what it prints, as a terminal does
+            assert process.poll() is None and time.monotonic() < deadline
+            with contextlib.suppress(BlockingIOError):
+                os.read(terminal, 1 << 16)
+            time.sleep(0.05)
+    finally:
+        os.close(terminal)  # the terminal is gone: Linux sends SIGHUP, and writes to it fail from now on
+    process.wait(timeout=120)
+    deadline = time.monotonic() + 120
+    while not record.exists() or not record.read_text():  # the launcher's child may outlive it a moment
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    return record.read_text()

@@ -17,8 +17,9 @@ import time
 import numpy as np
 import polars as pl
 import pytest
-from helpers import (ONE_PROCESS, ROOT, gloo_threads_left, renames_made_durable, run_script, threads_at_exit,
-                     two_processes)
+from helpers import (ONE_PROCESS, ROOT, gloo_threads_left, hang_up_while_it_runs, renames_made_durable, run_script,
+                     threads_at_exit, two_processes)
+from tqdm import tqdm
 
 from sentiment import inference, tables
 from sentiment.config import InferArgs, parse_args
@@ -371,10 +372,12 @@ def test_a_signal_as_the_output_is_opened_leaves_no_temporary_file(tmp_path, tra
         os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(tables.TableWriter, "__init__", signalled_as_it_opens)
+    bars = set(tqdm._instances)
     with pytest.raises(SystemExit) as stopped:
         inference.run(parse_args(InferArgs, "", ["--model", str(trained_model), "--input", str(reviews_csv),
                                                  "--output", str(tmp_path / f"scored.{ext}")]))
     assert stopped.value.code == 128 + signal.SIGTERM
+    assert set(tqdm._instances) <= bars  # a progress bar left open was drawn as the process ended, after its stop
     assert sorted(os.listdir(tmp_path)) == ["reviews.csv", f"scored.{ext}"]
     assert (tmp_path / f"scored.{ext}").read_text() == "old\n"
 
@@ -485,6 +488,41 @@ def test_sigterm_to_a_one_process_accelerate_launch_stops_the_run(tmp_path, trai
     # The launcher died without passing SIGTERM on; the run went on and replaced the output.
     _, stderr = stopped_while_scoring(tmp_path, trained_model, lambda p: p.terminate(), ONE_PROCESS)
     assert f"stopped by SIGTERM; {tmp_path / 'scored.csv'} is as it was" in stderr, stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", [[], ONE_PROCESS], ids=["python", "accelerate launch"])
+def test_a_terminal_that_closes_stops_the_run_and_keeps_the_old_output(tmp_path, trained_model, launcher):
+    # A closed terminal's SIGHUP ended the run on the spot, leaving its half-written output beside the old one.
+    demo_reviews(20000, seed=3).write_csv(tmp_path / "big.csv")
+    (tmp_path / "scored.csv").write_text("old\n")
+    files = tmp_path / "files"
+    files.mkdir()
+    status = hang_up_while_it_runs(files, launcher, "infer.py", "--model", str(trained_model), "--input",
+                                   str(tmp_path / "big.csv"), "--output", str(tmp_path / "scored.csv"),
+                                   "--chunk-rows", "100",
+                                   started=lambda: any(".tmp-" in p.name for p in tmp_path.iterdir()))
+    # Under the launcher, its death (SIGTERM) may come before the hang-up.
+    assert status in ((str(128 + signal.SIGHUP), str(128 + signal.SIGTERM)) if launcher
+                      else (str(128 + signal.SIGHUP),))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.csv", "files", "scored.csv"]
+    assert (tmp_path / "scored.csv").read_text() == "old\n"
+
+
+def test_under_nohup_a_hang_up_does_not_stop_the_run(tmp_path, trained_model):
+    demo_reviews(3000, seed=3).write_csv(tmp_path / "big.csv")
+    process = subprocess.Popen([sys.executable, "infer.py", "--model", str(trained_model), "--input",
+                                str(tmp_path / "big.csv"), "--output", str(tmp_path / "scored.csv"), "--chunk-rows",
+                                "100"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # as nohup
+    deadline = time.monotonic() + 120
+    while not any(".tmp-" in p.name for p in tmp_path.iterdir()):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGHUP)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-2000:]
+    assert len(pl.read_csv(tmp_path / "scored.csv")) == 3000
 
 
 @pytest.mark.slow
