@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .data import check_text_column, label_text
 from .errors import SentimentError, n_rows
 from .files import disk_full, disk_full_error, write_atomically
-from .launcher import DeadEnds, free_the_group_at_the_end, peer_gone, stop_with_the_launcher
+from .launcher import free_the_group_at_the_end, outliving_their_readers, peer_gone, stop_with_the_launcher
 from .metrics import classification_report
 from .predictor import Predictor
 from .tables import (SCANNERS, TableWriter, existing_file, extension, row_count, scan_chunks, scanner,
@@ -304,14 +304,12 @@ def stopped_by_signals(output):
     """Ctrl-C, SIGTERM and a closed terminal's SIGHUP unwind the run, so its `finally` blocks remove the
     unfinished output (by default SIGTERM and SIGHUP end the process on the spot and leave it), then exit
     130, 143 or 129 with one line (where anything still reads it)."""
-    dead_ends = DeadEnds()
     # Under nohup a hang-up is not a stop.
     stops = [s for s in STOPS if not (s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN)]
 
     def stop(signum, frame):
         for repeat in stops:  # a repeat, or the launcher's death, must not cut the removal of the output short
             signal.signal(repeat, signal.SIG_IGN)
-        dead_ends.silence(signum)  # its line, written where nothing reads, would fail and say nothing
         raise KeyboardInterrupt(signum)
 
     previous = {signum: signal.signal(signum, stop) for signum in stops}
@@ -342,7 +340,9 @@ def leave_the_group_now(status):
 
 
 def run(args):
-    with stopped_by_signals(args.output):
+    # Standard error's reader, gone (a closed terminal, a `| tee` that Ctrl-C ended), must not end a run whose
+    # stop removes its unfinished output; standard output's is the answers' reader: its going ends the run.
+    with outliving_their_readers("stderr"), stopped_by_signals(args.output):
         try:
             score_and_report(args)
         except BrokenPipeError:  # `infer.py … | head`: the reader has what it wanted

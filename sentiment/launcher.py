@@ -13,16 +13,16 @@ thread still running then, dropping its last collective's tensor, aborts a run w
 When one process stops on an error the others do not meet, `peer_gone` is what the others say.
 
 What stops a run may also end what reads its output: a terminal that closes, and with it the
-launcher (which from Accelerate 1.16 reads the run's standard error through a pipe) or a `tee`.
-A write there then fails and would end the run before it stops as asked; `DeadEnds` points
-such outputs at /dev/null.
+launcher (which from Accelerate 1.16 reads the run's standard error through a pipe); Ctrl-C
+ends a `| tee log` too. A write there then fails, and would end the run before it stops as asked:
+`outliving_their_readers` has such writes go to /dev/null.
 """
 
+import contextlib
 import ctypes
+import errno
 import os
-import select
 import signal
-import stat
 import sys
 
 from .errors import SentimentError
@@ -95,35 +95,45 @@ def peer_gone(err):
                           f"output says why, unless it was killed outright), so this one stops too")
 
 
-class DeadEnds:
-    """Standard output and error, pointed at /dev/null once nothing reads them. Make it before any stop
-    signal comes (a terminal that has hung up is no longer one); call `silence(signum)` as one does."""
+class OutlivesItsReader:
+    """A text stream whose writes do not fail for want of a reader: where its pipe's reader has gone
+    (EPIPE) or its terminal has hung up (EIO), its descriptor is pointed at /dev/null, and what was
+    written goes there."""
 
-    def __init__(self):
-        self.terminals = [fd for fd in (1, 2) if os.isatty(fd)]
+    def __init__(self, stream):
+        self.stream = stream
 
-    def silence(self, signum):
-        """On a hang-up (SIGHUP), the terminals, where a write fails with EIO, and every pipe: what reads it,
-        in the same terminal, is ended by the hang-up too, if not yet. On any stop signal, the pipes whose
-        reader has gone (EPIPE): the launcher's, once it is dead."""
-        pipes = [fd for fd in (1, 2) if is_pipe(fd)]
-        gone = self.terminals + pipes if signum == signal.SIGHUP else [fd for fd in pipes if reader_gone(fd)]
-        if gone:
-            quiet = os.open(os.devnull, os.O_WRONLY)
-            for fd in gone:
-                os.dup2(quiet, fd)
-            os.close(quiet)
+    def write(self, text):
+        return self.tolerant(self.stream.write, text)
+
+    def flush(self):
+        return self.tolerant(self.stream.flush)
+
+    def tolerant(self, call, *args):
+        try:
+            return call(*args)
+        except OSError as err:
+            if err.errno not in (errno.EPIPE, errno.EIO):
+                raise
+        quiet = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(quiet, self.stream.fileno())
+        os.close(quiet)
+        return call(*args)  # the text still buffered, with this, goes to /dev/null
+
+    def __getattr__(self, name):  # encoding, fileno, isatty, …: the stream's own
+        return getattr(self.stream, name)
 
 
-def is_pipe(fd):
+@contextlib.contextmanager
+def outliving_their_readers(*names):
+    """Standard streams (`"stdout"`, `"stderr"`) as `OutlivesItsReader` while the block runs. Progress bars
+    made in it write through them."""
+    previous = {name: getattr(sys, name) for name in names}
+    for name, stream in previous.items():
+        if stream is not None:  # None: closed by the shell (`>&-`)
+            setattr(sys, name, OutlivesItsReader(stream))
     try:
-        return stat.S_ISFIFO(os.fstat(fd).st_mode)
-    except OSError:  # closed (`>&-`)
-        return False
-
-
-def reader_gone(fd):
-    """Whether the pipe `fd` writes to has no reader left: Linux then reports an error on it, as poll says."""
-    poll = select.poll()
-    poll.register(fd, select.POLLOUT)
-    return any(events & select.POLLERR for _, events in poll.poll(0))
+        yield
+    finally:
+        for name, stream in previous.items():
+            setattr(sys, name, stream)

@@ -35,7 +35,8 @@ from .data import load_splits
 from .devices import device_fails, emulated_bf16
 from .errors import SentimentError
 from .files import as_plain_files, disk_full, disk_full_error, replace_durably, write_atomically
-from .launcher import DeadEnds, free_the_group_at_the_end, launcher_gone, peer_gone, stop_with_the_launcher
+from .launcher import (free_the_group_at_the_end, launcher_gone, outliving_their_readers, peer_gone,
+                       stop_with_the_launcher)
 from .metrics import (classification_report, expected_calibration_error, fit_temperature, inverse_frequency_weights,
                       reliability_bins, softmax)
 from .modeling import ModelSettings, check_max_length, grow_embeddings, load_model, load_tokenizer, padding_id
@@ -531,21 +532,19 @@ def stop_on_signals(received):
     """Ctrl-C, SIGTERM and a closed terminal's SIGHUP append to `received` (the loop stops at the next
     step); another one, more than SAME_SIGNAL_S later, stops at once. So does the death of a one-process
     `accelerate launch` (`launcher`)."""
-    first, dead_ends = [], DeadEnds()
+    first = []
 
     def handler(signum, frame):
-        # A progress bar written where nothing reads any more would end the run before its checkpoint.
-        dead_ends.silence(signum)
         if not received:
             received.append(signum)
             first.append(time.monotonic())
         elif time.monotonic() - first[0] > SAME_SIGNAL_S and not launcher_gone():
             raise KeyboardInterrupt
 
-    handlers = {signal.SIGINT: handler, signal.SIGTERM: handler}
+    stops = [signal.SIGINT, signal.SIGTERM]
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup a hang-up is not a stop
-        handlers[signal.SIGHUP] = handler
-    previous = {s: signal.signal(s, h) for s, h in handlers.items()}
+        stops.append(signal.SIGHUP)
+    previous = {s: signal.signal(s, handler) for s in stops}
     try:
         stop_with_the_launcher()
         yield
@@ -569,6 +568,13 @@ def check_same_data(args, accelerator, digest):
 
 
 def train(args):
+    # What the run prints is not its work: a terminal that closes, or a `| tee` that Ctrl-C ends, must not end it
+    # before its checkpoint, by a progress bar's write that fails.
+    with outliving_their_readers("stdout", "stderr"):
+        return train_recipe(args)
+
+
+def train_recipe(args):
     recipe = FineTuneRecipe(args)
     try:
         with stop_on_signals(recipe.signals):

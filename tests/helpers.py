@@ -198,18 +198,31 @@ finally:
 """
 
 
+def recording_its_end(tmp_path, script):
+    """The command line that runs `script` under RECORDS_ITS_END (after `python` and any launcher), and
+    `its_end()`, which waits for the record and returns it."""
+    wrapper, record = tmp_path / "records_its_end.py", tmp_path / "its_end"
+    wrapper.write_text(RECORDS_ITS_END)
+
+    def its_end(seconds=120):
+        deadline = time.monotonic() + seconds
+        while not record.exists() or not record.read_text():  # a launcher's child may outlive it a moment
+            assert time.monotonic() < deadline, f"{script} did not end"
+            time.sleep(0.1)
+        return record.read_text()
+    return [str(wrapper), str(record), os.path.join(ROOT, script)], its_end
+
+
 def hang_up_while_it_runs(tmp_path, launcher, script, *flags, started):
     """Run `script` in a terminal of its own (under `launcher`), read what it prints until `started()`,
     close the terminal, and return how the script ended, as RECORDS_ITS_END wrote it."""
-    wrapper, record = tmp_path / "records_its_end.py", tmp_path / "its_end"
-    wrapper.write_text(RECORDS_ITS_END)
-    terminal, its_end = pty.openpty()
-    process = subprocess.Popen([sys.executable, *launcher, str(wrapper), str(record), os.path.join(ROOT, script),
-                                *flags], cwd=ROOT, stdin=its_end, stdout=its_end, stderr=its_end,
-                               start_new_session=True,
+    command, its_end = recording_its_end(tmp_path, script)
+    terminal, its_side = pty.openpty()
+    process = subprocess.Popen([sys.executable, *launcher, *command, *flags], cwd=ROOT, stdin=its_side,
+                               stdout=its_side, stderr=its_side, start_new_session=True,
                                preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),  # its terminal
                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    os.close(its_end)
+    os.close(its_side)
     os.set_blocking(terminal, False)
     try:
         deadline = time.monotonic() + 120
@@ -221,8 +234,4 @@ def hang_up_while_it_runs(tmp_path, launcher, script, *flags, started):
     finally:
         os.close(terminal)  # the terminal is gone: Linux sends SIGHUP, and writes to it fail from now on
     process.wait(timeout=120)
-    deadline = time.monotonic() + 120
-    while not record.exists() or not record.read_text():  # the launcher's child may outlive it a moment
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    return record.read_text()
+    return its_end()

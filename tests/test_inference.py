@@ -17,8 +17,8 @@ import time
 import numpy as np
 import polars as pl
 import pytest
-from helpers import (ONE_PROCESS, ROOT, gloo_threads_left, hang_up_while_it_runs, renames_made_durable, run_script,
-                     threads_at_exit, two_processes)
+from helpers import (ONE_PROCESS, ROOT, gloo_threads_left, hang_up_while_it_runs, recording_its_end,
+                     renames_made_durable, run_script, threads_at_exit, two_processes)
 from tqdm import tqdm
 
 from sentiment import inference, tables
@@ -507,6 +507,27 @@ def test_a_terminal_that_closes_stops_the_run_and_keeps_the_old_output(tmp_path,
                       else (str(128 + signal.SIGHUP),))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.csv", "files", "scored.csv"]
     assert (tmp_path / "scored.csv").read_text() == "old\n"
+
+
+def test_a_run_whose_progress_reader_goes_away_scores_on_into_its_output(tmp_path, trained_model):
+    # `infer.py --output FILE 2>&1 | tee log`, tee ended (by Ctrl-C or a closed terminal before the run's own
+    # stop, or on its own): the progress bar's next write failed (EPIPE) and ended the run, its output unwritten.
+    demo_reviews(3000, seed=3).write_csv(tmp_path / "big.csv")
+    command, its_end = recording_its_end(tmp_path, "infer.py")
+    flags = ["--model", str(trained_model), "--input", str(tmp_path / "big.csv"), "--output",
+             str(tmp_path / "scored.csv"), "--chunk-rows", "100"]
+    tee = subprocess.Popen(["tee", str(tmp_path / "log")], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, *command, *flags], cwd=ROOT, stdout=tee.stdin, stderr=tee.stdin,
+                               env={**os.environ, "TQDM_MININTERVAL": "0"})  # the bar drawn at every chunk
+    tee.stdin.close()
+    deadline = time.monotonic() + 120
+    while not any(".tmp-" in p.name for p in tmp_path.iterdir()):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    tee.kill()
+    tee.wait()
+    assert process.wait(timeout=120) == 0 and its_end() == "0"
+    assert len(pl.read_csv(tmp_path / "scored.csv")) == 3000
 
 
 def test_under_nohup_a_hang_up_does_not_stop_the_run(tmp_path, trained_model):

@@ -3,6 +3,7 @@ import errno
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -17,8 +18,8 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from helpers import (ONE_PROCESS, ROOT, TINY, gloo_threads_left, hang_up_while_it_runs, run_script,
-                     threads_at_exit, two_processes, wrappers_alive_at_destroy)
+from helpers import (ONE_PROCESS, ROOT, TINY, gloo_threads_left, hang_up_while_it_runs, recording_its_end,
+                     run_script, threads_at_exit, two_processes, wrappers_alive_at_destroy)
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
@@ -729,6 +730,26 @@ def test_a_terminal_that_closes_stops_the_run_with_a_checkpoint(tmp_path, launch
     # Under the launcher, its death (SIGTERM) may come before the hang-up.
     assert status in ((str(128 + signal.SIGHUP), str(128 + signal.SIGTERM)) if launcher
                       else (str(128 + signal.SIGHUP),))
+    assert len(checkpointing.complete_checkpoints(out)) == 1 and not (out / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_a_run_piped_into_tee_stops_it_with_a_checkpoint(tmp_path):
+    # Ctrl-C reaches `tee` too, which ends: the progress bar's next write into its pipe failed (EPIPE) and
+    # ended the run without its checkpoint. TQDM_MININTERVAL=0 draws the bar at every step, as where a step
+    # takes longer than the bar's refresh (a tenth of a second).
+    data = tmp_path / "reviews.csv"
+    demo_reviews(1200, seed=15).write_csv(data)
+    out = tmp_path / "out"
+    command, its_end = recording_its_end(tmp_path, "train.py")
+    flags = ["--data", str(data), *TINY, "--output-dir", str(out), "--checkpoint-every", "0"]
+    pipeline = shlex.join([sys.executable, *command, *flags]) + f" 2>&1 | tee {shlex.quote(str(tmp_path / 'log'))}"
+    shell = subprocess.Popen(["bash", "-c", pipeline], cwd=ROOT, stdout=subprocess.DEVNULL, start_new_session=True,
+                             env={**os.environ, "TQDM_MININTERVAL": "0"})
+    wait_for(out / "log.jsonl", shell)
+    os.killpg(shell.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to every process of the pipeline
+    shell.wait(timeout=120)
+    assert its_end() == str(128 + signal.SIGINT)
     assert len(checkpointing.complete_checkpoints(out)) == 1 and not (out / "metrics.json").exists()
 
 
