@@ -36,6 +36,12 @@ def special_tokens(tokenizer):
     return [], []
 
 
+def special_count(tokenizer):
+    """How many ids the tokenizer puts around every text ([CLS] … [SEP]: 2): a text encoded to no more
+    than these, the tokenizer kept nothing of."""
+    return sum(map(len, special_tokens(tokenizer)))
+
+
 def truncate(ids, budget, truncation):
     """Keep at most `budget` of `ids`: the first, the last, or the first quarter plus the last rest."""
     if truncation not in TRUNCATIONS:

@@ -159,13 +159,13 @@ class Splits:
     test: pl.DataFrame  # may be empty: then there is no test figure
     report: dict
 
-    def leave_out_untokenised(self, split, rows):
-        """The frame of `split` without `rows` (positions), whose text the tokenizer keeps nothing of;
-        they are counted in the report (`no_tokens`) and its sizes."""
-        frame = getattr(self, split)
-        frame = frame.filter(~pl.Series(np.isin(np.arange(len(frame)), rows)))
+    def leave_out_untokenised(self, split, kept):
+        """The frame of `split` with only the rows `kept` (a mask) marks; the others, whose text the tokenizer
+        keeps nothing of, are counted in the report (`no_tokens`) and its sizes."""
+        before = getattr(self, split)
+        frame = before.filter(pl.Series(kept))
         setattr(self, split, frame)
-        self.report["data"]["no_tokens"] = self.report["data"].get("no_tokens", 0) + len(rows)
+        self.report["data"]["no_tokens"] = self.report["data"].get("no_tokens", 0) + len(before) - len(frame)
         self.report["sizes"][split] = len(frame)
         return frame
 

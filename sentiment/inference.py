@@ -27,14 +27,14 @@ from tqdm.auto import tqdm
 from .data import check_text_column, label_text
 from .errors import SentimentError, n_rows
 from .files import disk_full, disk_full_error, write_atomically
-from .launcher import free_the_group_at_the_end, outliving_their_readers, peer_gone, stop_with_the_launcher
+from .launcher import (free_the_group_at_the_end, outliving_their_readers, peer_gone, stop_signals,
+                       stop_with_the_launcher)
 from .metrics import classification_report
 from .predictor import Predictor
 from .tables import (SCANNERS, TableWriter, existing_file, extension, row_count, scan_chunks, scanner,
                      tsv_names, unknown_type, where_broken, writable)
 
 MAX_CONFUSION_SHOWN = 10  # classes whose confusion matrix is printed
-STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PAUSE_S = 0.05  # standard input: lines that came are scored once no more come for this long
 PREDICTED = "predicted_"  # before the added columns' names where the input has a column of one of them
 
@@ -304,8 +304,7 @@ def stopped_by_signals(output):
     """Ctrl-C, SIGTERM and a closed terminal's SIGHUP unwind the run, so its `finally` blocks remove the
     unfinished output (by default SIGTERM and SIGHUP end the process on the spot and leave it), then exit
     130, 143 or 129 with one line (where anything still reads it)."""
-    # Under nohup a hang-up is not a stop.
-    stops = [s for s in STOPS if not (s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN)]
+    stops = stop_signals()
 
     def stop(signum, frame):
         for repeat in stops:  # a repeat, or the launcher's death, must not cut the removal of the output short

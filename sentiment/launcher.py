@@ -34,6 +34,15 @@ followed = None  # the process id of the launcher whose death sends SIGTERM, onc
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
+def stop_signals():
+    """The signals that stop a run: Ctrl-C, SIGTERM and a closed terminal's SIGHUP, but not under nohup,
+    where a hang-up is not a stop."""
+    stops = [signal.SIGINT, signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        stops.append(signal.SIGHUP)
+    return stops
+
+
 def launched_by_accelerate(command):
     """Whether `command` (a process's arguments) is `accelerate launch …`, `accelerate-launch …` or
     `python -m accelerate.commands.launch …`."""

@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import torch
 
-from .batching import Collator, by_length, encode, special_tokens
+from .batching import Collator, by_length, encode, special_count
 from .config import CPU_BATCH_SIZE, CPU_BATCH_TOKENS, GPU_BATCH_SIZE, GPU_BATCH_TOKENS, PRECISIONS
 from .data import clean_texts
 from .devices import device_fails, emulated_bf16, native_bf16, pick_device
@@ -103,7 +103,7 @@ class Predictor:
         self.max_batch_tokens = max(max_batch_tokens or (GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS),
                                     self.max_length)
         self.collate = Collator(self.tokenizer.pad_token_id)  # set for every folder by load_model_folder
-        self.specials = sum(map(len, special_tokens(self.tokenizer)))  # ids around every text: [CLS] … [SEP]
+        self.specials = special_count(self.tokenizer)  # ids around every text: [CLS] … [SEP]
         self.function = output_function(self.model.config)  # softmax for every model train.py writes
 
     def encode(self, texts):

@@ -27,7 +27,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
-from .batching import Collator, LengthGroupedBatches, TokenizedDataset, by_length, encode, special_tokens
+from .batching import Collator, LengthGroupedBatches, TokenizedDataset, by_length, encode, special_count
 from .checkpointing import (TrainState, best_weights, check_random_states, find_checkpoint, forget_after,
                             load_trainer_state, save_checkpoint)
 from .config import CONFIG_FILE, LOG_FILE
@@ -35,7 +35,7 @@ from .data import load_splits
 from .devices import device_fails, emulated_bf16
 from .errors import SentimentError
 from .files import as_plain_files, disk_full, disk_full_error, replace_durably, write_atomically
-from .launcher import (free_the_group_at_the_end, launcher_gone, outliving_their_readers, peer_gone,
+from .launcher import (free_the_group_at_the_end, launcher_gone, outliving_their_readers, peer_gone, stop_signals,
                        stop_with_the_launcher)
 from .metrics import (classification_report, expected_calibration_error, fit_temperature, inverse_frequency_weights,
                       reliability_bins, softmax)
@@ -225,15 +225,14 @@ class FineTuneRecipe:
         frame = getattr(self.splits, split)
         ids = encode(self.tokenizer, frame["text"].to_list(), self.settings.max_length, self.settings.truncation,
                      progress=f"tokenise {split}" if self.accelerator.is_main_process else None)
-        empty = np.flatnonzero(ids.lengths == sum(map(len, special_tokens(self.tokenizer))))
-        if len(empty):
-            example = frame["text"][int(empty[0])]
-            frame = self.splits.leave_out_untokenised(split, empty)
-            ids = ids.take(np.setdiff1d(np.arange(len(ids)), empty))
-            self.accelerator.print(f"warning: {len(empty)} row{'s' if len(empty) > 1 else ''} of the {split} split "
-                                   f"left out: the tokenizer keeps nothing of {'their' if len(empty) > 1 else 'its'} "
-                                   f"text (only control or zero-width characters, such as {example[:20]!r})",
-                                   file=sys.stderr)
+        kept = ids.lengths > special_count(self.tokenizer)
+        if not kept.all():
+            empty, example = len(kept) - int(kept.sum()), frame["text"][int(np.argmin(kept))]
+            frame = self.splits.leave_out_untokenised(split, kept)
+            ids = ids.take(np.flatnonzero(kept))
+            self.accelerator.print(f"warning: {empty} row{'s' if empty > 1 else ''} of the {split} split left out: "
+                                   f"the tokenizer keeps nothing of {'their' if empty > 1 else 'its'} text (only "
+                                   f"control or zero-width characters, such as {example[:20]!r})", file=sys.stderr)
         return TokenizedDataset(ids, self.splits.label_ids(frame))
 
     def eval_loader(self, data):
@@ -541,10 +540,7 @@ def stop_on_signals(received):
         elif time.monotonic() - first[0] > SAME_SIGNAL_S and not launcher_gone():
             raise KeyboardInterrupt
 
-    stops = [signal.SIGINT, signal.SIGTERM]
-    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup a hang-up is not a stop
-        stops.append(signal.SIGHUP)
-    previous = {s: signal.signal(s, handler) for s in stops}
+    previous = {s: signal.signal(s, handler) for s in stop_signals()}
     try:
         stop_with_the_launcher()
         yield
