@@ -439,6 +439,18 @@ def test_a_failed_run_leaves_an_existing_output_as_it_was(tmp_path, trained_mode
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.csv"]  # no temporary file left behind
 
 
+def writing(folder):
+    """Whether an infer.py run has begun to write its output in `folder`: its hidden temporary file is there."""
+    return any(".tmp-" in p.name for p in folder.iterdir())
+
+
+def wait_until_writing(folder, process, seconds=120):
+    deadline = time.monotonic() + seconds
+    while not writing(folder):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def stopped_while_scoring(tmp_path, model, stop, launcher=(), env=None):
     """Score a large file onto an existing output (`python [launcher] infer.py`, in a session of its
     own), `stop(process)` once its temporary output exists, and return (exit status, stderr) after
@@ -449,9 +461,7 @@ def stopped_while_scoring(tmp_path, model, stop, launcher=(), env=None):
                                 "--input", str(tmp_path / "big.csv"), "--output", str(tmp_path / "scored.csv"),
                                 "--chunk-rows", "100"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True, env={**os.environ, **(env or {})})
-    deadline = time.monotonic() + 120
-    while not any(".tmp-" in p.name for p in tmp_path.iterdir()) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until_writing(tmp_path, process)
     stop(process)
     _, stderr = process.communicate(timeout=120)  # the pipes close when infer.py, which holds them, has ended
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.csv", "scored.csv"], stderr[-2000:]
@@ -500,8 +510,7 @@ def test_a_terminal_that_closes_stops_the_run_and_keeps_the_old_output(tmp_path,
     files.mkdir()
     status = hang_up_while_it_runs(files, launcher, "infer.py", "--model", str(trained_model), "--input",
                                    str(tmp_path / "big.csv"), "--output", str(tmp_path / "scored.csv"),
-                                   "--chunk-rows", "100",
-                                   started=lambda: any(".tmp-" in p.name for p in tmp_path.iterdir()))
+                                   "--chunk-rows", "100", started=lambda: writing(tmp_path))
     # Under the launcher, its death (SIGTERM) may come before the hang-up.
     assert status in ((str(128 + signal.SIGHUP), str(128 + signal.SIGTERM)) if launcher
                       else (str(128 + signal.SIGHUP),))
@@ -520,10 +529,7 @@ def test_a_run_whose_progress_reader_goes_away_scores_on_into_its_output(tmp_pat
     process = subprocess.Popen([sys.executable, *command, *flags], cwd=ROOT, stdout=tee.stdin, stderr=tee.stdin,
                                env={**os.environ, "TQDM_MININTERVAL": "0"})  # the bar drawn at every chunk
     tee.stdin.close()
-    deadline = time.monotonic() + 120
-    while not any(".tmp-" in p.name for p in tmp_path.iterdir()):
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until_writing(tmp_path, process)
     tee.kill()
     tee.wait()
     assert process.wait(timeout=120) == 0 and its_end() == "0"
@@ -536,10 +542,7 @@ def test_under_nohup_a_hang_up_does_not_stop_the_run(tmp_path, trained_model):
                                 str(tmp_path / "big.csv"), "--output", str(tmp_path / "scored.csv"), "--chunk-rows",
                                 "100"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # as nohup
-    deadline = time.monotonic() + 120
-    while not any(".tmp-" in p.name for p in tmp_path.iterdir()):
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until_writing(tmp_path, process)
     process.send_signal(signal.SIGHUP)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-2000:]
@@ -555,12 +558,10 @@ def test_what_a_killed_run_left_is_removed_by_the_next_and_a_live_run_s_is_kept(
     command = [sys.executable, os.path.join(ROOT, "infer.py"), "--model", str(trained_model),
                "--input", str(tmp_path / "big.csv"), "--output", str(tmp_path / output), "--chunk-rows", "100"]
     killed = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not any(".tmp-" in p.name for p in tmp_path.iterdir()) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until_writing(tmp_path, killed, seconds=60)
     killed.kill()
     killed.wait()
-    assert any(".tmp-" in p.name for p in tmp_path.iterdir())
+    assert writing(tmp_path)
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         another_run = tmp_path / f".{output}.tmp-{socket.gethostname()}-{live.pid}"
