@@ -33,7 +33,7 @@ from .checkpointing import (TrainState, best_weights, check_random_states, find_
 from .config import CONFIG_FILE, LOG_FILE
 from .data import load_splits
 from .devices import device_fails, emulated_bf16
-from .errors import SentimentError
+from .errors import SentimentError, n_rows
 from .files import as_plain_files, disk_full, disk_full_error, replace_durably, write_atomically
 from .launcher import (free_the_group_at_the_end, launcher_gone, outliving_their_readers, peer_gone, stop_signals,
                        stop_with_the_launcher)
@@ -207,6 +207,12 @@ class FineTuneRecipe:
         self.settings = ModelSettings(labels=self.splits.labels, truncation=args.truncation,
                                       max_length=check_max_length(args.max_length, self.model.config))
         self.train_set, self.val_set, self.test_set = map(self.dataset, ("train", "val", "test"))
+        classes = len(set(self.train_set.labels))
+        if classes < 2:  # every row, or every row of all classes but one, was only characters the tokenizer drops
+            raise SentimentError(f"{args.data}: after leaving out the rows the tokenizer keeps nothing of, the "
+                                 f"training rows hold {n_rows(len(self.train_set))} of {classes} "
+                                 f"class{'' if classes == 1 else 'es'}; a classifier needs two or more. Is "
+                                 f"{args.text_column!r} the text column? Name it with --text-column")
         self.class_weights = None
         if args.class_weights == "auto":
             weights = inverse_frequency_weights(self.splits.label_ids(self.splits.train), len(self.splits.labels))

@@ -105,6 +105,20 @@ def test_rows_whose_text_the_tokenizer_keeps_nothing_of_are_left_out_and_counted
     assert sum(int(n) for n, _ in left_out) == len(blank) and len(left_out) == len({s for _, s in left_out})
 
 
+def test_training_rows_the_tokenizer_keeps_nothing_of_at_all_stop_the_run(tmp_path):
+    # With every training row left out, the run trained for no step and published an untrained model as done.
+    chars = ["\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\x07"]
+    texts = [a + b for a in chars for b in chars]
+    data = tmp_path / "blank.csv"
+    pl.DataFrame({"review": texts, "sentiment": ["positive", "negative"] * (len(texts) // 2)}).write_csv(data)
+    result = run_script("train.py", "--data", str(data), "--output-dir", str(tmp_path / "out"), *TINY,
+                        "--val-size", "0", "--test-size", "0", check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"error: {data}: after leaving out the rows the tokenizer keeps nothing of, the training rows hold " \
+           f"0 rows of 0 classes" in result.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
 def test_pipeline_on_the_model_folder_strips_markup_and_keeps_the_end_of_long_texts(trained_model):
     from transformers import AutoTokenizer, pipeline
     tokenizer = AutoTokenizer.from_pretrained(trained_model)
