@@ -322,6 +322,9 @@ class ServeSettings:
     request_timeout_s: float = 30.0  # then 504
     body_timeout_s: float = 10.0  # the whole body must arrive within this; then 408
     head_timeout_s: float = 10.0  # the request line and headers must arrive within this (`--http app:HTTP`)
+    # Once the socket takes no more of an answer, its client must take the rest within this, or its connection
+    # is cut (`--http app:HTTP`): a client that reads no answer holds nothing for long.
+    send_timeout_s: float = 10.0
     stall_timeout_s: float = 60.0  # a model call running longer makes /health and /ready answer 503 (a hung GPU)
     device: str = "auto"  # cpu, cuda, cuda:1, …
     threads: typing.Optional[int] = None  # CPU threads for the model; unset: PyTorch's choice
@@ -359,8 +362,8 @@ class ServeSettings:
         refuse_names_not_utf8(self, lambda name, value: f"SENTIMENT_{name.upper()}={value}", ValueError)
         for name in ("queue_size", "queue_size_per_client", "max_body_bytes", "max_body_bytes_total",
                      "max_body_bytes_per_client", "max_texts", "max_chars", "request_timeout_s", "body_timeout_s",
-                     "head_timeout_s", "stall_timeout_s", "max_batch_size", "max_batch_tokens", "threads",
-                     "max_connections", "max_connections_per_client"):
+                     "head_timeout_s", "send_timeout_s", "stall_timeout_s", "max_batch_size", "max_batch_tokens",
+                     "threads", "max_connections", "max_connections_per_client"):
             value = getattr(self, name)
             if value is not None and not value > 0:  # `not >` also refuses NaN
                 raise ValueError(f"SENTIMENT_{name.upper()} must be above 0, got {value}")
@@ -387,7 +390,8 @@ class ServeSettings:
         self.max_connections_per_client = self.client_share("max_connections_per_client", "max_connections")
         if not self.max_wait_ms >= 0:
             raise ValueError(f"SENTIMENT_MAX_WAIT_MS must not be negative, got {self.max_wait_ms}")
-        for name in ("max_wait_ms", "request_timeout_s", "body_timeout_s", "head_timeout_s", "stall_timeout_s"):
+        for name in ("max_wait_ms", "request_timeout_s", "body_timeout_s", "head_timeout_s", "send_timeout_s",
+                     "stall_timeout_s"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"SENTIMENT_{name.upper()} must be a finite number, got {getattr(self, name)}")
         if self.max_wait_ms >= self.request_timeout_s * 1000:  # batches would wait for texts past every deadline

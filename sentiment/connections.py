@@ -1,11 +1,16 @@
 """What the service enforces on connections, before the app sees a request: uvicorn's HTTP/1.1
-protocol with a deadline on request heads and a limit on open connections, in all and per client.
+protocol with a deadline on request heads, a limit on open connections, in all and per client, a
+bound on the requests a client sends ahead of its answers, and a deadline on answers it leaves untaken.
 
 `http_protocol(settings, metrics)` is the protocol class `uvicorn app:app --http app:HTTP` runs.
 Every open connection holds a file descriptor. Without limits, one client that opens connections
 faster than their deadlines close them takes every descriptor the process may have: `accept()`
 then fails, and every other client waits in the listen queue until it times out. So a connection
 beyond the service's limit, or beyond its client's share of it, is closed as soon as it is made.
+A client that sends requests ahead (HTTP pipelining) and reads no answer must hold little and not
+for long: without a bound, uvicorn read all it sent into memory (a request's wait for its client
+to leave lets reading go on), and without a deadline, a connection whose answers wait in a full
+socket stayed open for ever, and held back the service's shutdown.
 `client_key` says who a client is, here and for the app's own per-client limits.
 """
 
@@ -15,8 +20,10 @@ import logging
 import time
 
 import h11
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+PIPELINED_BYTES = 1 << 16  # what a connection reads at most of the requests sent ahead of the one under way
 ACCEPT_FAILED = "socket.accept() out of system resource"  # asyncio's message, with a traceback, for each failure
 ACCEPT_LOG_EVERY_S = 10.0
 log = logging.getLogger(__name__)
@@ -113,13 +120,44 @@ def quiet_accept_failures(loop, refused):
     loop.set_exception_handler(handle)
 
 
+class HeldFlow(FlowControl):
+    """uvicorn's flow control with a hold on reading that uvicorn's own calls cannot lift. uvicorn pauses
+    reading while a request is under way, but each wait for a client to leave resumes it: a client that
+    sent requests ahead had another read's worth of them buffered per request answered. While `hold`,
+    such a resume is deferred until the hold is lifted (`set_hold`), and then made."""
+
+    hold = deferred = False
+
+    def pause_reading(self):
+        self.deferred = False
+        super().pause_reading()
+
+    def resume_reading(self):
+        if self.hold:
+            self.deferred = True
+        else:
+            super().resume_reading()
+
+    def set_hold(self, hold):
+        self.hold = hold
+        if hold:
+            super().pause_reading()
+        elif self.deferred:
+            self.deferred = False
+            super().resume_reading()
+
+
 def http_protocol(settings, metrics):
     """uvicorn's HTTP/1.1 protocol, without WebSocket upgrades, plus:
     - a deadline on each request's head (request line and headers): a connection that has not sent a
       whole head `settings.head_timeout_s` after it opened, or after it began its next request, is
       closed. uvicorn waits for a head forever; the body has its own deadline (`body_timeout_s`) in the app;
     - `settings.max_connections` open at most, `settings.max_connections_per_client` of them from one
-      client; beyond them a new connection is closed at once, counted in `metrics.connections_refused`."""
+      client; beyond them a new connection is closed at once, counted in `metrics.connections_refused`;
+    - reading stops while `PIPELINED_BYTES` of requests sent ahead wait behind the one under way;
+    - a deadline on answers: once the socket takes no more of what is to be sent, the client has
+      `settings.send_timeout_s` to take the rest, or its connection is cut (closing it would wait for
+      the client). The transport's buffer limit is 0, so any byte left waiting starts the clock."""
     seconds = settings.head_timeout_s
     limits = None  # made with the first connection, once uvicorn's config says which peers are proxies
 
@@ -137,7 +175,8 @@ def http_protocol(settings, metrics):
                 quiet_accept_failures(self.loop, metrics.connections_refused)
                 limits = ConnectionLimits(settings.max_connections, settings.max_connections_per_client,
                                           trusted_proxies(self.config))
-            self.head_deadline, self.admitted = None, False
+            self.head_deadline = self.send_deadline = None
+            self.admitted = False
             self.counted_as, refused = limits.admit(self.client[0] if self.client else "")
             if refused:
                 metrics.connections_refused.labels(limit=refused).inc()
@@ -146,6 +185,14 @@ def http_protocol(settings, metrics):
             self.admitted = True
             metrics.connections_open.inc()
             self.head_deadline = self.loop.call_later(seconds, self.head_too_slow)
+            self.flow = HeldFlow(transport)
+            transport.set_write_buffer_limits(high=0)  # pause_writing as soon as a byte waits
+
+        def handle_events(self):
+            super().handle_events()
+            # The request under way is whole (DONE): what else is buffered was sent ahead of its answer.
+            ahead = len(self.conn.trailing_data[0]) if self.conn.their_state is h11.DONE else 0
+            self.flow.set_hold(ahead >= PIPELINED_BYTES)
 
         def data_received(self, data):
             if not self.admitted:  # closing: what it sent is not read
@@ -162,10 +209,26 @@ def http_protocol(settings, metrics):
             if not self.transport.is_closing():
                 self.transport.close()
 
+        def pause_writing(self):
+            super().pause_writing()
+            if self.send_deadline is None:
+                self.send_deadline = self.loop.call_later(settings.send_timeout_s, self.send_too_slow)
+
+        def resume_writing(self):
+            super().resume_writing()
+            if self.send_deadline is not None:
+                self.send_deadline.cancel()
+                self.send_deadline = None
+
+        def send_too_slow(self):
+            self.send_deadline = None
+            self.transport.abort()  # its answers are lost with it; the request handlers waiting to send end
+
         def connection_lost(self, exc):
-            if self.head_deadline is not None:
-                self.head_deadline.cancel()
-                self.head_deadline = None
+            for deadline in (self.head_deadline, self.send_deadline):
+                if deadline is not None:
+                    deadline.cancel()
+            self.head_deadline = self.send_deadline = None
             if self.admitted:
                 self.admitted = False
                 limits.release(self.counted_as)

@@ -385,6 +385,88 @@ def test_heads_that_never_finish_are_cut_off_and_hold_back_no_one(serve):
         sock.close()
 
 
+def resident_bytes(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def pipelined(port, request, megabytes):
+    """A connection sending `request` over and over ahead of its answers (HTTP pipelining), `megabytes`
+    of them at most; its receive buffer is kept small, as a client that reads slowly has it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    blob = request * (megabytes * 2**20 // len(request))
+
+    def send():
+        sent = 0
+        while sent < len(blob):
+            if not select.select([], [sock], [], 0.5)[1]:
+                continue
+            try:
+                sent += sock.send(blob[sent:sent + 65536])
+            except OSError:  # cut by the server
+                return
+    threading.Thread(target=send, daemon=True).start()
+    return sock
+
+
+def request_bytes(body):
+    return (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+def test_requests_sent_ahead_of_their_answers_are_read_only_as_they_are_answered(serve):
+    # HTTP pipelining: a client may send its next requests before its answers come. Each request's
+    # wait for its client to leave let uvicorn read on: two connections sending 12 MB ahead had all
+    # of it read into the service's memory within seconds, however slowly it was answered.
+    server = serve()
+    request = request_bytes(json.dumps({"inputs": [GOOD] * 64}).encode())
+    with ThreadPoolExecutor(4) as pool:  # the model's and tokenizer's own memory, before measuring
+        list(pool.map(lambda _: post_raw(server.url, request.split(b"\r\n\r\n", 1)[1]), range(16)))
+    before = resident_bytes(server.process.pid)
+    socks = [pipelined(server.port, request, 12) for _ in range(2)]
+    answered = [0, 0]
+
+    def read(i):  # the answers are read, so sending them never waits
+        try:
+            while (got := socks[i].recv(1 << 16)):
+                answered[i] += got.count(b"HTTP/1.1 200")
+        except OSError:  # closed as the test ends
+            pass
+    readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(2)]
+    for reader in readers:
+        reader.start()
+    time.sleep(8)
+    grown = resident_bytes(server.process.pid) - before
+    other = httpx.post(server.url + "/predict", json={"text": GOOD}, timeout=30)
+    assert other.status_code == 200
+    assert all(answered), "nothing sent ahead was answered"
+    assert grown < 6 * 2**20, f"the service grew by {grown / 2**20:.0f} MiB"
+    for sock in socks:
+        sock.close()
+
+
+def test_a_client_that_reads_no_answer_holds_its_connection_for_a_deadline_not_for_ever(serve):
+    # A client that sends requests ahead and reads none of their answers: once its socket is full,
+    # each answer waited to be sent for ever. Its connections stayed open (two addresses so could
+    # hold every connection the service may have), and SIGTERM never ended the service.
+    server = serve(send_timeout_s=2, max_texts=1000, queue_size=1000, max_batch_size=1000)
+    request = request_bytes(json.dumps({"inputs": ["a fine film"] * 1000}).encode())  # 100 kB an answer
+    silent = pipelined(server.port, request, 16)
+    deadline = time.monotonic() + 40
+    while server.metrics()[("sentiment_connections_open", ())] > 1 and time.monotonic() < deadline:
+        time.sleep(0.2)  # only the connection asking remains open
+    assert server.metrics()[("sentiment_connections_open", ())] == 1
+    assert httpx.post(server.url + "/predict", json={"text": GOOD}, timeout=30).status_code == 200
+    silent.close()
+    silent = pipelined(server.port, request, 16)
+    time.sleep(4)  # its answers wait, and its next requests are sent
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)
+    silent.close()
+
+
 def connect(port, source):
     return socket.create_connection(("127.0.0.1", port), source_address=(source, 0))
 
