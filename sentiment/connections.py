@@ -207,6 +207,7 @@ def http_protocol(settings, metrics):
         def head_too_slow(self):
             self.head_deadline = None
             if not self.transport.is_closing():
+                metrics.connections_cut.labels(deadline="head").inc()
                 self.transport.close()
 
         def pause_writing(self):
@@ -222,6 +223,7 @@ def http_protocol(settings, metrics):
 
         def send_too_slow(self):
             self.send_deadline = None
+            metrics.connections_cut.labels(deadline="send").inc()
             self.transport.abort()  # its answers are lost with it; the request handlers waiting to send end
 
         def connection_lost(self, exc):

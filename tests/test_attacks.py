@@ -376,6 +376,7 @@ def test_heads_that_never_finish_are_cut_off_and_hold_back_no_one(serve):
     start = time.monotonic()
     assert all(closes_within(sock, 10) for sock in slow + [kept_alive])
     assert time.monotonic() - start < 5
+    assert server.metrics()[("sentiment_connections_cut_total", (("deadline", "head"),))] == 61
     patient = socket.create_connection(("127.0.0.1", server.port))
     for part in (b"GET /health HTTP/1.1\r\n", b"Host: x\r\n", b"\r\n"):  # slow, but within the deadline
         patient.sendall(part)
@@ -458,6 +459,7 @@ def test_a_client_that_reads_no_answer_holds_its_connection_for_a_deadline_not_f
     while server.metrics()[("sentiment_connections_open", ())] > 1 and time.monotonic() < deadline:
         time.sleep(0.2)  # only the connection asking remains open
     assert server.metrics()[("sentiment_connections_open", ())] == 1
+    assert server.metrics()[("sentiment_connections_cut_total", (("deadline", "send"),))] == 1
     assert httpx.post(server.url + "/predict", json={"text": GOOD}, timeout=30).status_code == 200
     silent.close()
     silent = pipelined(server.port, request, 16)
