@@ -1,6 +1,7 @@
 """What the service enforces on connections, before the app sees a request: uvicorn's HTTP/1.1
-protocol with a deadline on request heads, a limit on open connections, in all and per client, a
-bound on the requests a client sends ahead of its answers, and a deadline on answers it leaves untaken.
+protocol with deadlines on request heads, on the rest of bodies answered before they were read and
+on answers left untaken, a limit on open connections, in all and per client, and a bound on the
+requests a client sends ahead of its answers.
 
 `http_protocol(settings, metrics)` is the protocol class `uvicorn app:app --http app:HTTP` runs.
 Every open connection holds a file descriptor. Without limits, one client that opens connections
@@ -152,6 +153,9 @@ def http_protocol(settings, metrics):
     - a deadline on each request's head (request line and headers): a connection that has not sent a
       whole head `settings.head_timeout_s` after it opened, or after it began its next request, is
       closed. uvicorn waits for a head forever; the body has its own deadline (`body_timeout_s`) in the app;
+    - the same deadline on the rest of a body answered before it was read (a 413, a 503): uvicorn reads
+      it to throw it away for as long as the client sends it, so it must end `settings.body_timeout_s`
+      after the answer, or the connection is closed;
     - `settings.max_connections` open at most, `settings.max_connections_per_client` of them from one
       client; beyond them a new connection is closed at once, counted in `metrics.connections_refused`;
     - reading stops while `PIPELINED_BYTES` of requests sent ahead wait behind the one under way;
@@ -175,7 +179,7 @@ def http_protocol(settings, metrics):
                 quiet_accept_failures(self.loop, metrics.connections_refused)
                 limits = ConnectionLimits(settings.max_connections, settings.max_connections_per_client,
                                           trusted_proxies(self.config))
-            self.head_deadline = self.send_deadline = None
+            self.head_deadline = self.send_deadline = self.body_deadline = None
             self.admitted = False
             self.counted_as, refused = limits.admit(self.client[0] if self.client else "")
             if refused:
@@ -190,6 +194,10 @@ def http_protocol(settings, metrics):
 
         def handle_events(self):
             super().handle_events()
+            if self.body_deadline is not None and (self.cycle is not self.answered_early
+                                                   or self.conn.their_state is not h11.SEND_BODY):
+                self.body_deadline.cancel()  # the rest of the body is in
+                self.body_deadline = None
             # The request under way is whole (DONE): what else is buffered was sent ahead of its answer.
             ahead = len(self.conn.trailing_data[0]) if self.conn.their_state is h11.DONE else 0
             self.flow.set_hold(ahead >= PIPELINED_BYTES)
@@ -210,6 +218,18 @@ def http_protocol(settings, metrics):
                 metrics.connections_cut.labels(deadline="head").inc()
                 self.transport.close()
 
+        def on_response_complete(self):
+            super().on_response_complete()
+            if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():  # answered early
+                self.answered_early = self.cycle
+                self.body_deadline = self.loop.call_later(settings.body_timeout_s, self.body_too_slow)
+
+        def body_too_slow(self):
+            self.body_deadline = None
+            if not self.transport.is_closing():
+                metrics.connections_cut.labels(deadline="body").inc()
+                self.transport.close()
+
         def pause_writing(self):
             super().pause_writing()
             if self.send_deadline is None:
@@ -227,10 +247,10 @@ def http_protocol(settings, metrics):
             self.transport.abort()  # its answers are lost with it; the request handlers waiting to send end
 
         def connection_lost(self, exc):
-            for deadline in (self.head_deadline, self.send_deadline):
+            for deadline in (self.head_deadline, self.send_deadline, self.body_deadline):
                 if deadline is not None:
                     deadline.cancel()
-            self.head_deadline = self.send_deadline = None
+            self.head_deadline = self.send_deadline = self.body_deadline = None
             if self.admitted:
                 self.admitted = False
                 limits.release(self.counted_as)

@@ -73,7 +73,7 @@ class ServiceMetrics:
         self.connections_refused = Counter("sentiment_connections_refused", "Connections closed as they were made, "
                                            "by the limit met.", ["limit"], registry=self.registry)
         self.connections_cut = Counter("sentiment_connections_cut", "Connections cut for a deadline their client "
-                                       "let pass: a request head's or an answer's.", ["deadline"],
+                                       "let pass: a request head's, a body's rest, an answer's.", ["deadline"],
                                        registry=self.registry)
         self.held = Counter("sentiment_retried_early", "Refusals held until the client's last Retry-After was over, "
                             "as the request came sooner.", registry=self.registry)

@@ -257,6 +257,36 @@ def test_bodies_that_never_finish_hold_no_slot_get_408_and_do_not_block_shutdown
         sock.close()
 
 
+def test_the_rest_of_a_body_answered_before_it_was_read_must_come_within_the_body_deadline(serve):
+    # A body answered before it was read (413 for the size it declares, 503 for a full queue) is read
+    # by uvicorn only to be thrown away, for as long as its client sends it: one that sent a few bytes
+    # every half second held its connection for ever, past every deadline.
+    server = serve(body_timeout_s=1.5, max_body_bytes=1000)
+    dribbling = slow_body(server.port, promised=10**12, sent=4)
+    assert read_status(dribbling, 10) == 413
+
+    def dribble():
+        try:
+            while True:
+                dribbling.sendall(b"a" * 10)
+                time.sleep(0.3)
+        except OSError:  # closed by the server
+            pass
+    threading.Thread(target=dribble, daemon=True).start()
+    start = time.monotonic()
+    assert closes_within(dribbling, 20)
+    assert time.monotonic() - start < 6
+    assert server.metrics()[("sentiment_connections_cut_total", (("deadline", "body"),))] == 1
+    whole = slow_body(server.port, promised=5000, sent=0)  # sent whole after its answer: the connection goes on
+    assert read_status(whole, 10) == 413
+    whole.sendall(b"a" * 5000)
+    time.sleep(2)  # past the deadline, which the rest of the body met
+    whole.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert read_status(whole, 10) == 200
+    dribbling.close()
+    whole.close()
+
+
 def test_bodies_on_their_way_are_held_within_one_memory_budget(serve):
     # Every body was held whole while it arrived, with no limit across requests: 500 connections
     # sending 1 MB bodies but for their last bytes grew the service by 640 MB; a few thousand
