@@ -44,6 +44,7 @@ from .outputs import claim, log_line, publish_model, truncate_log
 from .report import write_report_or_say_how
 
 LOG_EVERY = 10  # optimizer steps between log lines
+FEW_STEPS = 10  # a run of fewer optimizer steps (unless --max-steps asks for them) learns next to nothing
 
 
 def param_groups(model, weight_decay):
@@ -76,6 +77,18 @@ def make_loader(dataset, collate, **kwargs):
     return torch.utils.data.DataLoader(dataset, collate_fn=collate, generator=torch.Generator().manual_seed(0),
                                        pin_memory=torch.cuda.is_available(), num_workers=workers,
                                        persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals, **kwargs)
+
+
+def few_steps_warning(total_steps, args, rows, processes):
+    """The warning for a run of fewer than `FEW_STEPS` optimizer steps, which learns next to nothing
+    (a batch as large as the data, say); None for more, or where --max-steps asks for so few."""
+    if total_steps >= FEW_STEPS or args.max_steps:
+        return None
+    shape = (f"batches of {args.batch_size:,}" + (f" on each of {processes} processes" if processes > 1 else "")
+             + (f", {args.grad_accum} a step" if args.grad_accum > 1 else ""))
+    return (f"warning: {total_steps} optimizer step{'s' if total_steps > 1 else ''} in all ({n_rows(rows)} to train "
+            f"on, {shape}, {args.epochs} epoch{'s' if args.epochs > 1 else ''}): too few to learn from; lower "
+            f"--batch-size{' or --grad-accum' if args.grad_accum > 1 else ''}, or raise --epochs")
 
 
 def window_scale(batch_index, batches, accumulation):
@@ -254,6 +267,8 @@ class FineTuneRecipe:
         self.model, self.optimizer, self.train_dl = accelerator.prepare(self.model, optimizer, self.train_dl)
         steps_per_epoch = math.ceil(len(self.train_dl) / args.grad_accum)
         self.total_steps = min(args.max_steps or math.inf, steps_per_epoch * args.epochs)
+        if warning := few_steps_warning(self.total_steps, args, len(self.train_set), accelerator.num_processes):
+            accelerator.print(warning, file=sys.stderr)
         self.scheduler = accelerator.prepare(get_linear_schedule_with_warmup(
             self.optimizer, int(args.warmup_ratio * self.total_steps), self.total_steps))
 

@@ -1212,6 +1212,25 @@ def test_names_that_are_not_utf8_are_one_line_before_anything_runs(tmp_path, tra
         ServeSettings(model=str(tmp_path / latin1))
 
 
+def test_a_run_of_too_few_steps_to_learn_from_says_so(tmp_path):
+    # A batch as large as the data trained for one step, and the model folder, as good as untrained,
+    # was published without a word.
+    data = tmp_path / "few.csv"
+    demo_reviews(60, seed=3).write_csv(data)
+    run = run_script("train.py", "--data", str(data), "--output-dir", str(tmp_path / "out"), "--model", "tiny",
+                     "--batch-size", "64", "--epochs", "1", "--max-length", "16", "--val-size", "0", "--test-size", "0")
+    assert run.returncode == 0, run.stderr
+    assert ("warning: 1 optimizer step in all (60 rows to train on, batches of 64, 1 epoch): too few to learn "
+            "from; lower --batch-size, or raise --epochs") in run.stderr
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    args = TrainArgs(data="demo", batch_size=16, grad_accum=2, epochs=3)
+    assert training.few_steps_warning(9, args, 40, 2) == (
+        "warning: 9 optimizer steps in all (40 rows to train on, batches of 16 on each of 2 processes, 2 a step, "
+        "3 epochs): too few to learn from; lower --batch-size or --grad-accum, or raise --epochs")
+    assert training.few_steps_warning(10, args, 40, 2) is None
+    assert training.few_steps_warning(2, TrainArgs(data="demo", max_steps=2), 40, 1) is None  # asked for
+
+
 def test_the_last_short_accumulation_window_weighs_as_much_as_a_full_one():
     from accelerate import Accelerator
     # Five batches with --grad-accum 4: the last window holds one batch.
