@@ -9,8 +9,13 @@ and exit with status 2. Every other exception is a bug and keeps its traceback.
 line as its flag (`--max-length`), the service as its variable (`SENTIMENT_MAX_LENGTH`).
 """
 
+import hashlib
+import os
+import socket
 import sys
 from contextlib import contextmanager
+
+_SAID = []  # the names `said_here_before` holds while this process lives
 
 
 def n_rows(count):
@@ -41,14 +46,42 @@ class SettingError(SentimentError):
         return f"SENTIMENT_{self.name.upper()}: {self.message}"
 
 
+def said_here_before(line):
+    """Whether another process of this launch on this machine has said `line` already. Every process
+    of an `accelerate launch` meets the same bad input (a missing file, a bad flag), and eight GPUs
+    said it eight times. The first to bind an abstract Unix socket named after the line and their
+    launcher holds the name while it lives; Linux alone has such sockets, and elsewhere each says it."""
+    if int(os.environ.get("LOCAL_WORLD_SIZE", 1)) < 2 or not sys.platform.startswith("linux"):
+        return False
+    name = f"\0sentiment-{os.getppid()}-{hashlib.sha256(line.encode()).hexdigest()[:32]}"
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(name)
+    except OSError:
+        sock.close()
+        return True
+    _SAID.append(sock)
+    return False
+
+
+def say_error(message):
+    """`error: <message>` on stderr in one write: unbuffered (PYTHONUNBUFFERED, as many images set it),
+    print() writes the line and its end apart, and two processes' lines ran into one."""
+    line = f"error: {message}\n"
+    stream = sys.stderr if sys.stderr is not None else sys.stdout  # None: closed by the shell (`2>&-`)
+    if stream is not None and not said_here_before(line):
+        stream.write(line)
+        stream.flush()
+
+
 @contextmanager
 def exit_on_user_error():
     """Turn a `SentimentError` into `error: <message>` on stderr and exit status 2."""
     try:
         yield
     except SettingError as err:
-        print(f"error: {err.as_flag()}", file=sys.stderr)
+        say_error(err.as_flag())
         raise SystemExit(2) from None
     except SentimentError as err:
-        print(f"error: {err}", file=sys.stderr)
+        say_error(err)
         raise SystemExit(2) from None

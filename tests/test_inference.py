@@ -730,6 +730,17 @@ def test_two_processes_score_standard_input_once(trained_model, tmp_path):
     assert len(texts.stdout.splitlines()) == 2  # printed once, not once per process
 
 
+@pytest.mark.slow
+def test_bad_input_every_process_meets_is_said_once_and_whole(trained_model, tmp_path):
+    # Each process of the launch said it: "error: …csverror: …csv", the two lines run into one where
+    # the processes' output is unbuffered, as PYTHONUNBUFFERED (which many images set) makes it.
+    result = run_script(*two_processes(), "infer.py", "--model", str(trained_model), "--input",
+                        str(tmp_path / "missing.csv"), env={"PYTHONUNBUFFERED": "1"}, check=False, timeout=300)
+    assert result.returncode != 0
+    said = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert said == [f"error: {tmp_path / 'missing.csv'}: no such file"], result.stderr[-2000:]
+
+
 def test_the_confusion_matrix_of_many_classes_goes_to_the_metrics_file_not_the_terminal(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
