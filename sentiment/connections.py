@@ -25,6 +25,14 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 PIPELINED_BYTES = 1 << 16  # what a connection reads at most of the requests sent ahead of the one under way
+# h11 parses a chunked body in Python, some microseconds a chunk: a megabyte of one-byte chunks held
+# the event loop, every client's requests with it, for 4.6 s. A chunked body may hold FREE_LINE_ENDS
+# line ends (two a chunk), and one more for every BYTES_PER_LINE_END bytes; it is handed to h11 a
+# SLICE at a time, each counted before it is parsed, so one that breaks the rule costs little.
+FREE_LINE_ENDS = 512
+BYTES_PER_LINE_END = 128
+SLICE = 8192
+ANSWERED = "sentiment.answered"  # scope key: the status the protocol answered a request with, the app unaware
 ACCEPT_FAILED = "socket.accept() out of system resource"  # asyncio's message, with a traceback, for each failure
 ACCEPT_LOG_EVERY_S = 10.0
 log = logging.getLogger(__name__)
@@ -159,6 +167,8 @@ def http_protocol(settings, metrics):
     - `settings.max_connections` open at most, `settings.max_connections_per_client` of them from one
       client; beyond them a new connection is closed at once, counted in `metrics.connections_refused`;
     - reading stops while `PIPELINED_BYTES` of requests sent ahead wait behind the one under way;
+    - a chunked body of chunks so small that parsing them would cost more than their bytes (see
+      `FREE_LINE_ENDS`) is refused with a 400, and its connection closed;
     - a deadline on answers: once the socket takes no more of what is to be sent, the client has
       `settings.send_timeout_s` to take the rest, or its connection is cut (closing it would wait for
       the client). The transport's buffer limit is 0, so any byte left waiting starts the clock."""
@@ -180,7 +190,7 @@ def http_protocol(settings, metrics):
                 limits = ConnectionLimits(settings.max_connections, settings.max_connections_per_client,
                                           trusted_proxies(self.config))
             self.head_deadline = self.send_deadline = self.body_deadline = None
-            self.admitted = False
+            self.admitted, self.chunked = False, None  # `chunked`: the cycle whose chunked body is counted
             self.counted_as, refused = limits.admit(self.client[0] if self.client else "")
             if refused:
                 metrics.connections_refused.labels(limit=refused).inc()
@@ -194,6 +204,9 @@ def http_protocol(settings, metrics):
 
         def handle_events(self):
             super().handle_events()
+            if self.conn.their_state is h11.SEND_BODY and self.cycle is not self.chunked and any(
+                    name == b"transfer-encoding" for name, _ in self.cycle.scope["headers"]):  # h11 takes only chunked
+                self.chunked, self.line_ends, self.body_bytes = self.cycle, 0, 0
             if self.body_deadline is not None and (self.cycle is not self.answered_early
                                                    or self.conn.their_state is not h11.SEND_BODY):
                 self.body_deadline.cancel()  # the rest of the body is in
@@ -203,8 +216,17 @@ def http_protocol(settings, metrics):
             self.flow.set_hold(ahead >= PIPELINED_BYTES)
 
         def data_received(self, data):
-            if not self.admitted:  # closing: what it sent is not read
-                return
+            for start in range(0, len(data), SLICE):
+                if not self.admitted or self.transport.is_closing():  # closing: what it sent is not read
+                    return
+                self.receive(data[start:start + SLICE])
+
+        def receive(self, data):
+            if self.cycle is self.chunked and self.conn.their_state is h11.SEND_BODY:
+                self.line_ends += data.count(b"\r\n")
+                self.body_bytes += len(data)
+                if self.line_ends > FREE_LINE_ENDS + self.body_bytes // BYTES_PER_LINE_END:
+                    return self.refuse_small_chunks()
             if self.head_deadline is None and self.conn.their_state is h11.IDLE:  # a kept-alive connection's next
                 self.head_deadline = self.loop.call_later(seconds, self.head_too_slow)  # request has begun
             super().data_received(data)
@@ -212,10 +234,18 @@ def http_protocol(settings, metrics):
                 self.head_deadline.cancel()
                 self.head_deadline = None
 
+        def refuse_small_chunks(self):
+            metrics.connections_cut.labels(reason="small_chunks").inc()
+            if self.cycle.response_started:  # answered already (a 413): what is left is not read
+                return self.transport.close()
+            self.cycle.scope[ANSWERED] = 400  # what the app counts the request as, once it sees the client gone
+            self.send_400_response(f"the body comes in chunks too small to be worth parsing; send it with "
+                                   f"Content-Length, or in chunks of {2 * BYTES_PER_LINE_END} bytes or more")
+
         def head_too_slow(self):
             self.head_deadline = None
             if not self.transport.is_closing():
-                metrics.connections_cut.labels(deadline="head").inc()
+                metrics.connections_cut.labels(reason="head_timeout").inc()
                 self.transport.close()
 
         def on_response_complete(self):
@@ -227,7 +257,7 @@ def http_protocol(settings, metrics):
         def body_too_slow(self):
             self.body_deadline = None
             if not self.transport.is_closing():
-                metrics.connections_cut.labels(deadline="body").inc()
+                metrics.connections_cut.labels(reason="body_timeout").inc()
                 self.transport.close()
 
         def pause_writing(self):
@@ -243,7 +273,7 @@ def http_protocol(settings, metrics):
 
         def send_too_slow(self):
             self.send_deadline = None
-            metrics.connections_cut.labels(deadline="send").inc()
+            metrics.connections_cut.labels(reason="send_timeout").inc()
             self.transport.abort()  # its answers are lost with it; the request handlers waiting to send end
 
         def connection_lost(self, exc):

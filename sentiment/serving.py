@@ -33,7 +33,7 @@ from starlette.routing import Route
 
 from .batcher import DeviceFailed, MicroBatcher, ModelError, QueueFull, model_thread
 from .config import ServeSettings
-from .connections import client_key
+from .connections import ANSWERED, client_key
 from .errors import SentimentError, SettingError
 from .predictor import Predictor
 from .protocol import BadRequest, BodyBudget, read_request
@@ -72,9 +72,9 @@ class ServiceMetrics:
         self.connections_open = Gauge("sentiment_connections_open", "Connections open.", registry=self.registry)
         self.connections_refused = Counter("sentiment_connections_refused", "Connections closed as they were made, "
                                            "by the limit met.", ["limit"], registry=self.registry)
-        self.connections_cut = Counter("sentiment_connections_cut", "Connections cut for a deadline their client "
-                                       "let pass: a request head's, a body's rest, an answer's.", ["deadline"],
-                                       registry=self.registry)
+        self.connections_cut = Counter("sentiment_connections_cut", "Connections cut, by reason: a deadline their "
+                                       "client let pass (a request head's, a body's rest's, an answer's), or a body "
+                                       "of chunks too small.", ["reason"], registry=self.registry)
         self.held = Counter("sentiment_retried_early", "Refusals held until the client's last Retry-After was over, "
                             "as the request came sooner.", registry=self.registry)
 
@@ -195,7 +195,8 @@ async def predict(request):
     except Exception:  # a bug: logged, answered and counted like any other answer
         log.exception("error answering /predict")
         response = error(500, "internal_error", "internal error; the service is still running")
-    request.app.state.metrics.count_request(response.status_code, time.perf_counter() - start)
+    status = request.scope.get(ANSWERED, response.status_code)  # a 400 the protocol sent: counted as such
+    request.app.state.metrics.count_request(status, time.perf_counter() - start)
     return response
 
 
