@@ -322,8 +322,8 @@ class ServeSettings:
     request_timeout_s: float = 30.0  # then 504
     body_timeout_s: float = 10.0  # the whole body must arrive within this; then 408
     head_timeout_s: float = 10.0  # the request line and headers must arrive within this (`--http app:HTTP`)
-    # Once the socket takes no more of an answer, its client must take the rest within this, or its connection
-    # is cut (`--http app:HTTP`): a client that reads no answer holds nothing for long.
+    # A client that takes nothing of a waiting answer (what its socket would not take) for this long is cut
+    # (`--http app:HTTP`): one that reads no answer holds nothing for long.
     send_timeout_s: float = 10.0
     stall_timeout_s: float = 60.0  # a model call running longer makes /health and /ready answer 503 (a hung GPU)
     device: str = "auto"  # cpu, cuda, cuda:1, …

@@ -16,8 +16,11 @@ socket stayed open for ever, and held back the service's shutdown.
 """
 
 import collections
+import fcntl
 import ipaddress
 import logging
+import struct
+import termios
 import time
 
 import h11
@@ -169,9 +172,9 @@ def http_protocol(settings, metrics):
     - reading stops while `PIPELINED_BYTES` of requests sent ahead wait behind the one under way;
     - a chunked body of chunks so small that parsing them would cost more than their bytes (see
       `FREE_LINE_ENDS`) is refused with a 400, and its connection closed;
-    - a deadline on answers: once the socket takes no more of what is to be sent, the client has
-      `settings.send_timeout_s` to take the rest, or its connection is cut (closing it would wait for
-      the client). The transport's buffer limit is 0, so any byte left waiting starts the clock."""
+    - a deadline on answers: a client that takes nothing of what waits to be sent (what its socket
+      would not take) for `settings.send_timeout_s` is cut; closing would wait for it. The
+      transport's buffer limit is 0, so any byte left waiting starts the clock."""
     seconds = settings.head_timeout_s
     limits = None  # made with the first connection, once uvicorn's config says which peers are proxies
 
@@ -263,6 +266,7 @@ def http_protocol(settings, metrics):
         def pause_writing(self):
             super().pause_writing()
             if self.send_deadline is None:
+                self.waiting = self.unsent()
                 self.send_deadline = self.loop.call_later(settings.send_timeout_s, self.send_too_slow)
 
         def resume_writing(self):
@@ -273,8 +277,22 @@ def http_protocol(settings, metrics):
 
         def send_too_slow(self):
             self.send_deadline = None
+            if (left := self.unsent()) < self.waiting:  # slow, but taking it
+                self.waiting = left
+                self.send_deadline = self.loop.call_later(settings.send_timeout_s, self.send_too_slow)
+                return
             metrics.connections_cut.labels(reason="send_timeout").inc()
             self.transport.abort()  # its answers are lost with it; the request handlers waiting to send end
+
+        def unsent(self):
+            """Bytes of answers the client has not taken: the transport's, and those in the socket's send
+            queue (Linux's SIOCOUTQ), which the socket frees only in large steps."""
+            waiting = self.transport.get_write_buffer_size()
+            try:
+                queue = fcntl.ioctl(self.transport.get_extra_info("socket").fileno(), termios.TIOCOUTQ, b"\0" * 4)
+            except (AttributeError, OSError):  # no such socket, or no such request where it runs
+                return waiting
+            return waiting + struct.unpack("i", queue)[0]
 
         def connection_lost(self, exc):
             for deadline in (self.head_deadline, self.send_deadline, self.body_deadline):

@@ -520,10 +520,16 @@ def test_a_client_that_reads_no_answer_holds_its_connection_for_a_deadline_not_f
     # A client that sends requests ahead and reads none of their answers: once its socket is full,
     # each answer waited to be sent for ever. Its connections stayed open (two addresses so could
     # hold every connection the service may have), and SIGTERM never ended the service.
-    server = serve(send_timeout_s=2, max_texts=1000, queue_size=1000, max_batch_size=1000)
+    server = serve(send_timeout_s=1, max_texts=1000, queue_size=1000, max_batch_size=1000)
     request = request_bytes(json.dumps({"inputs": ["a fine film"] * 1000}).encode())  # 100 kB an answer
     silent = pipelined(server.port, request, 16)
-    deadline = time.monotonic() + 40
+    end = time.monotonic() + 8  # first it reads slowly, 40 kB/s: it is taking its answers, and is not cut
+    while time.monotonic() < end:
+        silent.settimeout(5)
+        assert silent.recv(4096)
+        time.sleep(0.1)
+    assert ("sentiment_connections_cut_total", (("reason", "send_timeout"),)) not in server.metrics()
+    deadline = time.monotonic() + 40  # then it reads nothing
     while server.metrics()[("sentiment_connections_open", ())] > 1 and time.monotonic() < deadline:
         time.sleep(0.2)  # only the connection asking remains open
     assert server.metrics()[("sentiment_connections_open", ())] == 1
