@@ -225,7 +225,7 @@ def http_protocol(settings, metrics):
                 self.receive(data[start:start + SLICE])
 
         def receive(self, data):
-            if self.cycle is self.chunked and self.conn.their_state is h11.SEND_BODY:
+            if self.chunked is not None and self.cycle is self.chunked and self.conn.their_state is h11.SEND_BODY:
                 self.line_ends += data.count(b"\r\n")
                 self.body_bytes += len(data)
                 if self.line_ends > FREE_LINE_ENDS + self.body_bytes // BYTES_PER_LINE_END:
