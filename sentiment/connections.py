@@ -238,18 +238,21 @@ def http_protocol(settings, metrics):
                 self.head_deadline = None
 
         def refuse_small_chunks(self):
-            metrics.connections_cut.labels(reason="small_chunks").inc()
             if self.cycle.response_started:  # answered already (a 413): what is left is not read
-                return self.transport.close()
+                return self.close_for("small_chunks")
+            metrics.connections_cut.labels(reason="small_chunks").inc()
             self.cycle.scope[ANSWERED] = 400  # what the app counts the request as, once it sees the client gone
             self.send_400_response(f"the body comes in chunks too small to be worth parsing; send it with "
                                    f"Content-Length, or in chunks of {2 * BYTES_PER_LINE_END} bytes or more")
 
+        def close_for(self, reason):
+            if not self.transport.is_closing():
+                metrics.connections_cut.labels(reason=reason).inc()
+                self.transport.close()
+
         def head_too_slow(self):
             self.head_deadline = None
-            if not self.transport.is_closing():
-                metrics.connections_cut.labels(reason="head_timeout").inc()
-                self.transport.close()
+            self.close_for("head_timeout")
 
         def on_response_complete(self):
             super().on_response_complete()
@@ -259,9 +262,7 @@ def http_protocol(settings, metrics):
 
         def body_too_slow(self):
             self.body_deadline = None
-            if not self.transport.is_closing():
-                metrics.connections_cut.labels(reason="body_timeout").inc()
-                self.transport.close()
+            self.close_for("body_timeout")
 
         def pause_writing(self):
             super().pause_writing()
