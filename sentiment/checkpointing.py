@@ -15,14 +15,13 @@ import json
 import math
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
 
 from .config import CONFIG_FILE, STATE_FILE, TrainArgs, invariants
-from .errors import SentimentError, flag
+from .errors import SentimentError, flag, warn
 from .files import as_plain_files, fsync_path, fsync_tree
 
 BEST_WEIGHTS = "best.safetensors"
@@ -163,7 +162,7 @@ def find_checkpoint(resume, output_dir):
             problem = damage(folder)
             if problem is None:
                 return folder
-            print(f"warning: checkpoint {folder} is damaged ({problem}); trying the one before", file=sys.stderr)
+            warn(f"checkpoint {folder} is damaged ({problem}); trying the one before")
         raise SentimentError(f"--resume latest: every checkpoint in {checkpoint_root(output_dir)} is damaged")
     if not os.path.isfile(os.path.join(resume, STATE_FILE)):
         raise SentimentError(f"--resume {resume}: not a complete checkpoint folder (no {STATE_FILE})")
@@ -194,8 +193,8 @@ def check_random_states(folder, num_processes):
         try:
             torch.load(path, weights_only=False)
         except Exception as err:
-            print(f"warning: {path} does not load ({type(err).__name__}); the resumed run will not repeat the "
-                  f"interrupted one exactly", file=sys.stderr)
+            warn(f"{path} does not load ({type(err).__name__}); the resumed run will not repeat the interrupted "
+                 f"one exactly")
 
 
 def load_trainer_state(folder, config):

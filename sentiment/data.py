@@ -6,13 +6,12 @@ cleaning used everywhere, training and inference alike, so scores match what val
 """
 
 import hashlib
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
-from .errors import SentimentError, n_rows
+from .errors import SentimentError, n_rows, warn
 from .hub import download_options, offline_note
 from .tables import extension, garbled_header, read_table
 
@@ -124,9 +123,8 @@ def load_labelled(path, text_column, label_column, skip_bad_rows=False, frame=No
     if len(clashes):
         report["duplicates_with_other_labels"] = len(clashes)
         shown = "; ".join(" and ".join(map(str, rows[:3])) for rows in clashes["row"].head(SHOWN_ROWS).to_list())
-        print(f"warning: {path}: texts that appear more than once with different labels: {len(clashes)} (data "
-              f"rows {shown}{' …' if len(clashes) > SHOWN_ROWS else ''}); each keeps the label of its first row",
-              file=sys.stderr)
+        warn(f"{path}: texts that appear more than once with different labels: {len(clashes)} (data rows "
+             f"{shown}{' …' if len(clashes) > SHOWN_ROWS else ''}); each keeps the label of its first row")
     return deduped.drop("row"), report
 
 
@@ -218,8 +216,8 @@ def merge_label_variants(frames, normalize):
     clashes = [group for group in variants.values() if len(group) > 1]
     if clashes:
         shown = "; ".join(", ".join(map(repr, group)) for group in clashes[:3])
-        print(f"warning: labels that differ only in case count as different classes ({shown}); pass "
-              f"--normalize-labels to merge them", file=sys.stderr)
+        warn(f"labels that differ only in case count as different classes ({shown}); pass --normalize-labels "
+             f"to merge them")
     return frames
 
 
@@ -295,8 +293,8 @@ def load_splits(args):
     if rare:
         shown = ", ".join(f"{label!r} ({count})" for label, count in rare[:5]) + (
             f", … ({len(rare)} classes in all)" if len(rare) > 5 else "")
-        print(f"warning: few training rows for {shown}: a class needs some dozens to be learnt, and figures for "
-              f"it from so few validation and test rows mean little", file=sys.stderr)
+        warn(f"few training rows for {shown}: a class needs some dozens to be learnt, and figures for it from "
+             f"so few validation and test rows mean little")
     for split, frame in (("validation", val), ("test", test)):
         unknown = sorted(set(frame["label"].to_list()) - set(labels))
         if unknown:

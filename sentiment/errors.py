@@ -64,14 +64,20 @@ def said_here_before(line):
     return False
 
 
-def say_error(message):
-    """`error: <message>` on stderr in one write: unbuffered (PYTHONUNBUFFERED, as many images set it),
-    print() writes the line and its end apart, and two processes' lines ran into one."""
-    line = f"error: {message}\n"
+def say(line):
+    """`line` on stderr in one write, once per machine for the processes of a launch (`said_here_before`).
+    Unbuffered (PYTHONUNBUFFERED, as many images set it), print() writes a line and its end apart, and
+    two processes' lines ran into one."""
+    line += "\n"
     stream = sys.stderr if sys.stderr is not None else sys.stdout  # None: closed by the shell (`2>&-`)
     if stream is not None and not said_here_before(line):
         stream.write(line)
         stream.flush()
+
+
+def warn(message):
+    """`warning: <message>`, said as `say` says it."""
+    say(f"warning: {message}")
 
 
 @contextmanager
@@ -80,8 +86,8 @@ def exit_on_user_error():
     try:
         yield
     except SettingError as err:
-        say_error(err.as_flag())
+        say(f"error: {err.as_flag()}")
         raise SystemExit(2) from None
     except SentimentError as err:
-        say_error(err)
+        say(f"error: {err}")
         raise SystemExit(2) from None

@@ -13,11 +13,10 @@ import json
 import os
 import shutil
 import socket
-import sys
 
 from .checkpointing import remove_leftovers
 from .config import CONFIG_FILE, LOG_FILE, METRICS_FILE, MODEL_FILES, PUBLISHING_FILE
-from .errors import SentimentError
+from .errors import SentimentError, warn
 from .files import fsync_path, fsync_tree, write_atomically
 from .modeling import save_model_folder
 
@@ -48,8 +47,8 @@ def claim(args, accelerator):
             raise SentimentError(f"--output-dir {out} is in use by another training run (process "
                                  f"{handle.read().strip() or '?'}); wait for it or choose another folder") from None
         except OSError as err:  # a network file system without a lock service (ENOLCK): train all the same
-            print(f"warning: --output-dir {out} cannot be locked ({err.strerror}), so a second run into it would "
-                  f"not be refused: start one run at a time there", file=sys.stderr)
+            warn(f"--output-dir {out} cannot be locked ({err.strerror}), so a second run into it would not be "
+                 f"refused: start one run at a time there")
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))

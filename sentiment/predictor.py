@@ -9,7 +9,6 @@ the order the texts came in. It knows nothing of files or HTTP.
 
 import contextlib
 import os
-import sys
 import warnings
 
 import numpy as np
@@ -19,7 +18,7 @@ from .batching import Collator, by_length, encode, special_count
 from .config import CPU_BATCH_SIZE, CPU_BATCH_TOKENS, GPU_BATCH_SIZE, GPU_BATCH_TOKENS, PRECISIONS
 from .data import clean_texts
 from .devices import device_fails, emulated_bf16, native_bf16, pick_device
-from .errors import SentimentError, SettingError
+from .errors import SentimentError, SettingError, warn
 from .metrics import output_function, scores
 from .modeling import check_max_length, load_model_folder
 
@@ -78,8 +77,7 @@ class Predictor:
         half = half_precision(precision, quantize, self.device)
         emulated = emulated_bf16(self.device) if half is torch.bfloat16 else None  # asked for: auto never picks it
         if emulated:
-            print(f"warning: precision bf16: {emulated}; {'fp16' if on_gpu else 'fp32'} is faster here",
-                  file=sys.stderr)
+            warn(f"precision bf16: {emulated}; {'fp16' if on_gpu else 'fp32'} is faster here")
         if on_gpu and half is None:
             torch.set_float32_matmul_precision("high")  # TF32 matmuls for fp32 scoring
         # On a GPU the weights themselves are 16-bit; on a CPU bf16 autocast keeps layer norms and softmax in fp32.
@@ -161,8 +159,8 @@ class Predictor:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()  # give the failed batch's blocks back before the smaller ones ask
             self.max_batch_tokens = len(part) // 2 * width
-            print(f"warning: {self.device} ran out of memory on {len(part)} texts of {width} tokens; batches are now "
-                  f"at most {self.max_batch_tokens} tokens (--max-batch-tokens)", file=sys.stderr)
+            warn(f"{self.device} ran out of memory on {len(part)} texts of {width} tokens; batches are now at "
+                 f"most {self.max_batch_tokens} tokens (--max-batch-tokens)")
             rest, size = [i for p in [part, *pending] for i in p], len(part) // 2
             pending = [rest[i:i + size] for i in range(0, len(rest), size)]
         return done

@@ -13,11 +13,10 @@ import json
 import os
 import re
 import shutil
-import sys
 
 import polars as pl
 
-from .errors import SentimentError
+from .errors import SentimentError, warn
 from .files import did_you_mean, remove_stale_temporaries, replace_durably, temporary
 
 
@@ -363,8 +362,8 @@ class TableWriter:
         replace_durably(self.tmp, self.target)
         what = [f"{n} {kind}" for n, kind in ((self.flattened, "values"), (self.renamed, "column names")) if n]
         if what:
-            print(f"warning: {' and '.join(what)} held tabs or line breaks, which TSV cannot hold; they are spaces "
-                  f"in {self.path} (.csv, .parquet or .jsonl keep them)", file=sys.stderr)
+            warn(f"{' and '.join(what)} held tabs or line breaks, which TSV cannot hold; they are spaces in "
+                 f"{self.path} (.csv, .parquet or .jsonl keep them)")
 
     def abort(self):
         """Remove what an unfinished run wrote (nothing is left after `close`)."""

@@ -314,6 +314,18 @@ def test_when_one_process_stops_on_an_error_the_others_say_so_in_a_line(tmp_path
     assert "[rank1]: Traceback" not in result.stderr and "[rank0]: Traceback" not in result.stderr
 
 
+def test_a_warning_every_process_meets_is_said_once(tmp_path):
+    # Each process of the launch reads the data and said the same warning, once a GPU.
+    data = tmp_path / "rare.csv"
+    pl.concat([demo_reviews(300, seed=8), pl.DataFrame({"review": ["A middling film, neither good nor bad."],
+                                                        "sentiment": ["mixed"]})]).write_csv(data)
+    result = run_script(*two_processes(), "train.py", "--data", str(data), *TINY, "--max-steps", "2",
+                        "--output-dir", str(tmp_path / "out"), env={"PYTHONUNBUFFERED": "1"}, timeout=300)
+    said = [line for line in result.stderr.splitlines() if "warning:" in line]
+    assert said == ["warning: few training rows for 'mixed' (1): a class needs some dozens to be learnt, and "
+                    "figures for it from so few validation and test rows mean little"], result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("problem, flags, message", [
     ("missing file", ["--data", "nowhere.csv"], "nowhere.csv: no such file"),
     ("unknown column", ["--text-column", "body"], "no column 'body'; it has 'review', 'sentiment'"),
