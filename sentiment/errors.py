@@ -1,4 +1,4 @@
-"""The exception types for mistakes a user can fix.
+"""The exception types for mistakes a user can fix, and how their lines are said.
 
 Anything raised as `SentimentError` is the user's input at fault (a missing file, a column
 that is not there, too few rows); the command-line entry points print its message on one line
@@ -7,6 +7,9 @@ and exit with status 2. Every other exception is a bug and keeps its traceback.
 `SettingError` is a bad value of one named setting, said in neutral words by the library
 (`max_length: 1024 is over …`); each front end names the setting its own way: the command
 line as its flag (`--max-length`), the service as its variable (`SENTIMENT_MAX_LENGTH`).
+
+`say` writes such an error's line, and `warn` a warning's, each in one write and once per machine
+for the processes of one `accelerate launch`, which all meet the same input.
 """
 
 import hashlib
