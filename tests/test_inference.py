@@ -317,6 +317,24 @@ def test_when_the_writing_process_stops_on_an_error_the_other_says_so_in_a_line(
     assert "[rank1]: Traceback" not in result.stderr and not (tmp_path / "out.csv").exists()
 
 
+def test_two_runs_writing_one_output_at_once_leave_one_of_them_whole(tmp_path, trained_model):
+    # Each run writes under a temporary name of its own and renames it into place: the output is the
+    # one or the other, never rows of both, and neither run takes the other's temporary for a stale one.
+    inputs = {1500: tmp_path / "a.csv", 2000: tmp_path / "b.csv"}  # a second or more of writing each
+    for rows, path in inputs.items():
+        demo_reviews(rows, seed=rows).write_csv(path)
+    runs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "infer.py"), "--model", str(trained_model),
+                              "--input", str(path), "--output", str(tmp_path / "scored.csv"), "--chunk-rows", "250"],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for path in inputs.values()]
+    for run in runs:
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err
+    scored = pl.read_csv(tmp_path / "scored.csv")
+    assert scored["review"].to_list() in [pl.read_csv(path)["review"].to_list() for path in inputs.values()]
+    assert sorted(os.listdir(tmp_path)) == ["a.csv", "b.csv", "scored.csv"]
+
+
 def test_output_onto_the_input_is_refused_and_the_input_is_kept(tmp_path, trained_model, reviews_csv):
     before = reviews_csv.read_bytes()
     result = run_script("infer.py", "--model", str(trained_model), "--input", str(reviews_csv),
