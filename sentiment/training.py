@@ -33,7 +33,7 @@ from .checkpointing import (TrainState, best_weights, check_random_states, find_
 from .config import CONFIG_FILE, LOG_FILE
 from .data import load_splits
 from .devices import device_fails, emulated_bf16
-from .errors import SentimentError, n_rows
+from .errors import SentimentError, n_rows, warn
 from .files import as_plain_files, disk_full, disk_full_error, replace_durably, write_atomically
 from .launcher import (free_the_group_at_the_end, launcher_gone, outliving_their_readers, peer_gone, stop_signals,
                        stop_with_the_launcher)
@@ -86,7 +86,7 @@ def few_steps_warning(total_steps, args, rows, processes):
         return None
     shape = (f"batches of {args.batch_size:,}" + (f" on each of {processes} processes" if processes > 1 else "")
              + (f", {args.grad_accum} a step" if args.grad_accum > 1 else ""))
-    return (f"warning: {total_steps} optimizer step{'s' if total_steps > 1 else ''} in all ({n_rows(rows)} to train "
+    return (f"{total_steps} optimizer step{'s' if total_steps > 1 else ''} in all ({n_rows(rows)} to train "
             f"on, {shape}, {args.epochs} epoch{'s' if args.epochs > 1 else ''}): too few to learn from; lower "
             f"--batch-size{' or --grad-accum' if args.grad_accum > 1 else ''}, or raise --epochs")
 
@@ -172,8 +172,8 @@ def make_accelerator(args):
     emulated = emulated_bf16(accelerator.device) if accelerator.mixed_precision == "bf16" else None
     if emulated:  # bf16 may come from the launcher's config, written for another machine
         instead = "fp16" if accelerator.device.type == "cuda" else "no"
-        accelerator.print(f"warning: bf16 mixed precision: {emulated}; train with --mixed-precision {instead}",
-                          file=sys.stderr)
+        if accelerator.is_local_main_process:
+            warn(f"bf16 mixed precision: {emulated}; train with --mixed-precision {instead}")
     return accelerator
 
 
@@ -190,6 +190,12 @@ class FineTuneRecipe:
         self.log_path = os.path.join(args.output_dir, LOG_FILE)
         self.signals = []  # Ctrl-C / SIGTERM received: stop at the next step, with a checkpoint
         self.finite_step = 0  # the last step at which the loss and weights were seen finite
+
+    def warn(self, message):
+        """`warning: <message>` on stderr in one write, from one process per machine (the same as every
+        process meets)."""
+        if self.accelerator.is_local_main_process:
+            warn(message)
 
     # setup ----------------------------------------------------------------------------------
 
@@ -215,8 +221,8 @@ class FineTuneRecipe:
         accelerator.print(f"data: {json.dumps(self.splits.report)}; labels: {self.splits.labels}")
         self.model = load_model(args.model, self.splits.labels, len(self.tokenizer), args.attention_dropout)
         if added := grow_embeddings(self.model, len(self.tokenizer)):
-            accelerator.print(f"warning: {args.model}: its tokenizer has tokens its model has no embeddings for "
-                              f"({added}, added to the tokenizer alone); they get new ones, learnt in training")
+            self.warn(f"{args.model}: its tokenizer has tokens its model has no embeddings for ({added}, added "
+                      f"to the tokenizer alone); they get new ones, learnt in training")
         self.settings = ModelSettings(labels=self.splits.labels, truncation=args.truncation,
                                       max_length=check_max_length(args.max_length, self.model.config))
         self.train_set, self.val_set, self.test_set = map(self.dataset, ("train", "val", "test"))
@@ -249,9 +255,9 @@ class FineTuneRecipe:
             empty, example = len(kept) - int(kept.sum()), frame["text"][int(np.argmin(kept))]
             frame = self.splits.leave_out_untokenised(split, kept)
             ids = ids.take(np.flatnonzero(kept))
-            self.accelerator.print(f"warning: {empty} row{'s' if empty > 1 else ''} of the {split} split left out: "
-                                   f"the tokenizer keeps nothing of {'their' if empty > 1 else 'its'} text (only "
-                                   f"control or zero-width characters, such as {example[:20]!r})", file=sys.stderr)
+            self.warn(f"{empty} row{'s' if empty > 1 else ''} of the {split} split left out: the tokenizer keeps "
+                      f"nothing of {'their' if empty > 1 else 'its'} text (only control or zero-width characters, "
+                      f"such as {example[:20]!r})")
         return TokenizedDataset(ids, self.splits.label_ids(frame))
 
     def eval_loader(self, data):
@@ -268,7 +274,7 @@ class FineTuneRecipe:
         steps_per_epoch = math.ceil(len(self.train_dl) / args.grad_accum)
         self.total_steps = min(args.max_steps or math.inf, steps_per_epoch * args.epochs)
         if warning := few_steps_warning(self.total_steps, args, len(self.train_set), accelerator.num_processes):
-            accelerator.print(warning, file=sys.stderr)
+            self.warn(warning)
         self.scheduler = accelerator.prepare(get_linear_schedule_with_warmup(
             self.optimizer, int(args.warmup_ratio * self.total_steps), self.total_steps))
 
