@@ -2,8 +2,11 @@
 
 Settings come from SENTIMENT_* environment variables (see `sentiment.config.ServeSettings`);
 SENTIMENT_MODEL names the model folder (default: outputs/model, where train.py writes).
-`--http app:HTTP` is uvicorn's HTTP/1.1 with a deadline on request heads (SENTIMENT_HEAD_TIMEOUT_S) and
-limits on open connections (SENTIMENT_MAX_CONNECTIONS, SENTIMENT_MAX_CONNECTIONS_PER_CLIENT).
+`--http app:HTTP` is uvicorn's HTTP/1.1 with deadlines on request heads (SENTIMENT_HEAD_TIMEOUT_S), on
+the rest of bodies answered early (SENTIMENT_BODY_TIMEOUT_S) and on answers left untaken
+(SENTIMENT_SEND_TIMEOUT_S), limits on open connections (SENTIMENT_MAX_CONNECTIONS,
+SENTIMENT_MAX_CONNECTIONS_PER_CLIENT), a bound on requests sent ahead of their answers and a refusal of
+bodies in chunks too small to parse (see sentiment/connections.py).
 """
 
 from sentiment.config import ServeSettings
