@@ -175,16 +175,19 @@ def ragged_row(path):
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter="\t" if tsv else ",", strict=True,
                             quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
-        width, row, line = len(next(reader, [])), 0, reader.line_num + 1
+        width, row, line = None, 0, 1
         try:
-            for row, fields in enumerate(reader, 1):
-                if len(fields) > width:
+            for row, fields in enumerate(reader):  # row 0 is the header
+                if width is None:
+                    width = len(fields)
+                elif len(fields) > width:
                     return (f"data row {row} (line {line}) has {len(fields)} fields where the header has {width}; "
                             f"{advice}")
                 line = reader.line_num + 1
         except csv.Error as bad:
-            return (f"data row {row + 1} (from line {line}) has a quote that does not close where it should ({bad}); "
-                    f"a quote inside a quoted text is written twice (\"\")")
+            where = "the header (line 1)" if width is None else f"data row {row + 1} (from line {line})"
+            return (f"{where} has a quote that does not close where it should ({bad}); a quote inside a quoted "
+                    f"text is written twice (\"\")")
     return None
 
 

@@ -335,6 +335,18 @@ def test_a_row_with_a_stray_comma_or_quote_names_its_row_and_line(tmp_path, name
         list(scan_chunks(str(path), 10))  # infer.py reads it in chunks
 
 
+def test_a_header_with_a_stray_quote_is_named_as_the_header(tmp_path):
+    # The check that names a broken row read the header outside its guard: a traceback from the csv module.
+    from sentiment.tables import scan_chunks
+    path = tmp_path / "d.csv"
+    path.write_text('"review" text,sentiment\nA film, good and long,positive\n')
+    match = r"the header \(line 1\) has a quote that does not close where it should"
+    with pytest.raises(SentimentError, match=match):
+        splits_of(path)
+    with pytest.raises(SentimentError, match=match):
+        list(scan_chunks(str(path), 10))
+
+
 @pytest.mark.parametrize("dtype", [pl.Categorical, pl.Enum])
 def test_texts_and_labels_stored_as_categories_are_text(tmp_path, dtype):
     frame = demo_reviews(60, seed=11)
