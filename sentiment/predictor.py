@@ -51,6 +51,18 @@ def usable_cpus():
         return os.cpu_count() or 1
 
 
+def not_unicode(texts):
+    """What is wrong with the first of `texts` that holds a lone surrogate ("\\udcff"), which is not text:
+    bytes decoded with errors="surrogateescape" (as Python decodes file names and arguments) give one."""
+    for i, text in enumerate(texts):
+        try:
+            (text or "").encode("utf-8")
+        except UnicodeEncodeError as err:
+            return (f"texts[{i}] holds a lone surrogate ({text[err.start]!r} at character {err.start}), which is not "
+                    f"Unicode text; decode its bytes with errors='replace' or as the encoding they are in")
+    return "a text holds a lone surrogate, which is not Unicode text"
+
+
 class Predictor:
     """Score texts with the model in `folder`.
 
@@ -190,11 +202,14 @@ class Predictor:
         wrong = next((i for i, text in enumerate(texts) if text is not None and not isinstance(text, str)), None)
         if wrong is not None:
             raise TypeError(f"texts[{wrong}] is {type(texts[wrong]).__name__}, not a string")
-        cleaned = clean_texts(texts) if self.settings.clean else [t if t and t.strip() else None for t in texts]
-        valid = np.array([i for i, t in enumerate(cleaned) if t], dtype=np.int64)
         probs = np.full((len(texts), len(self.labels)), np.nan)
+        try:
+            cleaned = clean_texts(texts) if self.settings.clean else [t if t and t.strip() else None for t in texts]
+            valid = np.array([i for i, t in enumerate(cleaned) if t], dtype=np.int64)
+            ids = self.encode([cleaned[i] for i in valid]) if len(valid) else None
+        except UnicodeEncodeError:  # neither polars nor a tokenizer takes a lone surrogate: a traceback before
+            raise ValueError(not_unicode(texts)) from None
         if len(valid):
-            ids = self.encode([cleaned[i] for i in valid])
             probs[valid] = scores(self.logits(ids), self.function, self.settings.temperature)
             probs[valid[ids.lengths <= self.specials]] = np.nan
         return probs

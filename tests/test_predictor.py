@@ -66,6 +66,11 @@ def test_one_string_is_one_text_any_iterable_of_texts_works_and_other_items_are_
     assert predictor.predict(text for text in texts) == predictor.predict(texts) == predictor.predict(tuple(texts))
     with pytest.raises(TypeError, match=r"texts\[1\] is int, not a string"):  # was polars' error about a Series
         predictor.predict(["I loved it.", 3])
+    # Bytes decoded with errors="surrogateescape" (file names, arguments): was polars' UnicodeEncodeError.
+    undecoded = b"caf\xe9 au lait".decode("utf-8", "surrogateescape")
+    with pytest.raises(ValueError, match=r"texts\[1\] holds a lone surrogate \('\\udce9' at character 3\), which is "
+                                         r"not Unicode text"):
+        predictor.predict(["I loved it.", undecoded])
 
 
 # Each is dropped whole by the tokenizer's normaliser (control and zero-width characters, a lone
