@@ -29,6 +29,7 @@ TRUNCATIONS = ("head", "tail", "head+tail")  # which tokens of a long text to ke
 MIN_LENGTH = 8  # the shortest max length: a text keeps a few tokens beside the special ones
 MIXED_PRECISIONS = ("no", "fp16", "bf16")  # training, through Accelerate
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # scoring: auto is bf16 where the hardware has it; fp16: GPUs only
+MAX_COUNT = 2**32 - 1  # the largest whole-number flag (--seed's largest too)
 MAX_CONNECTIONS = 4096  # the service's open connections at most, unless set
 FILES_KEPT = 64  # file descriptors the service keeps beside its connections (it uses about 10 once the model is in)
 # The Predictor's default batch limits, texts and tokens (texts × padded length) per forward pass.
@@ -175,6 +176,7 @@ class TrainArgs:
                 raise SentimentError(f"{flag(name)} must be 0 or more, got {value}")
         if not 0 <= self.seed < 2**32:  # numpy's seeding takes no other (a traceback, after the data was read)
             raise SentimentError(f"--seed must be from 0 to {2**32 - 1}, got {self.seed}")
+        refuse_huge_counts(self)
 
 
 def refuse_names_not_utf8(args, setting=lambda name, value: f"{flag(name)} {value}", error=SentimentError):
@@ -191,6 +193,15 @@ def refuse_names_not_utf8(args, setting=lambda name, value: f"{flag(name)} {valu
                 raise error(f"{setting(f.name, shown)}: not valid UTF-8 (a name in another encoding, such as "
                             f"Latin-1), which the libraries that read tables and models cannot take; give it in "
                             f"UTF-8 (convmv -f latin1 -t utf8 --notest NAME renames a file)") from None
+
+
+def refuse_huge_counts(args):
+    """Refuse a whole-number flag over `MAX_COUNT`: no count a run can use comes near it, and larger ones
+    overflowed C integers deep in the libraries (--batch-size 2**63 ended in a traceback from islice)."""
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if type(value) is int and value > MAX_COUNT:
+            raise SentimentError(f"{flag(f.name)} must be at most {MAX_COUNT:,}, got {value}")
 
 
 def refuse_one_column_for_both(text_column, label_column):
@@ -278,6 +289,7 @@ class InferArgs:
                 text.encode("utf-8")
             except UnicodeEncodeError:  # bytes that are not UTF-8 reach Python as lone surrogates
                 raise SentimentError(f"text {number} on the command line is not valid UTF-8") from None
+        refuse_huge_counts(self)
         for name in ("batch_size", "max_batch_tokens", "chunk_rows", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SentimentError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")

@@ -364,6 +364,19 @@ def test_no_number_flag_takes_a_value_that_is_not_finite(value):
             parse_args(TrainArgs, "", ["--data", "demo", f"{flag(name)}=-0.5"])
 
 
+def test_no_whole_number_flag_takes_a_value_that_overflows_the_libraries():
+    # --batch-size 2**63 ended in a traceback from islice, --grad-accum 10**24 and infer.py's --chunk-rows
+    # 10**30 in "OverflowError: int too big to convert".
+    for cls, given in ((TrainArgs, ["--data", "demo"]), (InferArgs, ["some text"])):
+        hints = typing.get_type_hints(cls)
+        counts = [f.name for f in dataclasses.fields(cls) if hints[f.name] is int and f.name != "seed"]  # its own
+        assert len(counts) >= 5
+        for name in counts:
+            with pytest.raises(SentimentError, match=f"{flag(name)} must be at most 4,294,967,295, got {2**63}"):
+                parse_args(cls, "", [*given, flag(name), str(2**63)])
+    assert parse_args(TrainArgs, "", ["--data", "demo", "--max-steps", str(2**32 - 1)]).max_steps == 2**32 - 1
+
+
 @pytest.mark.parametrize("seed", ["-1", str(2**32)])
 def test_a_seed_numpy_cannot_take_is_refused(seed):
     # It was "ValueError: Seed must be between 0 and 2**32 - 1", a traceback once the data was read.
