@@ -192,8 +192,7 @@ class FineTuneRecipe:
         self.finite_step = 0  # the last step at which the loss and weights were seen finite
 
     def warn(self, message):
-        """`warning: <message>` on stderr in one write, from one process per machine (the same as every
-        process meets)."""
+        """`warning: <message>` on stderr in one write, by one process a machine: every process meets it."""
         if self.accelerator.is_local_main_process:
             warn(message)
 
