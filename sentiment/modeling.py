@@ -346,13 +346,19 @@ def publication(folder):
 def read_model_folder(folder, dtype):
     with loading(os.path.join(folder, "config.json"), "model configuration"):
         config = AutoConfig.from_pretrained(folder)
-    if not any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
+    architectures = config.architectures if isinstance(config.architectures, list) else []
+    if not any(str(a).endswith("ForSequenceClassification") for a in architectures):
         raise SentimentError(f"{folder}: not a sequence classifier (architectures: "
-                             f"{', '.join(config.architectures or ['none'])}); fine-tune it with train.py first")
+                             f"{config.architectures or 'none'}); fine-tune it with train.py first")
     tokenizer = folder_tokenizer(folder)
     settings = read_settings(folder, config, tokenizer)
     with loading(folder, "weights"):
-        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype)
+        model, found = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+    if missing := sorted(found["missing_keys"]):  # transformers starts them at random, and says so in a log line
+        raise SentimentError(f"{folder}: the weights file lacks {len(missing)} of the model's weights "
+                             f"({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}), which would be random: "
+                             f"it is another model's or was saved in part; copy the model folder again, or train it "
+                             f"again")
     check_embeddings(folder, model, tokenizer)
     padding_id(tokenizer, model.config)
     return model.eval(), tokenizer, settings
@@ -380,7 +386,11 @@ def folder_tokenizer(folder):
         raise SentimentError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, …); copy them from "
                              f"the model it was trained from")
     with loading(folder, "tokenizer"):
-        return AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    if type(tokenizer.model_max_length) not in (int, float):  # every call to it failed with a TypeError
+        raise SentimentError(f"{folder}: tokenizer_config.json: model_max_length must be a number, got "
+                             f"{tokenizer.model_max_length!r}; copy the model folder again")
+    return tokenizer
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from sentiment.demo_data import demo_reviews
 from sentiment.errors import SentimentError, SettingError
@@ -96,15 +97,31 @@ def test_a_folder_that_is_not_a_classifier_is_refused(tmp_path, trained_model):
         Predictor(str(tmp_path))
 
 
-def set_setting(name, value):
+def set_in(file, name, value):
     def damage(folder):
-        path = folder / "sentiment.json"
+        path = folder / file
         path.write_text(json.dumps({**json.loads(path.read_text()), name: value}))
+    return damage
+
+
+def set_setting(name, value):
+    return set_in("sentiment.json", name, value)
+
+
+def without_weight(name):
+    def damage(folder):
+        weights = load_file(folder / "model.safetensors")
+        del weights[name]
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     return damage
 
 
 @pytest.mark.parametrize("damage, message", [
     (lambda f: (f / "config.json").write_text("{"), "config.json: could not load the model configuration"),
+    (set_in("config.json", "architectures", 513), "not a sequence classifier (architectures: 513)"),  # a TypeError
+    # transformers starts a weight the file lacks at random, and the folder scored as if trained.
+    (without_weight("classifier.weight"), "the weights file lacks 1 of the model's weights (classifier.weight), "
+                                          "which would be random"),
     (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:1000]),
      "could not load the weights (SafetensorError"),
     (lambda f: (f / "model.safetensors").unlink(), "could not load the weights (OSError"),
@@ -113,6 +130,7 @@ def set_setting(name, value):
     # Without tokenizer files transformers builds one of special tokens only: every word became [UNK].
     (lambda f: [(f / name).unlink() for name in ("tokenizer.json", "tokenizer_config.json")],
      "no tokenizer files"),
+    (set_in("tokenizer_config.json", "model_max_length", ""), "model_max_length must be a number, got ''"),
     (lambda f: (f / "sentiment.json").write_text("[]"), "sentiment.json: could not load the settings"),
     (set_setting("labels", ["a", "b", "c"]), "labels must be a list of 2 different names, as the model has 2 classes"),
     (set_setting("labels", ["a", "a"]), "labels must be a list of 2 different names"),  # one key in every answer
@@ -120,8 +138,9 @@ def set_setting(name, value):
     (set_setting("temperature", -1.0), "temperature must be a finite number above 0"),  # it swapped every label
     (set_setting("temperature", True), "temperature must be a finite number above 0"),  # was read as 1
     (set_setting("truncation", "middle"), "truncation must be one of head, tail, head"),
-], ids=["config", "weights cut short", "weights missing", "tokenizer cut short", "no tokenizer", "settings",
-        "labels", "labels twice", "max length", "temperature", "temperature true", "truncation"])
+], ids=["config", "architectures", "a weight missing", "weights cut short", "weights missing", "tokenizer cut short",
+        "no tokenizer", "tokenizer's max length", "settings", "labels", "labels twice", "max length", "temperature",
+        "temperature true", "truncation"])
 def test_a_damaged_model_folder_is_one_error_naming_the_part(tmp_path, trained_model, damage, message):
     folder = tmp_path / "model"
     shutil.copytree(trained_model, folder)
