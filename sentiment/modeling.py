@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from .config import (CONFIG_FILE, MIN_LENGTH, MODEL_FILES, PUBLISHING_FILE, SETTINGS_FILE, STATE_FILE, TOKENIZER_FILES,
                      TRUNCATIONS)
-from .errors import SentimentError, SettingError
+from .errors import SentimentError, SettingError, warn
 from .files import as_plain_files, did_you_mean, process_alive
 from .hub import download_options, offline_note
 
@@ -137,8 +137,7 @@ def load_model(name, labels, vocab_size, attention_dropout=None):
     id2label, label2id = label_maps(labels)
     try:
         config = (tiny_config(vocab_size, labels) if name == "tiny" else AutoConfig.from_pretrained(
-            name, num_labels=len(labels), id2label=id2label, label2id=label2id,
-            **download_options(name)))
+            name, id2label=id2label, label2id=label2id, **download_options(name)))  # the labels' count with them
     except OSError as err:
         raise model_error(name, err) from None
     # Trained with cross-entropy: a softmax over the labels. Said in the config, since a base checkpoint's
@@ -151,9 +150,16 @@ def load_model(name, labels, vocab_size, attention_dropout=None):
         setattr(config, key, attention_dropout)
     if name == "tiny":
         return AutoModelForSequenceClassification.from_config(config)
-    return AutoModelForSequenceClassification.from_pretrained(name, config=config, ignore_mismatched_sizes=True,
-                                                              dtype=torch.float32,
-                                                              **download_options(name))
+    model, found = AutoModelForSequenceClassification.from_pretrained(
+        name, config=config, ignore_mismatched_sizes=True, dtype=torch.float32, output_loading_info=True,
+        **download_options(name))
+    # The new head starts at random; a weight of the pretrained body that the files lack does too, silently.
+    body = sorted(key for key in found["missing_keys"] if key.startswith(model.base_model_prefix + "."))
+    if body:
+        warn(f"{name}: its weights file lacks {len(body)} of the model's pretrained weights ({', '.join(body[:3])}"
+             f"{', …' if len(body) > 3 else ''}); they start at random, so the run learns them from nothing. Is it "
+             f"the model meant?")
+    return model
 
 
 def grow_embeddings(model, vocab_size):

@@ -20,7 +20,7 @@ import pytest
 import torch
 from helpers import (ONE_PROCESS, ROOT, TINY, gloo_threads_left, hang_up_while_it_runs, recording_its_end,
                      run_script, threads_at_exit, two_processes, wrappers_alive_at_destroy)
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification
 
 from sentiment import checkpointing, launcher, modeling, outputs, training
@@ -517,6 +517,22 @@ def test_pretrained_weights_saved_in_bf16_train_in_fp32(tmp_path):
     model.to(torch.bfloat16).save_pretrained(folder)
     model = load_model(str(folder), ["a", "b"], 100)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_pretrained_weights_the_files_lack_are_named_in_a_warning(tmp_path, capfd):
+    # transformers starts them at random with a line in its log: a base whose weights were all named otherwise
+    # trained from nothing. The new head, with another number of labels here, is no such weight.
+    from sentiment.modeling import load_model
+    folder = tmp_path / "base"
+    AutoModelForSequenceClassification.from_config(tiny_config(100, ["a", "b"])).save_pretrained(folder)
+    load_model(str(folder), ["x", "y", "z"], 100)
+    assert "warning" not in capfd.readouterr().err
+    weights = load_file(folder / "model.safetensors")
+    del weights["distilbert.embeddings.word_embeddings.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    load_model(str(folder), ["x", "y", "z"], 100)
+    assert (f"warning: {folder}: its weights file lacks 1 of the model's pretrained weights "
+            f"(distilbert.embeddings.word_embeddings.weight); they start at random") in capfd.readouterr().err
 
 
 @pytest.mark.parametrize("problem_type", ["multi_label_classification", "regression"])
