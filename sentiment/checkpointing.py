@@ -140,9 +140,10 @@ def damage(folder):
             path = os.path.join(folder, name)
             if os.path.isfile(path) and os.path.getsize(path) == 0:
                 return f"{name} is empty"
-        for name in (STATE_FILE, CONFIG_FILE):
-            with open(os.path.join(folder, name)) as f:
-                json.load(f)
+        read_state(folder)
+        with open(os.path.join(folder, CONFIG_FILE)) as f:
+            if not isinstance(json.load(f), dict):
+                raise ValueError(f"{CONFIG_FILE} holds no settings")
         for path in glob.glob(os.path.join(folder, "*.safetensors")):
             with safe_open(path, "pt"):
                 pass
@@ -213,5 +214,24 @@ def load_trainer_state(folder, config):
     if changed:
         raise SentimentError(f"cannot resume from {folder}: " + "; ".join(changed)
                              + ". Resume with the settings it was saved with")
+    return read_state(folder)
+
+
+def read_state(folder):
+    """The checkpoint's `TrainState`; a ValueError naming the field where `STATE_FILE` holds what this version
+    of the loop does not know (a field it lacks or a value of the wrong type), which it would fail on later."""
     with open(os.path.join(folder, STATE_FILE)) as f:
-        return TrainState(**json.load(f))
+        saved = json.load(f)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{STATE_FILE} holds no fields")
+    fields = {f.name: f for f in dataclasses.fields(TrainState)}
+    for name, value in saved.items():
+        if name not in fields:
+            raise ValueError(f"{STATE_FILE} has a field this version does not know, {name!r}: saved by another "
+                             f"version of sentiment?")
+        kind, what = {int: ((int,), "whole number"), float: ((int, float), "number"), str: ((str,), "text")}[
+            fields[name].type]
+        if not (isinstance(value, kind) and not isinstance(value, bool)) and not (
+                value is None and fields[name].default is None):
+            raise ValueError(f"{STATE_FILE}: {name} is {value!r}, not a {what}")
+    return TrainState(**saved)

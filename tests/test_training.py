@@ -1018,6 +1018,32 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_one_before_is_used(tmp_pat
     assert "resumed from" in captured.out and "at step 7" in captured.out
 
 
+@pytest.mark.parametrize("file, content, problem", [
+    ("trainer_state.json", {"step": 7, "best_step": None, "new_field": 1},
+     "trainer_state.json has a field this version does not know, 'new_field': saved by another version"),
+    ("trainer_state.json", {"step": "7"}, "trainer_state.json: step is '7', not a whole number"),
+    ("trainer_state.json", [7], "trainer_state.json holds no fields"),
+    ("train_config.json", 1, "train_config.json holds no settings"),
+])
+def test_a_checkpoint_whose_json_this_version_cannot_use_is_passed_over(tmp_path, capsys, file, content, problem):
+    # Valid JSON of another shape (a checkpoint of another version, a hand edit) ended in a TypeError or an
+    # AttributeError on resume, or later, in the loop, for a value of the wrong type.
+    root = tmp_path / "checkpoints"
+    for step in (3, 7):
+        folder = root / f"step-{step:08d}"
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text(json.dumps({"step": step, "train_seconds": 1, "best_step": None}))
+        (folder / "train_config.json").write_text(json.dumps({}))
+    newest = root / "step-00000007"
+    (newest / file).write_text(json.dumps(content))
+    assert checkpointing.find_checkpoint("latest", tmp_path) == str(root / "step-00000003")
+    assert f"checkpoint {newest} is damaged (ValueError: {problem}" in capsys.readouterr().err
+    with pytest.raises(SentimentError, match=re.escape(f"--resume {newest}: the checkpoint is damaged (ValueError: "
+                                                       f"{problem}")):
+        checkpointing.find_checkpoint(str(newest), tmp_path)
+    assert checkpointing.read_state(str(root / "step-00000003")) == checkpointing.TrainState(step=3, train_seconds=1)
+
+
 def test_a_damaged_random_state_is_reported_on_resume(tmp_path, monkeypatch, capsys):
     flags = crashed_run(tmp_path, monkeypatch)
     newest = checkpointing.complete_checkpoints(tmp_path / "out")[-1]
