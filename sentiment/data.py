@@ -82,6 +82,19 @@ def check_text_column(frame, path, column):
                              f"name the text column with --text-column")
 
 
+def holds_labels(dtype):
+    """Whether a column of `dtype` can hold labels: text, numbers or true/false, not lists, bytes or times."""
+    return dtype.is_numeric() or isinstance(dtype, (pl.String, pl.Categorical, pl.Enum, pl.Null, pl.Boolean))
+
+
+def check_label_column(frame, path, column):
+    """The column is there and holds labels (a column of lists or bytes failed with polars' cast error)."""
+    check_columns(frame, path, column)
+    if not holds_labels(frame.schema[column]):
+        raise SentimentError(f"{path}: column {column!r} holds {frame.schema[column]} values, not labels; name the "
+                             f"label column with --label-column")
+
+
 def label_text(labels):
     """A column of labels as text, spaces around them dropped. In a column of floats (pandas' integers with a
     gap) NaN is a missing label, not a class, and whole numbers are written as such: 1, not 1.0."""
@@ -101,7 +114,7 @@ def load_labelled(path, text_column, label_column, skip_bad_rows=False, frame=No
     """
     frame = read_table(path) if frame is None else frame
     check_text_column(frame, path, text_column)
-    check_columns(frame, path, label_column)
+    check_label_column(frame, path, label_column)
     frame = frame.select(
         text=clean_expr(pl.col(text_column).cast(pl.String)),
         label=label_text(frame[label_column]),

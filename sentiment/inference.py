@@ -24,15 +24,15 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
-from .data import check_text_column, label_text
+from .data import check_label_column, check_text_column, holds_labels, label_text
 from .errors import SentimentError, n_rows
 from .files import disk_full, disk_full_error, write_atomically
 from .launcher import (free_the_group_at_the_end, outliving_their_readers, peer_gone, stop_signals,
                        stop_with_the_launcher)
 from .metrics import classification_report
 from .predictor import Predictor
-from .tables import (SCANNERS, TableWriter, existing_file, extension, row_count, scan_chunks, scanner,
-                     tsv_names, unknown_type, where_broken, writable)
+from .tables import (SCANNERS, TableWriter, check_writable_columns, existing_file, extension, row_count, scan_chunks,
+                     scanner, tsv_names, unknown_type, where_broken, writable)
 
 MAX_CONFUSION_SHOWN = 10  # classes whose confusion matrix is printed
 PAUSE_S = 0.05  # standard input: lines that came are scored once no more come for this long
@@ -233,10 +233,13 @@ class LabelTally:
 
 def label_column_of(args, frame):
     column = args.label_column
-    if column is None and "sentiment" in frame.columns and args.text_column != "sentiment":
+    if (column is None and "sentiment" in frame.columns and args.text_column != "sentiment"
+            and holds_labels(frame.schema["sentiment"])):  # a 'sentiment' of lists, say, is no label column
         column = "sentiment"
     if column and column not in frame.columns:
         raise SentimentError(f"{args.input}: no label column {column!r}; it has {', '.join(map(repr, frame.columns))}")
+    if column:
+        check_label_column(frame, args.input, column)
     if not column and args.metrics_out:  # found before any scoring, not after it
         raise SentimentError(f"--metrics-out needs true labels, and {args.input} has no label column ('sentiment', "
                              f"or one named with --label-column); it has {', '.join(map(repr, frame.columns))}")
@@ -374,8 +377,10 @@ def score_and_report(args):
     if args.output and extension(args.output) not in SCANNERS:
         raise SentimentError(f"--output {args.output}: unknown file type; use one of {', '.join(SCANNERS)} (without "
                              f"--output, the rows go to standard output as JSON lines)")
-    if args.output and extension(args.output) == ".tsv" and columns is not None:
-        tsv_names(columns.columns)  # two names that would be one in its header: refused before the model loads
+    if args.output and columns is not None:  # refused before the model loads
+        check_writable_columns(columns, args.output)
+        if extension(args.output) == ".tsv":
+            tsv_names(columns.columns)  # two names that would be one in its header
     if args.output and args.metrics_out and os.path.abspath(args.output) == os.path.abspath(args.metrics_out):
         raise SentimentError(f"--output and --metrics-out are both {args.output}; name two files")
     report = score_texts(args, state) if args.texts else score_file(args, state, columns)

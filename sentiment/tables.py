@@ -273,6 +273,30 @@ def writable(path, flag, source=None, model=None):
         raise SentimentError(f"{flag} {path} would overwrite a file of the model folder {model}; write elsewhere")
 
 
+def holds(dtype, kind):
+    """Whether `dtype` is `kind` (pl.Binary, say) or a list, array or struct with one inside."""
+    if dtype.base_type() == kind:
+        return True
+    if isinstance(dtype, (pl.List, pl.Array)):
+        return holds(dtype.inner, kind)
+    return isinstance(dtype, pl.Struct) and any(holds(field.dtype, kind) for field in dtype.fields)
+
+
+def check_writable_columns(frame, path):
+    """Refuse an output of a format that cannot hold one of `frame`'s columns (bytes in text, durations in
+    CSV): polars failed on the first chunk written, with a traceback or a panic."""
+    ext = extension(path)
+    for name, dtype in frame.schema.items():
+        if ext != ".parquet" and holds(dtype, pl.Binary):
+            cannot, instead = "bytes", ".parquet"
+        elif ext in (".csv", ".tsv") and dtype.base_type() == pl.Duration:
+            cannot, instead = "durations", ".parquet or .jsonl"
+        else:
+            continue
+        raise SentimentError(f"--output {path}: the input's column {name!r} holds {cannot} ({dtype}), which "
+                             f"{ext[1:].upper()} cannot hold; write {instead}, or leave the column out of the input")
+
+
 def nested_as_json(frame):
     """`frame` with each nested column (objects and lists of a JSON-lines input) as JSON text, which CSV can hold."""
     nested = [name for name, dtype in frame.schema.items() if dtype.is_nested()]

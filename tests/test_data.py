@@ -254,6 +254,13 @@ def test_a_numeric_text_column_and_a_folder_are_refused(tmp_path):
     (tmp_path / "folder.csv").mkdir()
     with pytest.raises(SentimentError, match="a folder, not a file"):
         splits_of(tmp_path / "folder.csv")
+    for values, kind in (([["positive"], ["negative"]] * 25, r"List\(String\)"),
+                         ([b"positive", b"\xff"] * 25, "Binary")):
+        pl.DataFrame({"review": [f"review {i}" for i in range(50)], "sentiment": values}).write_parquet(
+            tmp_path / "l.parquet")  # polars' cast error, or its "invalid utf8"
+        with pytest.raises(SentimentError, match=f"column 'sentiment' holds {kind} values, not labels; name the "
+                                                 f"label column with --label-column"):
+            splits_of(tmp_path / "l.parquet")
 
 
 def test_a_broken_json_lines_file_names_its_line(tmp_path):

@@ -4,6 +4,7 @@ import fcntl
 import json
 import os
 import pty
+import re
 import shutil
 import signal
 import socket
@@ -648,6 +649,44 @@ def test_a_text_column_of_lists_or_numbers_is_one_line(tmp_path, trained_model):
                             check=False)
         assert result.returncode == 2 and "column 'review' holds" in result.stderr and "not text" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_columns_an_output_format_cannot_hold_are_refused_before_the_model_loads(tmp_path, trained_model, capsys,
+                                                                                 monkeypatch):
+    # A Parquet input's bytes or durations: polars failed at the first chunk written, with a traceback into
+    # CSV and a Rust panic into JSON lines (bytes inside a list, too); a 'sentiment' column of lists failed
+    # the accuracy with a cast error.
+    import datetime
+    frame = pl.DataFrame({"review": ["I loved it.", "Awful."], "thumb": [b"\x89PNG", None],
+                          "pages": [[b"a"], []], "watched": [datetime.timedelta(minutes=90)] * 2,
+                          "sentiment": [["positive"], ["negative"]]})
+    frame.write_parquet(tmp_path / "in.parquet")
+    monkeypatch.setattr(inference, "Predictor", None)  # every refusal comes before the model loads
+
+    def score(output, *flags):
+        inference.run(parse_args(InferArgs, "", ["--model", str(trained_model), "--input", str(tmp_path / "in.parquet"),
+                                                 "--output", str(tmp_path / output), *flags]))
+    for output, column, what, instead in (("out.csv", "thumb", "bytes (Binary)", ".parquet"),
+                                          ("out.jsonl", "thumb", "bytes (Binary)", ".parquet"),
+                                          ("out.tsv", "watched", "durations (Duration(time_unit='us'))",
+                                           ".parquet or .jsonl")):
+        kept = frame if output != "out.tsv" else frame.drop("thumb", "pages")
+        kept.write_parquet(tmp_path / "in.parquet")
+        with pytest.raises(SentimentError, match=re.escape(
+                f"--output {tmp_path / output}: the input's column {column!r} holds {what}, which "
+                f"{output[4:].upper()} cannot hold; write {instead}, or leave the column out of the input")):
+            score(output)
+    frame.drop("thumb").write_parquet(tmp_path / "in.parquet")
+    with pytest.raises(SentimentError, match="column 'pages' holds bytes"):  # inside a list
+        score("out.json")
+    with pytest.raises(SentimentError, match=re.escape("column 'sentiment' holds List(String) values, not labels")):
+        score("out.parquet", "--label-column", "sentiment")
+    monkeypatch.undo()
+    frame.write_parquet(tmp_path / "in.parquet")
+    score("out.parquet")  # Parquet holds every column, and a 'sentiment' of lists is no label column
+    scored = pl.read_parquet(tmp_path / "out.parquet")
+    assert scored.drop("label", "score", "score_negative", "score_positive", "error").equals(frame)
+    assert "accuracy" not in capsys.readouterr().err
 
 
 def test_a_header_only_table_gives_a_header_only_output(tmp_path, trained_model):
