@@ -135,6 +135,8 @@ def load_model(name, labels, vocab_size, attention_dropout=None):
     fp32 whatever the folder was saved in: mixed precision wants fp32 master weights.
     """
     id2label, label2id = label_maps(labels)
+    if os.path.isfile(os.path.join(name, "config.json")):
+        check_label_count(name)
     try:
         config = (tiny_config(vocab_size, labels) if name == "tiny" else AutoConfig.from_pretrained(
             name, id2label=id2label, label2id=label2id, **download_options(name)))  # the labels' count with them
@@ -349,7 +351,24 @@ def publication(folder):
     return PUBLISHING
 
 
+MAX_LABELS = 100_000  # the most labels a model folder's config.json may say it has
+
+
+def check_label_count(folder):
+    """Refuse a config.json whose `num_labels` is no count of labels: transformers names each label in a
+    dict before it checks anything, and a `num_labels` of 10**20 took all memory until the process was killed."""
+    path = os.path.join(folder, "config.json")
+    with loading(path, "model configuration"):
+        with open(path) as f:
+            saved = json.load(f)
+    count = saved.get("num_labels") if isinstance(saved, dict) else None
+    if count is not None and not (type(count) is int and 0 < count <= MAX_LABELS):
+        raise SentimentError(f"{path}: num_labels is {count!r}, not a count of labels (1 to {MAX_LABELS:,}); write "
+                             f"the model's number of labels, or copy the model folder again")
+
+
 def read_model_folder(folder, dtype):
+    check_label_count(folder)
     with loading(os.path.join(folder, "config.json"), "model configuration"):
         config = AutoConfig.from_pretrained(folder)
     architectures = config.architectures if isinstance(config.architectures, list) else []

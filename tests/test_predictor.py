@@ -119,6 +119,8 @@ def without_weight(name):
 @pytest.mark.parametrize("damage, message", [
     (lambda f: (f / "config.json").write_text("{"), "config.json: could not load the model configuration"),
     (set_in("config.json", "architectures", 513), "not a sequence classifier (architectures: 513)"),  # a TypeError
+    # transformers named 10**20 labels, one at a time, until the process was killed for its memory.
+    (set_in("config.json", "num_labels", 10**20), "num_labels is 100000000000000000000, not a count of labels"),
     # transformers starts a weight the file lacks at random, and the folder scored as if trained.
     (without_weight("classifier.weight"), "the weights file lacks 1 of the model's weights (classifier.weight), "
                                           "which would be random"),
@@ -138,9 +140,9 @@ def without_weight(name):
     (set_setting("temperature", -1.0), "temperature must be a finite number above 0"),  # it swapped every label
     (set_setting("temperature", True), "temperature must be a finite number above 0"),  # was read as 1
     (set_setting("truncation", "middle"), "truncation must be one of head, tail, head"),
-], ids=["config", "architectures", "a weight missing", "weights cut short", "weights missing", "tokenizer cut short",
-        "no tokenizer", "tokenizer's max length", "settings", "labels", "labels twice", "max length", "temperature",
-        "temperature true", "truncation"])
+], ids=["config", "architectures", "labels counted", "a weight missing", "weights cut short", "weights missing",
+        "tokenizer cut short", "no tokenizer", "tokenizer's max length", "settings", "labels", "labels twice",
+        "max length", "temperature", "temperature true", "truncation"])
 def test_a_damaged_model_folder_is_one_error_naming_the_part(tmp_path, trained_model, damage, message):
     folder = tmp_path / "model"
     shutil.copytree(trained_model, folder)
