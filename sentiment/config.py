@@ -147,6 +147,10 @@ class TrainArgs:
         for name in ("weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise SentimentError(f"{flag(name)} must be 0 or more, got {getattr(self, name)}")
+        if self.lr * self.weight_decay >= 1:  # AdamW takes that share of every weight each step: the run diverged
+            raise SentimentError(f"--weight-decay {self.weight_decay:g} with --lr {self.lr:g}: AdamW takes --lr × "
+                                 f"--weight-decay ({self.lr * self.weight_decay:g}) of every weight at each step, "
+                                 f"which must be well below 1; a usual --weight-decay is 0.01")
         for name in ("epochs", "batch_size", "grad_accum", "max_length", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise SentimentError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")

@@ -377,6 +377,14 @@ def test_no_whole_number_flag_takes_a_value_that_overflows_the_libraries():
     assert parse_args(TrainArgs, "", ["--data", "demo", "--max-steps", str(2**32 - 1)]).max_steps == 2**32 - 1
 
 
+def test_a_weight_decay_that_would_take_every_weight_away_is_refused():
+    # --weight-decay 1e308 trained until the loss was NaN, and the error's advice was a lower --lr.
+    with pytest.raises(SentimentError, match=re.escape("--weight-decay 1e+06 with --lr 2e-05: AdamW takes --lr × "
+                                                       "--weight-decay (20) of every weight at each step")):
+        parse_args(TrainArgs, "", ["--data", "demo", "--weight-decay", "1e6"])
+    assert parse_args(TrainArgs, "", ["--data", "demo", "--weight-decay", "0.1", "--lr", "1e-3"]).weight_decay == 0.1
+
+
 @pytest.mark.parametrize("seed", ["-1", str(2**32)])
 def test_a_seed_numpy_cannot_take_is_refused(seed):
     # It was "ValueError: Seed must be between 0 and 2**32 - 1", a traceback once the data was read.
