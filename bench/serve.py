@@ -48,7 +48,7 @@ def start_server(app, model, http="auto", open_files=None, log=subprocess.DEVNUL
         stdout=log, stderr=subprocess.STDOUT if log is not subprocess.DEVNULL else log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and process.poll() is None:  # one that exited will not start
         try:
             if httpx.get(url + "/ready").status_code == 200:
                 return process, url

@@ -5,6 +5,7 @@ Fixtures live in `conftest.py`; this module holds plain helpers, imported by nam
 
 import contextlib
 import fcntl
+import itertools
 import json
 import os
 import pty
@@ -144,7 +145,38 @@ def renames_made_durable(monkeypatch):
     return durable
 
 
+PORTS_PER_WORKER = 1000
+_ports_given = itertools.count()
+
+
+def ephemeral_ports():
+    """The range the kernel picks a port from for `bind(0)` and for each outgoing connection."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+    except OSError:  # not Linux: the range IANA suggests, which other systems use
+        low, high = 49152, 65535
+    return range(low, high + 1)
+
+
 def free_port():
+    """A port free now that the kernel will not hand out by itself until a test listens on it. A port from
+    `bind(0)` is ephemeral: between closing it here and a launcher listening on it, another test's outgoing
+    connection (gloo opens many) could take it, and torchrun failed with EADDRINUSE. So the port comes from
+    below the ephemeral range, from a block of its own for each test worker, never the same twice in a row."""
+    ephemeral = ephemeral_ports()
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    first = 10_000 + PORTS_PER_WORKER * (int(worker) if worker.isdigit() else 0)
+    for _ in range(PORTS_PER_WORKER):
+        port = first + next(_ports_given) % PORTS_PER_WORKER
+        if port in ephemeral or port > 65535:
+            break  # more workers than blocks below the range: fall back to the kernel's pick
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:  # some other program listens there
+                continue
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -222,3 +222,13 @@ def test_a_failing_scoring_or_serving_part_costs_none_of_the_others(tmp_path, mo
     assert figures["scoring"] == {"predictor_reviews_s": 800.0} and list(figures["serving"]) == ["ours"]
     assert figures["failed"]["serving, per-request"] == "SystemExit: bench.pipeline_server:app did not start"
     assert on_disk[0] == {"predictor_reviews_s": 800.0}  # the scoring figure was written before serving began
+
+
+def test_a_server_that_exits_while_starting_is_reported_at_once(monkeypatch):
+    # A benchmark's server that could not start (its port taken, its app broken) was polled for two minutes.
+    from bench import serve
+    polls, sleep = [], time.sleep
+    monkeypatch.setattr(serve.time, "sleep", lambda seconds: polls.append(seconds) or sleep(seconds))
+    with pytest.raises(SystemExit, match="no_such_module:app did not start"):
+        serve.start_server("no_such_module:app", "unused")
+    assert len(polls) < 100  # one poll each 0.2 s: exited within 20 s, not after the 120 s allowed

@@ -18,8 +18,8 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from helpers import (ONE_PROCESS, ROOT, TINY, gloo_threads_left, hang_up_while_it_runs, recording_its_end,
-                     run_script, threads_at_exit, two_processes, wrappers_alive_at_destroy)
+from helpers import (ONE_PROCESS, ROOT, TINY, ephemeral_ports, free_port, gloo_threads_left, hang_up_while_it_runs,
+                     recording_its_end, run_script, threads_at_exit, two_processes, wrappers_alive_at_destroy)
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification
 
@@ -235,6 +235,19 @@ def test_a_crash_while_saving_leaves_no_complete_looking_checkpoint(tmp_path, mo
     assert os.listdir(tmp_path / "out" / "checkpoints") == []  # the half checkpoint's space given back
     with pytest.raises(Exception, match="no complete checkpoint"):
         checkpointing.find_checkpoint("latest", tmp_path / "out")
+
+
+def test_two_process_launches_get_a_port_no_other_connection_can_take_first():
+    # A port from bind(0) is ephemeral: another test's outgoing connection took one between the check and
+    # torchrun listening on it, and a two-process test failed with EADDRINUSE.
+    ports = [free_port() for _ in range(3)]
+    assert len(set(ports)) == 3
+    for port in ports:
+        assert port not in ephemeral_ports()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # and free
+    launch = two_processes()
+    assert int(launch[launch.index("--main_process_port") + 1]) not in ephemeral_ports()
 
 
 @pytest.mark.slow
