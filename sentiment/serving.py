@@ -227,6 +227,7 @@ async def answer(request):
     gone.cancel()
     if not scoring.done():  # cancelling it cancels the texts' futures: the batcher skips them
         scoring.cancel()
+        scoring.add_done_callback(forget)
         return error(499, "client_disconnected", "the client went away")
     try:
         results = scoring.result()
@@ -251,6 +252,13 @@ def client_of(request):
     """Who sent `request`, for the limits each client has: `client_key` of its address (the connection's,
     or the one a trusted proxy names in X-Forwarded-For: uvicorn's --forwarded-allow-ips)."""
     return client_key(request.client.host if request.client else "")
+
+
+def forget(task):
+    """Done callback of a task no one awaits: takes its outcome. Python 3.11's `wait_for`, cancelled as the
+    call it waits on fails (a full queue), ends with that error, which asyncio would log as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def client_gone(request):

@@ -1,6 +1,8 @@
 import asyncio
+import gc
 import gzip
 import json
+import logging
 import os
 import re
 import resource
@@ -358,6 +360,40 @@ def test_texts_of_a_departed_client_are_dropped_and_take_no_place_in_a_batch():
     # Before, each departed text took a place in a batch and was dropped after: two batches of one.
     assert batches == [["good first"], ["bad stayed 1", "bad stayed 2"]]
     assert [a[0]["label"] for a in answers[1]] == ["negative", "negative"]
+
+
+def test_a_refusal_that_comes_as_the_client_leaves_is_not_left_for_asyncio_to_log(caplog):
+    # The queue refused the texts (their room was taken while the body came) just as the client left: on
+    # Python 3.11 the cancelled `wait_for` still ended with that QueueFull, nothing retrieved it, and
+    # asyncio logged "Task exception was never retrieved" with two tracebacks (10 to 20 of them a minute
+    # under a flood of misbehaving clients).
+    async def refuse(texts, client):
+        raise QueueFull("the queue is full (SENTIMENT_QUEUE_SIZE); retry shortly", "queue")
+
+    async def leave(client):
+        client.app.state.batcher.submit = refuse
+        sent, received = [], [{"type": "http.request", "body": b'{"text": "good"}', "more_body": False}]
+
+        async def receive():
+            return received.pop(0) if received else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/predict", "raw_path": b"/predict", "query_string": b"",
+                 "root_path": "", "headers": [(b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+        await client.app(scope, receive, send)
+        for _ in range(5):  # the scoring task's last steps
+            await asyncio.sleep(0)
+        gc.collect()  # an unretrieved exception is logged as its task is freed
+        return sent[0]["status"]
+
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    with client_for(FakePredictor()) as client:
+        wait_ready(client)
+        assert client.portal.call(leave, client) == 499
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
 
 
 def test_a_request_of_many_texts_does_not_hold_back_one_that_comes_after_it():
