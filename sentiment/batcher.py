@@ -247,7 +247,7 @@ class MicroBatcher:
                     break
                 try:
                     item = await asyncio.wait_for(self.queue.get(), wait)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # TimeoutError from Python 3.11; its own class on 3.10
                     break
             if item[1].done():
                 continue

@@ -123,7 +123,7 @@ async def read_body(request, settings, reservation):
 
     try:
         return await asyncio.wait_for(read(), settings.body_timeout_s)
-    except TimeoutError:
+    except asyncio.TimeoutError:  # TimeoutError from Python 3.11; its own class on 3.10
         raise BadRequest(408, "body_timeout", f"the body did not arrive within {settings.body_timeout_s} s "
                                               f"(SENTIMENT_BODY_TIMEOUT_S)") from None
     except ClientDisconnect:

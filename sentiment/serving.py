@@ -180,7 +180,7 @@ async def lifespan(app):
     yield
     loader.cancel()
     if app.state.batcher:  # answer what is queued, for as long as those requests may wait
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(app.state.batcher.drain(), app.state.settings.request_timeout_s)
     executor.shutdown(wait=False)
     sys.setswitchinterval(switch)
@@ -233,7 +233,7 @@ async def answer(request):
         results = scoring.result()
     except QueueFull as full:
         return Overloaded(client, retry_at, full.limit, str(full))
-    except TimeoutError:
+    except asyncio.TimeoutError:  # TimeoutError from Python 3.11; its own class on 3.10
         return error(504, "timeout", f"no answer within {settings.request_timeout_s} s (SENTIMENT_REQUEST_TIMEOUT_S)")
     except DeviceFailed as failed:  # a load balancer may send it elsewhere; a liveness probe restarts it
         return error(503, "stalled", str(failed))
