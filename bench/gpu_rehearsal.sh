@@ -22,6 +22,9 @@ export SENTIMENT_WHEELS_LOCKED=1
 # does wherever uvloop is installed); update these with it.
 gpu_machine=("transformers==5.17.0" "accelerate==1.15.0" tokenizers numpy tqdm prometheus-client pytest pytest-xdist httpx
              uvloop)
+# The wheels are for the GPU machine's Python 3.12; polars' runtime among them needs 3.11 or later.
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+  { echo "the rehearsal needs a python3 of 3.11 or later first on PATH, as the GPU machine's wheels do" >&2; exit 2; }
 venv="$(mktemp -d)"
 trap 'rm -rf "$venv"' EXIT
 python3 -m venv "$venv"

@@ -52,7 +52,22 @@ def test_a_second_gpu_rehearsal_waits_for_the_first_and_leaves_its_wheels_alone(
     assert listing(root / ".whl") == before
 
 
+def test_a_rehearsal_on_a_python_too_old_for_the_gpu_machine_s_wheels_says_so_before_it_installs(tmp_path):
+    # Under Python 3.10 the rehearsal built its environment, then pip refused polars' runtime (cp311-abi3).
+    root = checkout_with(tmp_path, "bench/gpu_rehearsal.sh", "bench/gpu_wheels.sh")
+    python3 = tmp_path / "bin" / "python3"  # as 3.10 answers the version check; anything else is a step
+    python3.parent.mkdir()
+    python3.write_text('#!/bin/sh\n[ "$1" = -c ] && exit 1\necho "python3 $*" >&2\nexit 3\n')
+    python3.chmod(0o755)
+    result = subprocess.run(["bash", str(root / "bench" / "gpu_rehearsal.sh")], cwd=root, capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "PATH": f"{python3.parent}:{os.environ['PATH']}"})
+    assert result.returncode == 2 and "needs a python3 of 3.11 or later" in result.stderr, result.stderr
+    assert listing(root / ".whl") == [("kept-1.0-py3-none-any.whl", (root / ".whl" / "kept-1.0-py3-none-any.whl")
+                                       .stat().st_mtime_ns)]
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="the GPU machine's wheels (its Python is 3.12) need 3.11")
 def test_the_gpu_check_runs_every_step_at_toy_size_in_the_gpu_machines_software(tmp_path):
     # Rehearsed in that machine's packages and versions, the wheels installed as they will be there:
     # the check once needed a package (httpx2, for Starlette's TestClient) that only this machine had.
