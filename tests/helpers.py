@@ -146,7 +146,7 @@ def renames_made_durable(monkeypatch):
 
 
 PORTS_PER_WORKER = 1000
-_ports_given = itertools.count()
+_ports_given = itertools.count(int.from_bytes(os.urandom(2), "big"))  # two suites at once start apart
 
 
 def ephemeral_ports():
