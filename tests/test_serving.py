@@ -392,7 +392,9 @@ def test_a_refusal_that_comes_as_the_client_leaves_is_not_left_for_asyncio_to_lo
     caplog.set_level(logging.ERROR, logger="asyncio")
     with client_for(FakePredictor()) as client:
         wait_ready(client)
-        assert client.portal.call(leave, client) == 499
+        # 499 where the leaving is seen first (wait_for runs the call as a task of its own before Python 3.12),
+        # 503 where the refusal is (from 3.12 it runs the call in place, to its first wait)
+        assert client.portal.call(leave, client) in (499, 503)
     assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
 
 
