@@ -94,3 +94,9 @@ def exit_on_user_error():
     except SentimentError as err:
         say(f"error: {err}")
         raise SystemExit(2) from None
+
+
+def json_type(value):
+    """What JSON calls the type of `value`, for a line saying a file holds the wrong one."""
+    names = {dict: "object", list: "array", str: "string", bool: "true or false", type(None): "null"}
+    return names.get(type(value), "number")

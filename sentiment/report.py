@@ -17,7 +17,7 @@ import os
 import sys
 
 from .config import CONFIG_FILE, LOG_FILE, METRICS_FILE
-from .errors import SentimentError, exit_on_user_error
+from .errors import SentimentError, exit_on_user_error, json_type
 from .files import write_atomically
 
 REPORT_FILE = "report.html"
@@ -26,21 +26,40 @@ INSTALL_HINT = 'pip install -e ".[report]" (matplotlib), then python -m sentimen
 
 
 def read_folder(folder):
-    """(log records, metrics, run settings) of a model folder; a line cut short in the log is passed over."""
+    """(log records, metrics, run settings) of a model folder. A log line cut short or garbled, or a record
+    that is not an object, is passed over; metrics.json and train_config.json must be JSON objects."""
     records = []
-    with open(os.path.join(folder, LOG_FILE)) as f:
+    with open(os.path.join(folder, LOG_FILE), encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
-                records.append(json.loads(line))
-            except ValueError:
+                record = json.loads(line)
+            except (ValueError, RecursionError):
                 continue
-    with open(os.path.join(folder, METRICS_FILE)) as f:
-        metrics = json.load(f)
-    config = {}
-    if os.path.exists(os.path.join(folder, CONFIG_FILE)):
-        with open(os.path.join(folder, CONFIG_FILE)) as f:
-            config = json.load(f)
+            if isinstance(record, dict):
+                records.append(record)
+    metrics = read_object(os.path.join(folder, METRICS_FILE))
+    config_path = os.path.join(folder, CONFIG_FILE)
+    config = read_object(config_path) if os.path.exists(config_path) else {}
     return records, metrics, config
+
+
+def read_object(path):
+    """The JSON object in `path`, or a SentimentError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (ValueError, RecursionError) as err:  # not JSON, or not UTF-8 (a ValueError too)
+        raise SentimentError(f"{path} is not JSON ({type(err).__name__}: {str(err)[:200]}); train.py "
+                             f"writes it whole at the end of a run") from None
+    if not isinstance(value, dict):
+        raise SentimentError(f"{path} holds a JSON {json_type(value)}, not an object; train.py writes it "
+                             f"whole at the end of a run")
+    return value
+
+
+def numbers(record, *keys):
+    """Whether `record` holds a number (not a bool) under each of `keys`: the points a plot can draw."""
+    return all(isinstance(record.get(k), (int, float)) and not isinstance(record.get(k), bool) for k in keys)
 
 
 def embedded(figure, plt):
@@ -52,7 +71,7 @@ def embedded(figure, plt):
 
 
 def training_plot(records, plt):
-    steps = [r for r in records if "lr" in r]
+    steps = [r for r in records if numbers(r, "step", "loss", "lr")]
     figure, (loss, lr) = plt.subplots(1, 2, figsize=(10, 3.2))
     loss.plot([r["step"] for r in steps], [r["loss"] for r in steps])
     loss.set(title="training loss", xlabel="step")
@@ -64,7 +83,7 @@ def training_plot(records, plt):
 
 
 def validation_plot(records, plt):
-    evals = [r for r in records if r.get("split") == "val"]
+    evals = [r for r in records if r.get("split") == "val" and numbers(r, "step", "accuracy", "loss")]
     figure, (accuracy, loss) = plt.subplots(1, 2, figsize=(10, 3.2))
     accuracy.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], marker="o")
     accuracy.set(title="validation accuracy", xlabel="step")
@@ -129,7 +148,7 @@ def write_report(folder):
 
     records, metrics, config = read_folder(folder)
     sections = [("Headline figures", table(headline(metrics))), ("Training", training_plot(records, plt))]
-    if any(r.get("split") == "val" for r in records):
+    if any(r.get("split") == "val" and numbers(r, "step", "accuracy", "loss") for r in records):
         sections.append(("Validation", validation_plot(records, plt)))
     if "test" in metrics:
         sections.append(("Test", confusion_plot(metrics, plt) + reliability_plot(metrics, plt)))
@@ -168,6 +187,10 @@ def main(argv=None):
             print(write_report(args.folder))
         except ImportError:
             raise SentimentError(f"the report needs matplotlib: {INSTALL_HINT} {args.folder}") from None
+        except (KeyError, IndexError, TypeError, ValueError) as err:  # the log's points are checked as read
+            raise SentimentError(f"{os.path.join(args.folder, METRICS_FILE)} holds what the report cannot draw "
+                                 f"({type(err).__name__}: {str(err)[:200]}); train.py writes it whole at the end "
+                                 f"of a run") from None
 
 
 if __name__ == "__main__":

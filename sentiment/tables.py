@@ -16,7 +16,7 @@ import shutil
 
 import polars as pl
 
-from .errors import SentimentError, warn
+from .errors import SentimentError, json_type, warn
 from .files import did_you_mean, remove_stale_temporaries, replace_durably, temporary
 
 
@@ -153,11 +153,6 @@ def where_broken(path, err):
 def not_json(constant):
     """Python's json reads NaN and Infinity; polars, rightly, does not."""
     raise ValueError(f"{constant} is not JSON; write null or a number")
-
-
-def json_type(value):
-    names = {dict: "object", list: "array", str: "string", bool: "true or false", type(None): "null"}
-    return names.get(type(value), "number")
 
 
 def is_empty(path):

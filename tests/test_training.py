@@ -1499,6 +1499,52 @@ def test_the_report_of_hundreds_of_classes_stays_small_and_a_failing_report_fail
     assert "report.html not written (ValueError: Image size" in capsys.readouterr().err
 
 
+def damage_report_inputs(folder, how):
+    log, metrics = folder / "log.jsonl", json.loads((folder / "metrics.json").read_text())
+    if how == "log bytes not utf-8":
+        log.write_bytes(b"\xff\xfe{{{\n" + log.read_bytes())
+    elif how == "log records not drawable":
+        with log.open("a") as f:
+            f.write('null\n[1]\n{"step": "x", "loss": 1, "lr": 1}\n{"split": "val", "step": 3}\n'
+                    '{"step": 1, "loss": true, "lr": 0}\n')
+    elif how == "metrics null":
+        (folder / "metrics.json").write_text("null")
+    elif how == "metrics not utf-8":
+        (folder / "metrics.json").write_bytes(b"\xff{")
+    elif how == "confusion matrix ragged":
+        metrics["test"]["confusion_matrix"]["rows_true_columns_predicted"] = [[1], "x"]
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+    elif how == "settings an array":
+        (folder / "train_config.json").write_text("[1, 2]")
+
+
+@pytest.mark.parametrize("how, error", [
+    ("log bytes not utf-8", None), ("log records not drawable", None),
+    ("metrics null", "metrics.json holds a JSON null, not an object"),
+    ("metrics not utf-8", "metrics.json is not JSON (UnicodeDecodeError"),
+    ("confusion matrix ragged", "metrics.json holds what the report cannot draw (ValueError"),
+    ("settings an array", "train_config.json holds a JSON array, not an object")])
+def test_a_report_rebuilt_from_damaged_files_passes_over_bad_log_lines_and_names_a_bad_file(tmp_path, trained_model,
+                                                                                            capsys, how, error):
+    # `python -m sentiment.report` ended in a traceback: UnicodeDecodeError for a log line of other bytes,
+    # TypeError for a line of `null`, and the like for a metrics.json of another shape.
+    import re
+
+    from sentiment import report
+    folder = tmp_path / "model"
+    shutil.copytree(trained_model, folder, ignore=shutil.ignore_patterns("report.html"))
+    damage_report_inputs(folder, how)
+    if error is None:  # a line a crash cut short is passed over already; so is any line it cannot draw
+        report.main([str(folder)])
+        assert len(re.findall(r'src="data:image/png;base64,', (folder / "report.html").read_text())) == 4
+        return
+    with pytest.raises(SystemExit) as exited:
+        report.main([str(folder)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith(f"error: {folder}") and error in err, err
+    assert len(err.strip().splitlines()) == 1 and not (folder / "report.html").exists()
+
+
 def test_labels_with_dollar_signs_are_drawn_as_they_are_written(tmp_path, trained_model):
     # Price levels as labels: matplotlib read "$$" as mathematics and failed, so the run wrote no report;
     # "cost $5 to $10" came out in italics, its spaces gone.
