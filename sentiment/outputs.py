@@ -111,16 +111,17 @@ def log_line(path, record):
 
 def truncate_log(path, step):
     """Drop log lines written after the checkpoint a run resumes from: they are about to be redone.
-    A line cut short by a crash is dropped too."""
+    A line cut short by a crash is dropped too, and so is one of other bytes or of no step."""
     if not os.path.exists(path):
         return
     kept = []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
-            if record.get("step", 0) <= step:
+            recorded = record.get("step") if isinstance(record, dict) else None
+            if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded <= step:
                 kept.append(json.dumps(record) + "\n")
     write_atomically(path, "".join(kept))

@@ -1031,12 +1031,14 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_one_before_is_used(tmp_pat
     flags = crashed_run(tmp_path, monkeypatch)
     newest = checkpointing.complete_checkpoints(tmp_path / "out")[-1]
     open(os.path.join(newest, "optimizer.bin"), "w").close()  # what a power cut can leave
-    with open(tmp_path / "out" / "log.jsonl", "a") as f:
-        f.write('{"step": 15, "lo')  # a line cut short by the crash
+    with open(tmp_path / "out" / "log.jsonl", "ab") as f:  # lines a disk or a hand left (each a traceback
+        f.write(b'\xff\xfe\n{"step": "x"}\nnull\n{"step": 15, "lo')  # before), and one cut short by the crash
     training.train(parse_args(TrainArgs, "", [*flags, "--resume", "latest"]))
     captured = capsys.readouterr()
     assert f"checkpoint {newest} is damaged (optimizer.bin is empty)" in captured.err
     assert "resumed from" in captured.out and "at step 7" in captured.out
+    steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and all(isinstance(step, int) for step in steps)
 
 
 @pytest.mark.parametrize("file, content, problem", [
