@@ -52,4 +52,13 @@ if [ "$status" != "200" ]; then
   echo "error: $url answered $status: $answer" >&2
   exit 1
 fi
+# Something else at that address (a proxy's page, another service) may answer 200 too.
+if ! printf '%s' "$answer" | python3 -c '
+import json, sys
+answer = json.load(sys.stdin)
+sys.exit(not (isinstance(answer, dict) and "label" in answer))' 2>/dev/null; then
+  shown="${answer//[$'\r\n']/ }"
+  echo "error: $url answered 200, but not as the sentiment service does: ${shown:0:200}; is SENTIMENT_URL the service?" >&2
+  exit 1
+fi
 echo "$answer"

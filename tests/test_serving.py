@@ -585,6 +585,35 @@ def test_predict_sentiment_sh_against_a_real_uvicorn(server):
     assert dashed.returncode == 0 and json.loads(dashed.stdout)["label"] in ("positive", "negative")
 
 
+@pytest.mark.parametrize("body", [b"<html>\r\n<body>Welcome</body>\n</html>", b"[1, 2", b"", b'{"status": "ok"}'])
+def test_predict_sentiment_sh_refuses_a_200_that_is_not_the_service_s_answer(body):
+    # Another program at SENTIMENT_URL (a proxy's page, another service) answering 200 had its page
+    # printed as the answer, with exit status 0.
+    import http.server
+
+    class Other(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Other)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        result = predict_sh(f"http://127.0.0.1:{other.server_address[1]}", "hello")
+    finally:
+        other.shutdown()
+        other.server_close()
+    assert result.returncode == 1 and result.stdout == "", result.stdout
+    assert "answered 200, but not as the sentiment service does" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.slow
 def test_sigterm_answers_every_request_in_flight(server):
     import httpx
