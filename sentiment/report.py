@@ -82,8 +82,12 @@ def training_plot(records, plt):
     return embedded(figure, plt)
 
 
-def validation_plot(records, plt):
-    evals = [r for r in records if r.get("split") == "val" and numbers(r, "step", "accuracy", "loss")]
+def evaluations(records):
+    """The validation records a plot can draw."""
+    return [r for r in records if r.get("split") == "val" and numbers(r, "step", "accuracy", "loss")]
+
+
+def validation_plot(evals, plt):
     figure, (accuracy, loss) = plt.subplots(1, 2, figsize=(10, 3.2))
     accuracy.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], marker="o")
     accuracy.set(title="validation accuracy", xlabel="step")
@@ -148,8 +152,8 @@ def write_report(folder):
 
     records, metrics, config = read_folder(folder)
     sections = [("Headline figures", table(headline(metrics))), ("Training", training_plot(records, plt))]
-    if any(r.get("split") == "val" and numbers(r, "step", "accuracy", "loss") for r in records):
-        sections.append(("Validation", validation_plot(records, plt)))
+    if evals := evaluations(records):
+        sections.append(("Validation", validation_plot(evals, plt)))
     if "test" in metrics:
         sections.append(("Test", confusion_plot(metrics, plt) + reliability_plot(metrics, plt)))
     sections.append(("Settings", table(config)))
