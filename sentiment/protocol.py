@@ -151,7 +151,7 @@ async def read_request(request, settings, budget, client, function="softmax"):
 
 def parse(body, settings, function="softmax"):
     try:
-        payload = json.loads(body)
+        payload = json.loads(body, object_pairs_hook=unique_keys)
     except UnicodeDecodeError as err:
         raise BadRequest(400, "malformed_json", f"the body is not UTF-8 (at byte {err.start}); send JSON as "
                                                 f"UTF-8") from None
@@ -164,6 +164,20 @@ def parse(body, settings, function="softmax"):
     for i, text in enumerate(request.texts):
         check_text(text, request.where(i), settings)
     return request
+
+
+def unique_keys(pairs):
+    """An object of JSON whose keys are each given once. Python keeps the last of `{"text": "a", "text": "b"}`,
+    other parsers (a proxy's, a log's) the first: refused, the service cannot score a text other than the one
+    they saw."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        shown = json.dumps(twice[:40])  # escaped: a lone surrogate could not be sent back; and cut, it can be 1 MB
+        shown = shown if len(twice) <= 40 else shown[:-1] + '…"'
+        raise BadRequest(422, "invalid_request", f"the key {shown} is given twice in one object; give each key once")
+    return obj
 
 
 def shape_of(payload, function="softmax"):

@@ -118,6 +118,24 @@ def test_bad_requests_get_json_errors_with_the_right_status(kwargs, status, kind
         assert client.get("/nowhere").json()["error"]["type"] == "http_error"
 
 
+@pytest.mark.parametrize("body, key", [
+    (b'{"text": "dreadful", "text": "good"}', '"text"'),
+    (b'{"inputs": "good", "parameters": {"top_k": 1, "top_k": 0}}', '"top_k"'),
+    (b'{"texts": ["good"], "' + b"k" * 5000 + b'": 1, "' + b"k" * 5000 + b'": 2}', '"' + "k" * 40 + '…"'),
+    (b'{"texts": ["good"], "\\ud800": 1, "\\ud800": 2}', '"\\ud800"'),
+])
+def test_a_key_given_twice_is_refused_not_taken_at_its_last_value(body, key):
+    # Python's JSON keeps the last value of a key given twice, other parsers the first: a proxy that checked
+    # "dreadful" let "good" through, and the service scored a text no one in between had seen.
+    with client_for(FakePredictor()) as client:
+        wait_ready(client)
+        response = client.post("/predict", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 422 and response.json()["error"]["type"] == "invalid_request"
+        assert response.json()["error"]["message"] == f"the key {key} is given twice in one object; give each key once"
+        assert client.post("/predict", content=b'{"text": "good", "parameters": {}}',
+                           headers={"content-type": "application/json"}).status_code == 200
+
+
 @pytest.mark.parametrize("function, asked, status", [
     ("softmax", "SOFTMAX", 200), ("softmax", "sigmoid", 422), ("sigmoid", "sigmoid", 200),
     ("sigmoid", "softmax", 422), ("sigmoid", "tanh", 422),
