@@ -31,8 +31,8 @@ from .launcher import (free_the_group_at_the_end, outliving_their_readers, peer_
                        stop_with_the_launcher)
 from .metrics import classification_report
 from .predictor import Predictor
-from .tables import (SCANNERS, TableWriter, check_writable_columns, existing_file, extension, row_count, scan_chunks,
-                     scanner, tsv_names, unknown_type, where_broken, writable)
+from .tables import (SCANNERS, TableWriter, check_line_ends, check_writable_columns, existing_file, extension,
+                     row_count, scan_chunks, scanner, tsv_names, unknown_type, where_broken, writable)
 
 MAX_CONFUSION_SHOWN = 10  # classes whose confusion matrix is printed
 PAUSE_S = 0.05  # standard input: lines that came are scored once no more come for this long
@@ -127,6 +127,8 @@ def check_input(args):
         existing_file(path)
         if extension(path) != ".txt" and extension(path) not in SCANNERS:
             raise unknown_type(path, f".txt or one of {', '.join(SCANNERS)}")
+        if extension(path) == ".txt":
+            check_line_ends(path)  # a table's are checked as it is scanned
     try:
         columns = empty_input(path, args.text_column)
     except (pl.exceptions.PolarsError, OSError, ValueError) as err:

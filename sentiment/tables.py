@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import re
+import shlex
 import shutil
 
 import polars as pl
@@ -74,14 +75,30 @@ def first_line(err):
 
 
 def scanner(path):
-    """The lazy scan of a table file, after checking its type and that it is there."""
+    """The lazy scan of a table file, after checking its type, that it is there, and its line ends."""
     ext = extension(path)
     if ext not in SCANNERS:
         raise unknown_type(path, f"one of {', '.join(SCANNERS)}")
+    if ext in (".csv", ".tsv", ".jsonl", ".ndjson") or (ext == ".json" and not starts_with_bracket(path)):
+        check_line_ends(existing_file(path))
     scan = SCANNERS[ext](existing_file(path))
     if ext in (".csv", ".tsv"):
         refuse_repeated_columns(path, scan)
     return scan
+
+
+def check_line_ends(path):
+    """Refuse a file whose lines end in a carriage return alone, as classic Mac OS programs and some
+    spreadsheets' exports write them: polars reads such a CSV as one header of every line and no rows
+    (`infer.py` scored nothing, and said nothing), and such a text file as one line."""
+    with open(path, "rb") as f:
+        start = f.read(1 << 16)
+    # Counted, not looked for: a text may hold a stray carriage return, or a quoted line break.
+    if start.count(b"\r") - start.count(b"\r\n") > start.count(b"\n"):
+        stem, ext = os.path.splitext(str(path))
+        raise SentimentError(f"{path}: its lines end in a carriage return alone (as classic Mac OS and some "
+                             f"spreadsheet exports write them); convert them first: tr '\\r' '\\n' < "
+                             f"{shlex.quote(str(path))} > {shlex.quote(stem + '-lf' + ext)}")
 
 
 def refuse_repeated_columns(path, scan):

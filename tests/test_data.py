@@ -218,6 +218,22 @@ def test_bad_data_errors_name_the_problem(tmp_path, problem, match):
         splits_of(path)
 
 
+@pytest.mark.parametrize("name", ["d.csv", "d.tsv", "d.jsonl"])
+def test_lines_ended_by_a_carriage_return_alone_are_named_with_how_to_convert_them(tmp_path, name):
+    # Classic Mac OS line ends (some spreadsheets' CSV exports): polars read the CSV as one header of every line
+    # and no rows ("no column 'sentiment'; it has 'review', 'sentiment\r…'"), the JSON lines as an InternalError.
+    path = tmp_path / name
+    write = {".csv": pl.DataFrame.write_csv, ".jsonl": pl.DataFrame.write_ndjson,
+             ".tsv": lambda frame, p: frame.write_csv(p, separator="\t", quote_style="never")}[path.suffix]
+    write(demo_reviews(40, seed=10), path)
+    path.write_bytes(path.read_bytes().replace(b"\n", b"\r"))
+    with pytest.raises(SentimentError, match=rf"{path}: its lines end in a carriage return alone .*; convert them "
+                                             rf"first: tr '\\r' '\\n' < {path} > {tmp_path / ('d-lf' + path.suffix)}$"):
+        splits_of(path)
+    path.write_bytes(path.read_bytes().replace(b"\r", b"\r\n"))  # Windows line ends are line ends
+    assert len(splits_of(path).train) > 0
+
+
 def test_a_mistyped_file_name_names_the_file_meant(tmp_path):
     demo_reviews(40, seed=10).write_csv(tmp_path / "reviews.csv")
     for typo, said in (("reveiws.csv", "no such file"), ("reviews.cvs", "unknown file type .cvs")):

@@ -215,6 +215,29 @@ def test_a_text_file_saved_by_a_windows_editor_scores_as_plain_text(tmp_path, tr
         assert [r["label"] for r in lines] == ["positive", "negative"]
 
 
+@pytest.mark.parametrize("name", ["my reviews.csv", "my reviews.tsv", "my reviews.jsonl", "my reviews.txt"])
+def test_lines_ended_by_a_carriage_return_alone_are_refused_with_a_command_that_converts_them(tmp_path, trained_model,
+                                                                                              name):
+    # A CSV or TSV of classic Mac OS line ends was read as a header of every line and no rows: nothing scored,
+    # nothing said, exit status 0. JSON lines were an InternalError; a text file, one review of every line.
+    path = tmp_path / name
+    texts = demo_reviews(5, seed=31)["review"].to_list()
+    if path.suffix == ".txt":
+        path.write_text("\r".join(texts) + "\r")
+    else:
+        frame = pl.DataFrame({"review": texts})
+        {".csv": frame.write_csv, ".tsv": lambda p: frame.write_csv(p, separator="\t", quote_style="never"),
+         ".jsonl": frame.write_ndjson}[path.suffix](path)
+        path.write_bytes(path.read_bytes().replace(b"\n", b"\r"))
+    refused = run_script("infer.py", "--model", str(trained_model), "--input", str(path), check=False)
+    assert refused.returncode == 2 and refused.stdout == "" and "Traceback" not in refused.stderr
+    assert f"{path}: its lines end in a carriage return alone" in refused.stderr
+    subprocess.run(refused.stderr.strip().split("convert them first: ")[1], shell=True, check=True)  # as told
+    converted = run_script("infer.py", "--model", str(trained_model), "--input",
+                           str(tmp_path / path.name.replace(".", "-lf.")))
+    assert [json.loads(line)["text"] for line in converted.stdout.splitlines()] == texts
+
+
 def test_a_reader_that_stops_early_ends_the_run_quietly(tmp_path, trained_model):
     # `infer.py … | head -1` ended in a BrokenPipeError traceback.
     (tmp_path / "lines.txt").write_text("\n".join(demo_reviews(3000, seed=5)["review"].to_list()) + "\n")
