@@ -110,15 +110,17 @@ def load_labelled(path, text_column, label_column, skip_bad_rows=False, frame=No
     """Read `path` into a frame of cleaned `text` and string `label`, one row per usable review.
 
     Rows with a missing or empty text or a missing label stop the run with their row numbers,
-    or are dropped and counted when `skip_bad_rows` is set. Returns (frame, report).
+    or are dropped and counted when `skip_bad_rows` is set; blank lines are passed over. Returns (frame, report).
     """
     frame = read_table(path) if frame is None else frame
     check_text_column(frame, path, text_column)
     check_label_column(frame, path, label_column)
+    # A row of no value at all is a blank line (an editor's at the end of a CSV): no row, as pandas and csv read it.
+    blank = frame.select(pl.all_horizontal(pl.all().is_null())).to_series()
     frame = frame.select(
         text=clean_expr(pl.col(text_column).cast(pl.String)),
         label=label_text(frame[label_column]),
-    ).with_row_index("row", offset=1)
+    ).with_row_index("row", offset=1).filter(~blank)  # numbered first: a row's number is still its place
     bad = frame.filter(pl.col("text").is_null() | (pl.col("text") == "")
                        | pl.col("label").is_null() | (pl.col("label") == ""))
     if len(bad) and not skip_bad_rows:

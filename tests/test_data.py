@@ -234,6 +234,23 @@ def test_lines_ended_by_a_carriage_return_alone_are_named_with_how_to_convert_th
     assert len(splits_of(path).train) > 0
 
 
+def test_blank_lines_are_no_rows_and_a_bad_row_after_them_is_named_by_its_place(tmp_path):
+    # A blank line (an editor's at the end of the file, or between rows) was a row of no text and no label:
+    # training stopped on "rows with a missing or empty text or label" until --skip-bad-rows.
+    path = tmp_path / "reviews.csv"
+    demo_reviews(60, seed=12).write_csv(path)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([*lines[:21], "", *lines[21:41], "", "", *lines[41:]]) + "\n\n\n")
+    splits = splits_of(path)
+    assert splits.report["data"] == {"rows": 60, "bad_rows": 0, "duplicates": 0}
+    assert sum(splits.report["sizes"].values()) == 60
+    lines = path.read_text().splitlines()
+    lines[50] = lines[50].rsplit(",", 1)[0] + ","  # its label gone: data row 50 is line 51, blank lines counted
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SentimentError, match=r"1 row with a missing or empty text or label \(data rows 50,"):
+        splits_of(path)
+
+
 def test_a_mistyped_file_name_names_the_file_meant(tmp_path):
     demo_reviews(40, seed=10).write_csv(tmp_path / "reviews.csv")
     for typo, said in (("reveiws.csv", "no such file"), ("reviews.cvs", "unknown file type .cvs")):
