@@ -67,7 +67,9 @@ def check_columns(frame, path, *columns):
             separator = next((c for c in ";|\t," if len(frame.columns) == 1 and c in frame.columns[0]), None)
             fixes = {",": "name it .csv", "\t": "name it .tsv"}
             fix = fixes.get(separator, "save it with commas (.csv) or tabs (.tsv)")
+            near = [c for c in frame.columns if c.strip().casefold() == column.strip().casefold()]  # 'Review '
             advice = (f"The file seems separated by {separator!r}; {fix}" if separator
+                      else f"Is it {near[0]!r}? Name it with --text-column / --label-column" if near
                       else "Name the right one with --text-column / --label-column")
             shown = ", ".join(map(repr, frame.columns[:SHOWN_COLUMNS]))
             more = f", … ({len(frame.columns)} in all)" if len(frame.columns) > SHOWN_COLUMNS else ""

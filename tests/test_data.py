@@ -198,6 +198,7 @@ def test_imdb_offline_says_to_pass_a_local_file(monkeypatch):
     ("semicolons", r"no column 'review'; it has 'review;sentiment'. The file seems separated by ';'; save it with "
                    r"commas \(.csv\) or tabs \(.tsv\)"),
     ("commas in a .tsv", r"The file seems separated by ','; name it .csv"),
+    ("capitals", r"no column 'review'; it has 'Review ', 'Sentiment'. Is it 'Review '\? Name it with --text-column"),
 ])
 def test_bad_data_errors_name_the_problem(tmp_path, problem, match):
     path = tmp_path / {"extension": "d.xlsx", "zip": "d.zip", "commas in a .tsv": "d.tsv"}.get(problem, "d.csv")
@@ -208,6 +209,8 @@ def test_bad_data_errors_name_the_problem(tmp_path, problem, match):
         frame = frame.with_columns(sentiment=pl.lit("positive"))
     if problem == "few":
         frame = frame.head(3)
+    if problem == "capitals":  # as other data sets write them, a space left over from a spreadsheet
+        frame = frame.rename({"review": "Review ", "sentiment": "Sentiment"})
     if problem == "ids as labels":
         frame = frame.with_columns(sentiment=pl.int_range(len(frame)).cast(pl.String))
     if problem != "missing":
