@@ -79,9 +79,10 @@ def scanner(path):
     ext = extension(path)
     if ext not in SCANNERS:
         raise unknown_type(path, f"one of {', '.join(SCANNERS)}")
+    existing_file(path)
     if ext in (".csv", ".tsv", ".jsonl", ".ndjson") or (ext == ".json" and not starts_with_bracket(path)):
-        check_line_ends(existing_file(path))
-    scan = SCANNERS[ext](existing_file(path))
+        check_line_ends(path)
+    scan = SCANNERS[ext](path)
     if ext in (".csv", ".tsv"):
         refuse_repeated_columns(path, scan)
     return scan

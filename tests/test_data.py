@@ -187,6 +187,8 @@ def test_imdb_offline_says_to_pass_a_local_file(monkeypatch):
 
 @pytest.mark.parametrize("problem, match", [
     ("missing", "no such file"),
+    ("missing .json", "d.json: no such file"),  # a JSON file is opened to tell an array from lines: not first
+    ("folder .json", "d.json: a folder, not a file"),
     ("column", r"no column 'review'; it has 'text', 'sentiment'"),
     ("one_class", "single class"),
     ("few", "too few rows"),
@@ -201,7 +203,8 @@ def test_imdb_offline_says_to_pass_a_local_file(monkeypatch):
     ("capitals", r"no column 'review'; it has 'Review ', 'Sentiment'. Is it 'Review '\? Name it with --text-column"),
 ])
 def test_bad_data_errors_name_the_problem(tmp_path, problem, match):
-    path = tmp_path / {"extension": "d.xlsx", "zip": "d.zip", "commas in a .tsv": "d.tsv"}.get(problem, "d.csv")
+    path = tmp_path / {"extension": "d.xlsx", "zip": "d.zip", "commas in a .tsv": "d.tsv", "missing .json": "d.json",
+                       "folder .json": "d.json"}.get(problem, "d.csv")
     frame = demo_reviews(40, seed=10)
     if problem == "column":
         frame = frame.rename({"review": "text"})
@@ -213,7 +216,9 @@ def test_bad_data_errors_name_the_problem(tmp_path, problem, match):
         frame = frame.rename({"review": "Review ", "sentiment": "Sentiment"})
     if problem == "ids as labels":
         frame = frame.with_columns(sentiment=pl.int_range(len(frame)).cast(pl.String))
-    if problem != "missing":
+    if problem == "folder .json":
+        path.mkdir()
+    elif not problem.startswith("missing"):
         frame.write_csv(path, separator=";" if problem == "semicolons" else ",")
     if problem == "repeated column":  # polars silently took the first 'review'
         path.write_text(path.read_text().replace("review,sentiment", "review,sentiment,review", 1))
