@@ -171,7 +171,8 @@ def http_protocol(settings, metrics):
       client; beyond them a new connection is closed at once, counted in `metrics.connections_refused`;
     - reading stops while `PIPELINED_BYTES` of requests sent ahead wait behind the one under way;
     - a chunked body of chunks so small that parsing them would cost more than their bytes (see
-      `FREE_LINE_ENDS`) is refused with a 400, and its connection closed;
+      `FREE_LINE_ENDS`) is refused with a 400, and its connection closed; so is a request that gives
+      both Content-Length and Transfer-Encoding, which h11 takes;
     - a deadline on answers: a client that takes nothing of what waits to be sent (what its socket
       would not take) for `settings.send_timeout_s` is cut; closing would wait for it. The
       transport's buffer limit is 0, so any byte left waiting starts the clock."""
@@ -194,6 +195,7 @@ def http_protocol(settings, metrics):
                                           trusted_proxies(self.config))
             self.head_deadline = self.send_deadline = self.body_deadline = None
             self.admitted, self.chunked = False, None  # `chunked`: the cycle whose chunked body is counted
+            self.framed = None  # the cycle whose head was checked for two framings
             self.counted_as, refused = limits.admit(self.client[0] if self.client else "")
             if refused:
                 metrics.connections_refused.labels(limit=refused).inc()
@@ -207,6 +209,10 @@ def http_protocol(settings, metrics):
 
         def handle_events(self):
             super().handle_events()
+            if self.cycle is not None and self.cycle is not self.framed:  # a new request's head is in
+                self.framed = self.cycle
+                if {b"transfer-encoding", b"content-length"} <= {name for name, _ in self.cycle.scope["headers"]}:
+                    return self.refuse_two_framings()
             if self.conn.their_state is h11.SEND_BODY and self.cycle is not self.chunked and any(
                     name == b"transfer-encoding" for name, _ in self.cycle.scope["headers"]):  # h11 takes only chunked
                 self.chunked, self.line_ends, self.body_bytes = self.cycle, 0, 0
@@ -244,6 +250,16 @@ def http_protocol(settings, metrics):
             self.cycle.scope[ANSWERED] = 400  # what the app counts the request as, once it sees the client gone
             self.send_400_response(f"the body comes in chunks too small to be worth parsing; send it with "
                                    f"Content-Length, or in chunks of {2 * BYTES_PER_LINE_END} bytes or more")
+
+        def refuse_two_framings(self):
+            """A head with both Content-Length and Transfer-Encoding: h11 frames the body by the second, a
+            proxy in front may by the first, and the bytes between would be a request of someone else's
+            (request smuggling). RFC 9112 lets a server refuse it, and has it close the connection."""
+            self.cycle.scope[ANSWERED] = 400
+            self.send_400_response("Content-Length and Transfer-Encoding both given: which one ends the body "
+                                   "is ambiguous; send one of them")
+            self.cycle.disconnected = True  # as `connection_lost` will say: the app reads no body and sends nothing
+            self.cycle.message_event.set()
 
         def close_for(self, reason):
             if not self.transport.is_closing():

@@ -327,6 +327,32 @@ def test_a_body_of_tiny_chunks_is_refused_before_it_holds_up_other_requests(serv
         assert streamed.status_code == 200, streamed.text
 
 
+@pytest.mark.parametrize("framing", [b"Transfer-Encoding: chunked\r\nContent-Length: 15\r\n",
+                                     b"Content-Length: 15\r\nTransfer-Encoding: chunked\r\n"])
+def test_a_request_of_two_framings_is_refused_and_its_connection_closed(serve, framing):
+    # h11 framed the body by Transfer-Encoding and went on reading the connection after it; a proxy that frames
+    # by Content-Length would have sent the bytes after 15 of them as the start of another client's request.
+    server = serve()
+    smuggled = b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + framing
+                     + b'\r\nf\r\n{"text":"good"}\r\n0\r\n\r\n' + smuggled)  # 15 (f) bytes of body
+        answer = read_answer(sock, 10)
+        head, body = answer.split("\r\n\r\n", 1)
+        assert head.startswith("HTTP/1.1 400") and "connection: close" in head.lower()
+        assert json.loads(body)["error"]["message"].startswith("Content-Length and Transfer-Encoding both given")
+        assert read_answer(sock, 5) == ""  # closed: the bytes after the body were not read as a request
+    deadline = time.monotonic() + 5
+    while not server.requests_counted() and time.monotonic() < deadline:  # counted as the app lets the request go
+        time.sleep(0.05)
+    assert server.requests_counted() == {"400": 1.0}
+    assert server.metrics()[("sentiment_texts_scored_total", ())] == 0
+    assert httpx.post(server.url + "/predict", json={"text": GOOD}).status_code == 200  # one framing is fine
+    chunked = httpx.post(server.url + "/predict", content=iter([json.dumps({"text": GOOD}).encode()]),
+                         headers={"content-type": "application/json"})
+    assert chunked.status_code == 200 and chunked.request.headers["transfer-encoding"] == "chunked"
+
+
 def test_bodies_on_their_way_are_held_within_one_memory_budget(serve):
     # Every body was held whole while it arrived, with no limit across requests: 500 connections
     # sending 1 MB bodies but for their last bytes grew the service by 640 MB; a few thousand
