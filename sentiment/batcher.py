@@ -19,8 +19,10 @@ It knows nothing of HTTP: routes and error statuses live in `serving`.
 import asyncio
 import collections
 import logging
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 
 CHARS_PER_TOKEN = 4  # a cheap token estimate for the batch budget; the Predictor counts exactly
 log = logging.getLogger(__name__)
@@ -170,10 +172,35 @@ def score_one_by_one(predictor, texts):
     return results
 
 
-def model_thread():
-    """The one thread every model call runs on (load, warm-up, batches): PyTorch's thread count is
-    set on it and its pool of worker threads is started once, not once per pool thread."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+class ModelThread(Executor):
+    """The one thread every model call runs on (load, warm-up, batches), in order: PyTorch's thread count
+    is set on it and its pool of worker threads is started once. A daemon: Python waits at exit for a
+    `ThreadPoolExecutor`'s threads, and a service stopped by Ctrl-C while a model call hung (a hung GPU)
+    said "Finished server process" and never ended. Once the service has stopped, no answer is awaited."""
+
+    def __init__(self):
+        self.calls = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self.run, name="model", daemon=True)
+        self.thread.start()
+
+    def submit(self, fn, /, *args, **kwargs):
+        future = Future()
+        self.calls.put((future, fn, args, kwargs))
+        return future
+
+    def run(self):
+        while (call := self.calls.get()) is not None:
+            future, fn, args, kwargs = call
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as err:  # the caller's to raise, as ThreadPoolExecutor does
+                    future.set_exception(err)
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        self.calls.put(None)  # the thread ends after the calls queued before it
+        if wait:
+            self.thread.join()
 
 
 class MicroBatcher:
@@ -263,10 +290,8 @@ class MicroBatcher:
             self.metrics.batch_sizes.observe(len(batch))
             texts, start = [text for text, _, _ in batch], time.perf_counter()
             self.busy_since = time.monotonic()
-            try:
-                results = await self.score(loop, texts)
-            finally:
-                self.busy_since = None
+            results = await self.score(loop, texts)
+            self.busy_since = None  # not when cancelled at shutdown: the call on the model thread goes on
             seconds = time.perf_counter() - start
             for (_, future, queued), result in zip(batch, results):
                 if not future.done():

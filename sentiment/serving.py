@@ -31,7 +31,7 @@ from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .batcher import DeviceFailed, MicroBatcher, ModelError, QueueFull, model_thread
+from .batcher import DeviceFailed, MicroBatcher, ModelError, ModelThread, QueueFull
 from .config import ServeSettings
 from .connections import ANSWERED, client_key
 from .errors import SentimentError, SettingError
@@ -175,13 +175,16 @@ async def lifespan(app):
     print("sentiment service settings: " + json.dumps(app.state.settings.__dict__), flush=True)
     switch = sys.getswitchinterval()
     sys.setswitchinterval(GIL_SWITCH_S)
-    executor = model_thread()
+    executor = ModelThread()
     loader = asyncio.create_task(load_model(app, executor))
     yield
     loader.cancel()
     if app.state.batcher:  # answer what is queued, for as long as those requests may wait
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(app.state.batcher.drain(), app.state.settings.request_timeout_s)
+        if (busy := app.state.batcher.busy_since) is not None:
+            log.warning("a model call has run for %.0f s and is still under way (a hung device?); the service "
+                        "stops without it", time.monotonic() - busy)
     executor.shutdown(wait=False)
     sys.setswitchinterval(switch)
 

@@ -714,6 +714,48 @@ def test_small_departures_from_the_contract(serve):
     assert float(wrong_method.headers["x-total-time"]) >= 0 and float(upper.headers["x-total-time"]) >= 0
 
 
+HANGING_APP = """
+import threading
+
+from sentiment.config import ServeSettings
+from sentiment.connections import http_protocol
+from sentiment.serving import create_app, load_predictor
+
+
+def factory(settings):
+    predictor = load_predictor(settings)
+    warm = predictor.probabilities
+
+    def hang_after_warm_up(texts):
+        predictor.probabilities = lambda texts: threading.Event().wait()  # a hung device: never returns
+        return warm(texts)
+    predictor.probabilities = hang_after_warm_up
+    return predictor
+
+
+settings = ServeSettings.from_env()
+app = create_app(settings, predictor_factory=factory)
+HTTP = http_protocol(settings, app.state.metrics)
+"""
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=lambda stop: stop.name)
+def test_a_service_whose_model_call_hangs_still_stops_when_told(serve, tmp_path, stop):
+    # Ctrl-C to a service whose model call never returned (a hung GPU): uvicorn said "Finished server
+    # process", and the process then waited for ever for the model thread, as Python does for a thread pool's.
+    (tmp_path / "app.py").write_text(HANGING_APP)
+    server = serve(uvicorn_flags=["--app-dir", str(tmp_path)], stall_timeout_s=1, request_timeout_s=2)
+    assert httpx.post(server.url + "/predict", json={"text": GOOD}, timeout=30).status_code == 504
+    assert httpx.get(server.url + "/health").json()["error"]["type"] == "stalled"
+    server.process.send_signal(stop)
+    server.process.wait(timeout=30)
+    server.reader.join(10)
+    log = "".join(server.output)
+    assert "Finished server process" in log and "Traceback" not in log
+    assert re.search(r"a model call has run for \d+ s and is still under way \(a hung device\?\); the service stops "
+                     r"without it", log)
+
+
 def test_a_request_uvicorn_cannot_parse_still_gets_a_json_error(serve):
     server = serve()
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
