@@ -129,6 +129,7 @@ class TrainArgs:
     report_to: str = arg(None, "Also log to this tracker through Accelerate (e.g. tensorboard), if installed.")
 
     def __post_init__(self):
+        refuse_empty(self)
         if not self.data:
             raise SentimentError("--data is required: a table file, 'imdb' or 'demo'")
         refuse_names_not_utf8(self)
@@ -181,6 +182,15 @@ class TrainArgs:
         if not 0 <= self.seed < 2**32:  # numpy's seeding takes no other (a traceback, after the data was read)
             raise SentimentError(f"--seed must be from 0 to {2**32 - 1}, got {self.seed}")
         refuse_huge_counts(self)
+
+
+def refuse_empty(args, named=flag, error=SentimentError):
+    """Refuse a setting given as an empty string, as an unset shell variable gives it (`--model "$MODEL"`):
+    it was taken for a Hub id, a model folder named '', a column named '' or, for --output, none at all."""
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if isinstance(value, str) and not value.strip():
+            raise error(f"{named(f.name)} is empty (an unset shell variable?); give it a value")
 
 
 def refuse_names_not_utf8(args, setting=lambda name, value: f"{flag(name)} {value}", error=SentimentError):
@@ -278,6 +288,7 @@ class InferArgs:
     chunk_rows: int = arg(10000, "Rows read, scored and written at a time; bounds memory on large files.")
 
     def __post_init__(self):
+        refuse_empty(self)
         if not self.texts and not self.input:
             raise SentimentError("nothing to score: give texts as arguments, --input FILE, or --input - to read "
                                  "them from standard input")
@@ -375,6 +386,7 @@ class ServeSettings:
         return cls(**values)
 
     def __post_init__(self):
+        refuse_empty(self, lambda name: f"SENTIMENT_{name.upper()}", ValueError)
         refuse_names_not_utf8(self, lambda name, value: f"SENTIMENT_{name.upper()}={value}", ValueError)
         for name in ("queue_size", "queue_size_per_client", "max_body_bytes", "max_body_bytes_total",
                      "max_body_bytes_per_client", "max_texts", "max_chars", "request_timeout_s", "body_timeout_s",

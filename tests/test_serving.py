@@ -723,6 +723,10 @@ def test_settings_come_from_the_environment_and_bad_ones_are_named():
     with pytest.raises(ValueError, match=r"SENTIMENT_MAX_WAIT_MS must be below SENTIMENT_REQUEST_TIMEOUT_S \(30 s\), "
                                          r"got 1e\+09 ms"):
         ServeSettings.from_env({"SENTIMENT_MAX_WAIT_MS": "1e9"})
+    for name in ("MODEL", "DEVICE"):  # set from a shell variable that was not: a model folder named '', say
+        with pytest.raises(ValueError, match=f"^SENTIMENT_{name} is empty \\(an unset shell variable\\?\\); give it "
+                                             f"a value$"):
+            ServeSettings.from_env({f"SENTIMENT_{name}": " "})
     # Unset means "the Predictor's own"; a set value must be a real one.
     assert ServeSettings.from_env({}).max_batch_size is None
     assert ServeSettings.from_env({"SENTIMENT_MAX_BATCH_SIZE": "4"}).max_batch_size == 4

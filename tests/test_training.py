@@ -56,6 +56,21 @@ def test_flags_map_onto_train_args():
         ("x.csv", 128, True, "tail", 200)
 
 
+@pytest.mark.parametrize("cls, argv, named", [
+    (TrainArgs, ["--data", ""], "--data"),
+    (TrainArgs, ["--data", "x.csv", "--model", ""], "--model"),  # taken for a Hub id, refused by the Hub's rules
+    (TrainArgs, ["--data", "x.csv", "--output-dir", " "], "--output-dir"),
+    (TrainArgs, ["--data", "x.csv", "--text-column", ""], "--text-column"),
+    (InferArgs, ["--model", "", "good"], "--model"),  # ": no such model folder"
+    (InferArgs, ["--input", ""], "--input"),  # "nothing to score"
+    (InferArgs, ["--input", "x.csv", "--output", ""], "--output"),  # printed to the terminal instead
+])
+def test_a_flag_given_an_empty_value_is_named_as_empty(cls, argv, named):
+    # `--model "$MODEL"` with MODEL unset: each was taken at its word, and failed further on, or not at all.
+    with pytest.raises(SentimentError, match=f"^{named} is empty \\(an unset shell variable\\?\\); give it a value$"):
+        parse_args(cls, "", argv)
+
+
 def test_train_end_to_end_writes_a_model_folder_pipeline_can_load(tmp_path):
     data = tmp_path / "reviews.csv"
     demo_reviews(1200, seed=11).write_csv(data)
