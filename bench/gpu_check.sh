@@ -73,7 +73,7 @@ step() {  # step NAME SECONDS COMMAND…: SIGTERM to the step's processes after 
   fi
 }
 {
-  step "1. GPU tests" "${limits[0]}" "$py" -m pytest -m gpu -q -p no:cacheprovider --basetemp "$work/pytest" \
+  step "1. GPU tests" "${limits[0]}" "$py" -m pytest -m gpu -q -p no:cacheprovider -p no:benchmark --basetemp "$work/pytest" \
       "${workers[@]}" tests/test_gpu.py
   step "2. training" "${limits[1]}" "$py" -m bench.gpu_train "${train_size[@]}" --keep-model "$work/model" \
       --json "$out/train.json"
