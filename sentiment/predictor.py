@@ -180,10 +180,11 @@ class Predictor:
     def forward(self, ids, batch):
         """The logits (float32, on the device) of the texts `batch` indexes."""
         padded = self.collate([{"input_ids": ids[i]} for i in batch])
-        if self.device.type == "cuda":  # pinned host memory lets the copy overlap the previous batch's work
-            padded = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in padded.items()}
-        elif self.device.type != "cpu":
-            padded = {k: v.to(self.device) for k, v in padded.items()}
+        if self.device.type != "cpu":
+            # Copied from pageable memory (a few hundred KB of ids), without waiting for the device. Each batch
+            # pinned afresh took new page-locked memory from the driver while the earlier batches' blocks were
+            # still queued: a first pass over 4,000 reviews on an H200 took 5.5 s, the model's work in it 0.41 s.
+            padded = {k: v.to(self.device, non_blocking=True) for k, v in padded.items()}
         with torch.autocast("cpu", dtype=torch.bfloat16) if self.cpu_autocast else contextlib.nullcontext():
             return self.model(**padded).logits.float()
 
