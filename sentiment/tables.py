@@ -30,7 +30,7 @@ def scan_json(path):
 
 def scan_json_lines(path):
     # The schema from every line, not the first hundred: a field first seen further down is a column too.
-    return pl.scan_ndjson(path, infer_schema_length=None)
+    return pl.scan_ndjson(check_line_ends(path), infer_schema_length=None)
 
 
 def starts_with_bracket(path):
@@ -40,8 +40,8 @@ def starts_with_bracket(path):
 
 # Every column is read as text: a review of "1984" stays a string, labels stay names.
 SCANNERS = {
-    ".csv": lambda path: pl.scan_csv(path, infer_schema=False),
-    ".tsv": lambda path: pl.scan_csv(path, separator="\t", infer_schema=False, quote_char=None),
+    ".csv": lambda path: pl.scan_csv(check_line_ends(path), infer_schema=False),
+    ".tsv": lambda path: pl.scan_csv(check_line_ends(path), separator="\t", infer_schema=False, quote_char=None),
     ".parquet": pl.scan_parquet,
     ".jsonl": scan_json_lines,
     ".ndjson": scan_json_lines,
@@ -75,22 +75,20 @@ def first_line(err):
 
 
 def scanner(path):
-    """The lazy scan of a table file, after checking its type, that it is there, and its line ends."""
+    """The lazy scan of a table file, after checking its type and that it is there (and, for a format of
+    lines, its line ends)."""
     ext = extension(path)
     if ext not in SCANNERS:
         raise unknown_type(path, f"one of {', '.join(SCANNERS)}")
-    existing_file(path)
-    if ext in (".csv", ".tsv", ".jsonl", ".ndjson") or (ext == ".json" and not starts_with_bracket(path)):
-        check_line_ends(path)
-    scan = SCANNERS[ext](path)
+    scan = SCANNERS[ext](existing_file(path))
     if ext in (".csv", ".tsv"):
         refuse_repeated_columns(path, scan)
     return scan
 
 
 def check_line_ends(path):
-    """Refuse a file whose lines end in a carriage return alone, as classic Mac OS programs and some
-    spreadsheets' exports write them: polars reads such a CSV as one header of every line and no rows
+    """`path`, once its lines are known not to end in a carriage return alone, as classic Mac OS programs and
+    some spreadsheets' exports write them: polars reads such a CSV as one header of every line and no rows
     (`infer.py` scored nothing, and said nothing), and such a text file as one line."""
     with open(path, "rb") as f:
         start = f.read(1 << 16)
@@ -100,6 +98,7 @@ def check_line_ends(path):
         raise SentimentError(f"{path}: its lines end in a carriage return alone (as classic Mac OS and some "
                              f"spreadsheet exports write them); convert them first: tr '\\r' '\\n' < "
                              f"{shlex.quote(str(path))} > {shlex.quote(stem + '-lf' + ext)}")
+    return path
 
 
 def refuse_repeated_columns(path, scan):
