@@ -205,6 +205,31 @@ def padding_id(tokenizer, config):
     return pad
 
 
+# Encoders whose attention masks padding alone, through transformers' `create_bidirectional_mask`, which takes
+# a 4D mask as it is (transformers 5.0 on): `broadcast_mask` is for these.
+PADDING_ONLY_ATTENTION = {"albert", "bert", "camembert", "distilbert", "electra", "roberta", "xlm-roberta"}
+
+
+def broadcast_mask(model):
+    """Whether `model` is given its padding mask as a boolean [batch, 1, 1, length] tensor rather than the
+    collated 2D one. From a 2D mask, transformers' SDPA path asks the device whether any token is padding
+    before every forward pass (`padding_mask.all()`, to leave out a mask of ones): on a GPU a wait for all
+    the work queued before it, so the CPU could queue nothing ahead. A 4D mask is taken as it is. Only SDPA
+    attention, which takes a boolean mask, in the encoders above: a decoder's causal mask, or a local
+    window, would be lost."""
+    config = model.config
+    return config.model_type in PADDING_ONLY_ATTENTION and getattr(config, "_attn_implementation", None) == "sdpa"
+
+
+def model_inputs(batch, broadcast):
+    """The model's arguments from a collated batch: every tensor but the labels, with the padding mask as
+    `broadcast` (`broadcast_mask(model)`) says. A batch without padding has no mask (`Collator`)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if broadcast and "attention_mask" in inputs:
+        inputs["attention_mask"] = inputs["attention_mask"][:, None, None, :].bool()
+    return inputs
+
+
 def model_error(name, err):
     if os.path.isfile(name):
         return SentimentError(f"--model {name} is a file; pass its folder, a Hub id, or --model tiny to train a "

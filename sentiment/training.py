@@ -39,7 +39,8 @@ from .launcher import (free_the_group_at_the_end, launcher_gone, outliving_their
                        stop_with_the_launcher)
 from .metrics import (classification_report, expected_calibration_error, fit_temperature, inverse_frequency_weights,
                       reliability_bins, softmax)
-from .modeling import ModelSettings, check_max_length, grow_embeddings, load_model, load_tokenizer, padding_id
+from .modeling import (ModelSettings, broadcast_mask, check_max_length, grow_embeddings, load_model, load_tokenizer,
+                       model_inputs, padding_id)
 from .outputs import claim, log_line, publish_model, truncate_log
 from .report import write_report_or_say_how
 
@@ -99,15 +100,16 @@ def window_scale(batch_index, batches, accumulation):
     return accumulation / min(accumulation, batches - start)
 
 
-def evaluate(model, loader, accelerator, desc="evaluate"):
-    """Logits and labels of every example in `loader`, gathered from all processes, each once."""
+def evaluate(model, loader, accelerator, broadcast, desc="evaluate"):
+    """Logits and labels of every example in `loader`, gathered from all processes, each once; the padding mask
+    as `broadcast` says (`modeling.broadcast_mask`)."""
     model.eval()
     all_logits, all_labels = [], []
     bar = tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_main_process)
     with torch.inference_mode(), bar:  # closed on an error too: the error's line is then a line of its own
         for batch in bar:
-            labels = batch.pop("labels")
-            logits = model(**batch).logits.float()
+            logits = model(**model_inputs(batch, broadcast)).logits.float()
+            labels = batch["labels"]
             logits, labels = accelerator.gather_for_metrics((logits, labels))
             all_logits.append(logits.cpu())
             all_labels.append(labels.cpu())
@@ -219,6 +221,7 @@ class FineTuneRecipe:
         check_same_data(args, accelerator, self.config["data_digest"])
         accelerator.print(f"data: {json.dumps(self.splits.report)}; labels: {self.splits.labels}")
         self.model = load_model(args.model, self.splits.labels, len(self.tokenizer), args.attention_dropout)
+        self.broadcast = broadcast_mask(self.model)  # a forward pass that waits for no device
         if added := grow_embeddings(self.model, len(self.tokenizer)):
             self.warn(f"{args.model}: its tokenizer has tokens its model has no embeddings for ({added}, added "
                       f"to the tokenizer alone); they get new ones, learnt in training")
@@ -385,7 +388,7 @@ class FineTuneRecipe:
         """The validation figures (accuracy, macro F1, loss), logged; None when there is no validation split."""
         if len(self.val_set) == 0:
             return None
-        logits, labels = evaluate(self.model, self.val_dl, self.accelerator)
+        logits, labels = evaluate(self.model, self.val_dl, self.accelerator, self.broadcast)
         report = classification_report(labels, logits.argmax(1), self.splits.labels)
         figures = {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
                    "loss": float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)))}
@@ -398,8 +401,7 @@ class FineTuneRecipe:
 
     def loss(self, batch):
         """Cross-entropy of a batch, each class weighted as --class-weights says."""
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = self.model(**inputs).logits
+        logits = self.model(**model_inputs(batch, self.broadcast)).logits
         return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], weight=self.class_weights)
 
     def evaluate_and_keep_best(self):
@@ -530,13 +532,13 @@ class FineTuneRecipe:
         """Validation figures and the fitted temperature; test figures with calibration error before and after."""
         figures, labels, settings = {}, self.splits.labels, self.settings
         if len(self.splits.val):
-            val_logits, val_labels = evaluate(self.model, self.val_dl, self.accelerator)
+            val_logits, val_labels = evaluate(self.model, self.val_dl, self.accelerator, self.broadcast)
             val = classification_report(val_labels, val_logits.argmax(1), labels)
             settings.temperature = fit_temperature(val_logits, val_labels)
             figures.update(val_accuracy=val["accuracy"], val_macro_f1=val["macro_f1"], val=val,
                            temperature=settings.temperature)
         if len(self.splits.test):
-            test_logits, test_labels = evaluate(self.model, self.test_dl, self.accelerator)
+            test_logits, test_labels = evaluate(self.model, self.test_dl, self.accelerator, self.broadcast)
             test = classification_report(test_labels, test_logits.argmax(1), labels)
             before, after = softmax(test_logits), softmax(test_logits, settings.temperature)
             figures.update(test_accuracy=test["accuracy"], test_macro_f1=test["macro_f1"], test=test,

@@ -14,8 +14,11 @@ import subprocess
 import sys
 import termios
 import time
+import traceback
 
 import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sentiment.predictor import Predictor
 
@@ -267,3 +270,28 @@ def hang_up_while_it_runs(tmp_path, launcher, script, *flags, started):
         os.close(terminal)  # the terminal is gone: Linux sends SIGHUP, and writes to it fail from now on
     process.wait(timeout=120)
     return its_end()
+
+
+class DeviceWaits(TorchDispatchMode):
+    """Counts the operations that, on a GPU, make the CPU wait for the device: a tensor's value read on the
+    host (`.item()`, `bool(t)`, `if t.all()`) or a result whose size depends on its values (`nonzero`,
+    boolean indexing). Counted on the CPU too, where nothing waits, so a test without a GPU sees them.
+    `waits` holds the names of the functions on the stack at each."""
+
+    OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "equal", "allclose", "unique",
+           "_unique2", "masked_scatter"}
+
+    def __init__(self):
+        super().__init__()
+        self.waits = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        boolean_index = func.overloadpacket.__name__ in ("index", "index_put_") and any(
+            getattr(i, "dtype", None) == torch.bool for i in (args[1] if len(args) > 1 else ()) or ())
+        if func.overloadpacket.__name__ in self.OPS or boolean_index:
+            self.waits.append([frame.name for frame in traceback.extract_stack()])
+        return func(*args, **(kwargs or {}))
+
+    def within(self, function, outside=()):
+        """The waits that came from inside `function` (a name), but from none of the functions `outside`."""
+        return [w for w in self.waits if function in w and not any(name in w for name in outside)]

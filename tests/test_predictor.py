@@ -5,10 +5,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import DeviceWaits
 from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from sentiment.demo_data import demo_reviews
 from sentiment.errors import SentimentError, SettingError
+from sentiment.modeling import broadcast_mask
 from sentiment.predictor import Predictor
 
 TEXTS = ["The acting was superb. I loved it.", "The plot was dreadful. Avoid it.",
@@ -33,6 +36,32 @@ def test_sorted_batches_match_one_by_one_scoring(trained_model):
                              for t in texts[:10]])
     np.testing.assert_allclose(batched[:10], single, atol=1e-5)
     assert (batched.argmax(1) == Predictor(str(trained_model), batch_size=50).probabilities(texts).argmax(1)).all()
+
+
+def test_scoring_many_batches_waits_for_the_device_only_for_the_answers(trained_model):
+    # Each forward pass waited for the device (transformers asking whether a 2D mask held any padding), so on
+    # a GPU no batch was queued while the one before it ran. Counted on the CPU (helpers.DeviceWaits).
+    predictor = Predictor(str(trained_model), batch_size=16, precision="fp32")
+    texts = demo_reviews(200, seed=3)["review"].to_list()
+    with DeviceWaits() as spy:
+        probs = predictor.probabilities(texts)
+    assert len(list(predictor.batches(predictor.encode(texts).lengths))) >= 10
+    assert spy.waits == []
+    assert predictor.broadcast
+    predictor.broadcast = False  # the 2D mask, made 4D by transformers: the same scores
+    np.testing.assert_allclose(predictor.probabilities(texts), probs, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type, attention, broadcast", [
+    ("distilbert", "sdpa", True), ("bert", "sdpa", True), ("distilbert", "eager", False), ("gpt2", "sdpa", False)])
+def test_only_encoders_attending_through_sdpa_get_the_broadcast_mask(model_type, attention, broadcast):
+    # A decoder given a 4D mask would lose its causal mask; eager attention adds the mask, which must then be 0/-inf.
+    shape = {"distilbert": dict(dim=32, n_layers=1, n_heads=2, hidden_dim=64),
+             "gpt2": dict(n_embd=32, n_layer=1, n_head=2),
+             "bert": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)}[model_type]
+    config = AutoConfig.for_model(model_type, num_labels=2, vocab_size=100, **shape)
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attention)
+    assert broadcast_mask(model) is broadcast
 
 
 def test_batches_keep_to_the_count_the_token_budget_and_the_padding_limit(trained_model):

@@ -18,8 +18,9 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from helpers import (ONE_PROCESS, ROOT, TINY, ephemeral_ports, free_port, gloo_threads_left, hang_up_while_it_runs,
-                     recording_its_end, run_script, threads_at_exit, two_processes, wrappers_alive_at_destroy)
+from helpers import (ONE_PROCESS, ROOT, TINY, DeviceWaits, ephemeral_ports, free_port, gloo_threads_left,
+                     hang_up_while_it_runs, recording_its_end, run_script, threads_at_exit, two_processes,
+                     wrappers_alive_at_destroy)
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification
 
@@ -250,6 +251,23 @@ def test_a_crash_while_saving_leaves_no_complete_looking_checkpoint(tmp_path, mo
     assert os.listdir(tmp_path / "out" / "checkpoints") == []  # the half checkpoint's space given back
     with pytest.raises(Exception, match="no complete checkpoint"):
         checkpointing.find_checkpoint("latest", tmp_path / "out")
+
+
+def test_training_steps_and_evaluation_wait_for_the_device_only_to_log_and_evaluate(tmp_path, monkeypatch):
+    # On a GPU each wait stops the CPU from queueing work ahead: transformers asked the device whether a
+    # 2D padding mask held any padding before every forward pass, one wait a step, and a step took as long
+    # as the CPU's work and the GPU's one after the other. Counted here on the CPU (helpers.DeviceWaits).
+    data = tmp_path / "reviews.csv"
+    demo_reviews(600, seed=4).write_csv(data)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    with DeviceWaits() as spy:
+        metrics = training.train(parse_args(TrainArgs, "", ["--data", str(data), *TINY, "--checkpoint-every", "0",
+                                                            "--output-dir", str(tmp_path / "out")]))
+    assert metrics["steps"] == 60
+    assert spy.within("forward") == []  # no forward pass, in training or evaluation
+    loop = spy.within("train_recipe", outside=("setup", "cleanup"))
+    logs, evaluations = 60 // training.LOG_EVERY, 2  # two waits a log line, a few at each evaluation
+    assert len(loop) <= 2 * logs + 5 * evaluations < metrics["steps"]
 
 
 def test_two_process_launches_get_a_port_no_other_connection_can_take_first():
