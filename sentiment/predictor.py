@@ -24,6 +24,7 @@ from .modeling import broadcast_mask, check_max_length, load_model_folder, model
 
 NOTHING_TO_SCORE = "nothing to score: the text is empty, only markup, or only characters the tokenizer drops"
 MAX_PADDING = 0.25  # most padding a batch may add to a text, as a share of the batch's width
+STAGING_IDS = 1 << 22  # most ids (32 MiB) in one block of page-locked memory for copies to a GPU
 
 
 def half_precision(precision, quantize, device):
@@ -108,6 +109,7 @@ class Predictor:
                     module.to(torch.bfloat16)
         self.model = model.to(self.device)
         self.broadcast = broadcast_mask(model)  # a forward pass that waits for no device
+        self.staged = on_gpu  # batches copied to the device through page-locked memory (`staging`)
         self.labels = list(self.settings.labels)
         self.max_length = check_max_length(max_length or self.settings.max_length, self.model.config)
         self.batch_size = batch_size or (GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE)
@@ -146,14 +148,29 @@ class Predictor:
         """Raw logits (float32 numpy, one row per text, input order) of `TokenIds`."""
         lengths = ids.lengths
         out = np.empty((len(ids), len(self.labels)), dtype=np.float32)
-        done = []  # on a GPU the logits stay there until the end: no wait for the device after each batch
-        for batch in self.batches(lengths):
-            done += self.fitted(ids, batch)
+        done, block, at, batched = [], None, 0, 0  # on a GPU the logits stay there: no wait after each batch
+        for batch in self.batches(lengths):  # cut as they come: a lack of memory lowers the budget of later ones
+            width = int(lengths[batch].max())
+            size = 2 * len(batch) * width  # the batch's ids and mask, padded to its longest text
+            if self.staged and (block is None or at + size > len(block)):
+                rest = 2 * (len(lengths) - batched) * width  # longest first: room enough for every batch left
+                block, at = self.staging(min(rest, max(size, STAGING_IDS))), 0
+            done += self.fitted(ids, batch, block[at:at + size] if block is not None else None)
+            at, batched = at + size, batched + len(batch)
         for batch, logits in done:
-            out[batch] = logits.cpu().numpy()
+            out[batch] = logits.cpu().numpy()  # the first waits for the device; by the last, every copy is done
         return out
 
-    def fitted(self, ids, batch):
+    def staging(self, size):
+        """Page-locked memory for `size` ids of a call's batches, which the device copies from while the CPU goes
+        on: one block for up to STAGING_IDS, from PyTorch's cache of them once a call of its size has run (a
+        block is reused once the copies from it are done). A block pinned afresh for each batch took new
+        page-locked memory from the driver while the earlier ones were still queued (a first pass over 4,000
+        reviews on an H200 took 5.5 s, the model's work in it 0.41 s); a copy from pageable memory may wait
+        for the device's queue."""
+        return torch.empty(size, dtype=torch.long, pin_memory=self.device.type == "cuda")
+
+    def fitted(self, ids, batch, staging=None):
         """[(indices, logits)] of one batch. Where the device has no memory for it (a GPU shared with other
         work, a budget set too high), the token budget is halved and the rest of the batch cut to it (and
         so are later batches); a single text that does not fit is a one-line error."""
@@ -161,7 +178,7 @@ class Predictor:
         while pending:
             part = pending.pop(0)
             try:
-                done.append((part, self.forward(ids, part)))
+                done.append((part, self.forward(ids, part, staging if part is batch else None)))
                 continue
             except torch.OutOfMemoryError:
                 width = int(ids.lengths[part].max())
@@ -178,16 +195,25 @@ class Predictor:
             pending = [rest[i:i + size] for i in range(0, len(rest), size)]
         return done
 
-    def forward(self, ids, batch):
-        """The logits (float32, on the device) of the texts `batch` indexes."""
+    def forward(self, ids, batch, staging=None):
+        """The logits (float32, on the device) of the texts `batch` indexes, copied to the device through
+        `staging` (`staging()`'s memory, room for the batch's ids and mask) where given."""
         padded = self.collate([{"input_ids": ids[i]} for i in batch])
-        if self.device.type != "cpu":
-            # Copied from pageable memory (a few hundred KB of ids), without waiting for the device. Each batch
-            # pinned afresh took new page-locked memory from the driver while the earlier batches' blocks were
-            # still queued: a first pass over 4,000 reviews on an H200 took 5.5 s, the model's work in it 0.41 s.
-            padded = {k: v.to(self.device, non_blocking=True) for k, v in padded.items()}
+        if self.device.type != "cpu" or staging is not None:
+            padded = self.to_device(padded, staging)
         with torch.autocast("cpu", dtype=torch.bfloat16) if self.cpu_autocast else contextlib.nullcontext():
             return self.model(**model_inputs(padded, self.broadcast)).logits.float()
+
+    def to_device(self, padded, staging):
+        """The batch's tensors on the device, copied without waiting for it: through `staging`, or (a batch cut
+        smaller after the device ran short of memory) from where they are."""
+        moved, at = {}, 0
+        for name, tensor in padded.items():
+            if staging is not None:
+                tensor = staging[at:at + tensor.numel()].view(tensor.shape).copy_(tensor)
+                at += tensor.numel()
+            moved[name] = tensor.to(self.device, non_blocking=True)
+        return moved
 
     def device_fails(self):
         """Why the Predictor's device can no longer compute, or None while it can (`devices.device_fails`).

@@ -52,6 +52,39 @@ def test_scoring_many_batches_waits_for_the_device_only_for_the_answers(trained_
     np.testing.assert_allclose(predictor.probabilities(texts), probs, atol=1e-6)
 
 
+def test_gpu_batches_are_copied_through_page_locked_blocks_each_batch_in_room_of_its_own(trained_model, monkeypatch):
+    # On a GPU a call's batches are copied while the CPU goes on to the next, so no two may share room; the
+    # room is taken in blocks of at most STAGING_IDS. Run here with plain memory in place of page-locked.
+    from sentiment import predictor as module
+    monkeypatch.setattr(module, "STAGING_IDS", 3000)
+    predictor = Predictor(str(trained_model), batch_size=16, precision="fp32")
+    texts = demo_reviews(200, seed=3)["review"].to_list()
+    plain = predictor.probabilities(texts)
+    blocks, rooms = [], []
+    real_staging, real_to_device = predictor.staging, predictor.to_device
+
+    def staging(size):
+        blocks.append(real_staging(size))  # kept: a block's address stays its own
+        return blocks[-1]
+
+    def to_device(padded, room):
+        rooms.append((room.untyped_storage().data_ptr(), room.storage_offset(), room.numel(),
+                      sum(t.numel() for t in padded.values())))
+        return real_to_device(padded, room)
+
+    predictor.staged, predictor.staging, predictor.to_device = True, staging, to_device
+    np.testing.assert_array_equal(predictor.probabilities(texts), plain)
+    assert len(rooms) >= 10 and len(blocks) >= 3
+    assert all(used <= size for _, _, size, used in rooms)
+    largest = max(size for _, _, size, _ in rooms)
+    for block in blocks:
+        assert block.numel() <= max(3000, largest)
+        mine = sorted((start, start + size) for address, start, size, _ in rooms
+                      if address == block.untyped_storage().data_ptr())
+        assert mine and mine[-1][1] <= block.numel()
+        assert all(end <= next_start for (_, end), (next_start, _) in zip(mine, mine[1:]))  # no room shared
+
+
 @pytest.mark.parametrize("model_type, attention, broadcast", [
     ("distilbert", "sdpa", True), ("bert", "sdpa", True), ("distilbert", "eager", False), ("gpt2", "sdpa", False)])
 def test_only_encoders_attending_through_sdpa_get_the_broadcast_mask(model_type, attention, broadcast):
@@ -379,9 +412,11 @@ def test_a_decoder_whose_tokenizer_cannot_pad_trains_and_scores_in_batches(tmp_p
     assert piped == [predictor.labels[i] for i in alone.argmax(axis=1)]
 
 
-def test_a_batch_the_device_has_no_memory_for_is_halved_and_later_batches_fit(trained_model, capsys):
+@pytest.mark.parametrize("staged", [False, True])  # True: through page-locked memory, as on a GPU
+def test_a_batch_the_device_has_no_memory_for_is_halved_and_later_batches_fit(trained_model, capsys, staged):
     texts = demo_reviews(60, seed=31)["review"].to_list()
     predictor = Predictor(str(trained_model), batch_size=64, max_batch_tokens=100_000, precision="fp32")
+    predictor.staged = staged
     expected = predictor.probabilities(texts)
     model, limit, calls = predictor.model, 400, []
 
