@@ -80,6 +80,11 @@ def main():
         steady = f"{r['steady_samples_s']:.1f}" if r.get("steady_samples_s") else "-"
         print(f"| {name} | {r['tokens_s']:.0f} | {r['samples_s']:.1f} | {r['mfu_measured']:.1%} | "
               f"{r['mfu_datasheet']:.1%} | {r['epoch_25k_s']:.1f} | {steady} |")
+    if anatomy := train.get("step_anatomy"):
+        device = "-" if anatomy["device_ms"] is None else f"{anatomy['device_ms']:.1f}"
+        print(f"one training step, ms: queued by the CPU in {anatomy['host_ms']:.1f}, run by the device in {device}; "
+              f"end to end {anatomy['wall_ms_4d_mask']:.1f} with the 4D mask, {anatomy['wall_ms_2d_mask']:.1f} with "
+              f"the 2D mask (a wait each step)")
     for name, why in {**train.get("failed", {}), **score.get("failed", {})}.items():
         print(f"failed: {name}: {why}")
     if args.json:

@@ -8,7 +8,9 @@ work as the pretrained weights. The three trainers (ours, `Trainer` with its def
 precision; ours also runs compiled (torch.compile through Accelerate), its rate once compiled
 shown beside its whole-run rate. Prints tokens/s of real (unpadded) tokens, samples/s, model
 FLOPs utilisation against the card's measured dense bf16 matmul rate and its data-sheet peak,
-and the time of one 25,000-review epoch, with the card's name. Part of bench/gpu_check.sh.
+and the time of one 25,000-review epoch, with the card's name; and the anatomy of one step (the CPU's
+time to queue it against the device's to run it, and its cost with the padding mask transformers
+waits on). Part of bench/gpu_check.sh.
 
     python -m bench.gpu_train                # on a machine with a CUDA GPU
     python -m bench.gpu_train --rows 256 --steps 4 --small    # a quick check of the script on a CPU
@@ -108,6 +110,76 @@ def datasheet_peak(card):
     return next((peak for name, peak in PEAKS.items() if name in card), float("nan"))
 
 
+def step_anatomy(folder, lengths, batch_size, precision, steps=40):
+    """Where a training step's time goes: ms per step for the CPU to queue it, for the device to run it, and
+    from end to end, with the padding mask in the form the project gives the model (4D: nothing waits) and in
+    the collated 2D form (transformers asks the device whether it holds padding first, a wait each step).
+    The same model, bf16 autocast and fused AdamW as train.py, on batches of the run's own lengths, already
+    on the device. The device's time is taken with its queue filled in advance (a sleep kernel holds it
+    while the CPU queues the step), so it leaves out the gaps of a device waiting for the CPU; a step that
+    takes the CPU longer to queue than the device to run is bound by the host. On a CPU only the end-to-end
+    figures mean anything (there is no queue)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from sentiment.batching import Collator, LengthGroupedBatches
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    model = AutoModelForSequenceClassification.from_pretrained(folder).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    collate = Collator(0, multiple_of=8 if gpu else 1)
+    rng = np.random.default_rng(0)
+    batches = []
+    for batch in list(LengthGroupedBatches(lengths, batch_size, seed=0))[:steps]:
+        padded = collate([{"input_ids": rng.integers(5, 1000, lengths[i])} for i in batch])
+        padded["labels"] = torch.tensor(rng.integers(0, 2, len(batch)))
+        batches.append({k: v.to(device) for k, v in padded.items()})
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step(batch, mask_4d):
+        mask = batch.get("attention_mask")
+        if mask is not None and mask_4d:
+            mask = mask[:, None, None, :].bool()
+        with autocast:
+            logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
+        torch.nn.functional.cross_entropy(logits.float(), batch["labels"]).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def sync():
+        if gpu:
+            torch.cuda.synchronize()
+
+    figures = {}
+    for mask_4d in (True, False):
+        for batch in batches[:5]:  # warm-up: kernels chosen, memory cached
+            step(batch, mask_4d)
+        sync()
+        start = time.perf_counter()
+        for batch in batches:
+            step(batch, mask_4d)
+        sync()
+        wall_ms = (time.perf_counter() - start) / len(batches) * 1e3
+        figures["wall_ms_4d_mask" if mask_4d else "wall_ms_2d_mask"] = wall_ms
+    host, busy = [], []
+    for batch in batches:  # mask in 4D: nothing in the step waits, so the whole of it queues behind the sleep
+        sync()
+        if gpu:
+            torch.cuda._sleep(int(2e8))  # some 0.1 s at 2 GHz: longer than the CPU takes to queue a step
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+        queued = time.perf_counter()
+        step(batch, True)
+        host.append((time.perf_counter() - queued) * 1e3)
+        if gpu:
+            end.record()
+            busy.append((begin, end))
+    sync()
+    figures["host_ms"] = float(np.median(host))
+    figures["device_ms"] = float(np.median([b.elapsed_time(e) for b, e in busy])) if gpu else None
+    return figures
+
+
 def run_trainer(frame, folder, batch_size, steps, precision, grouped=False):
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainingArguments)
@@ -166,9 +238,11 @@ def measure(args, work):
     def ours(compiled):
         return run_ours(data, folder, os.path.join(work, "out"), args.batch_size, args.steps, precision, compiled)
 
-    # The runs the goals compare first; the compiled one, whose compiling takes minutes, last. The figures
-    # are written after every run, so a run that fails, or a time limit (bench/gpu_check.sh), costs only its own.
+    # Ours, then the anatomy of its step (quick, and what the next change hinges on), then the peers the goals
+    # compare it with; the compiled run, whose compiling takes minutes, last. The figures are written after
+    # every run, so a run that fails, or a time limit (bench/gpu_check.sh), costs only its own.
     runs = {"ours": lambda: ours(False),
+            "step anatomy": lambda: step_anatomy(folder, np.array(lengths), args.batch_size, precision),
             "Trainer": lambda: run_trainer(frame, folder, args.batch_size, args.steps, precision),
             "Trainer grouped": lambda: run_trainer(frame, folder, args.batch_size, args.steps, precision, True),
             "ours compiled": lambda: ours(True)}  # not in the goals: compiling takes its own time, said apart
@@ -177,12 +251,21 @@ def measure(args, work):
     results = report["runs"]
     for name, run in runs.items():
         try:
-            seconds, samples_per_second, steady = run()
+            figures = run()
         except Exception as err:  # a compiler missing on the machine, a Trainer API changed: the rest still run
             report["failed"][name] = f"{type(err).__name__}: {err}"
             print(f"{name}: failed ({report['failed'][name]}); its error is above", flush=True)
             save(args.json, report)
             continue
+        if name == "step anatomy":
+            report["step_anatomy"] = a = figures
+            save(args.json, report)
+            print(f"one step, ms: the CPU queues it in {a['host_ms']:.1f}, the device runs it in "
+                  f"{'-' if a['device_ms'] is None else format(a['device_ms'], '.1f')}; end to end "
+                  f"{a['wall_ms_4d_mask']:.1f} with the 4D mask, {a['wall_ms_2d_mask']:.1f} with the 2D mask "
+                  f"(a wait each step)", flush=True)
+            continue
+        seconds, samples_per_second, steady = figures
         per_sample_flops = flops / args.rows
         results[name] = {"samples_s": samples_per_second, "tokens_s": samples_per_second * tokens / args.rows,
                          "mfu_measured": samples_per_second * per_sample_flops / rate,
