@@ -111,10 +111,10 @@ def evaluate(model, loader, accelerator, broadcast, desc="evaluate"):
             logits = model(**model_inputs(batch, broadcast)).logits.float()
             labels = batch["labels"]
             logits, labels = accelerator.gather_for_metrics((logits, labels))
-            all_logits.append(logits.cpu())
-            all_labels.append(labels.cpu())
+            all_logits.append(logits)  # kept on the device: a copy to the CPU here would wait for it each batch
+            all_labels.append(labels)
     model.train()
-    return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy()
+    return torch.cat(all_logits).cpu().numpy(), torch.cat(all_labels).cpu().numpy()
 
 
 class Stopwatch:
