@@ -38,9 +38,26 @@ def starts_with_bracket(path):
         return f.read(4096).lstrip(codecs.BOM_UTF8 + b" \t\r\n").startswith(b"[")
 
 
-# Every column is read as text: a review of "1984" stays a string, labels stay names.
+def scan_csv(path):
+    """A `.csv` file, every column as text (a review of "1984" stays a string, labels stay names), after the
+    `sep=,` line Excel may write first to name its separator, which would otherwise be read as the header."""
+    separator = excel_separator(check_line_ends(path))
+    if separator not in (None, ","):
+        raise SentimentError(f"{path}: its first line, {f'sep={separator}'!r}, is a spreadsheet's note that its fields "
+                             f"are separated by {separator!r}, not commas; save it as CSV with commas (CSV UTF-8), "
+                             f"or with tabs as a .tsv file")
+    return pl.scan_csv(path, infer_schema=False, skip_rows=1 if separator else 0)
+
+
+def excel_separator(path):
+    """The separator named by a first line of `sep=X` (as Excel writes it, and reads it), or None."""
+    with open(path, "rb") as f:
+        line = f.readline(64).removeprefix(codecs.BOM_UTF8).rstrip(b"\r\n")
+    return chr(line[4]) if len(line) == 5 and line.startswith(b"sep=") and line[4] < 128 else None
+
+
 SCANNERS = {
-    ".csv": lambda path: pl.scan_csv(check_line_ends(path), infer_schema=False),
+    ".csv": scan_csv,
     ".tsv": lambda path: pl.scan_csv(check_line_ends(path), separator="\t", infer_schema=False, quote_char=None),
     ".parquet": pl.scan_parquet,
     ".jsonl": scan_json_lines,
@@ -184,10 +201,13 @@ def ragged_row(path):
     tsv = extension(path) == ".tsv"
     advice = ("a text may not hold a tab in TSV (it has no quoting); replace its tabs with spaces" if tsv
               else "put a text that holds a comma in double quotes")
+    skipped = 1 if not tsv and excel_separator(path) else 0  # a `sep=,` line, as `scan_csv` leaves out
     with open(path, encoding="utf-8-sig", newline="") as f:
+        for _ in range(skipped):
+            f.readline()
         reader = csv.reader(f, delimiter="\t" if tsv else ",", strict=True,
                             quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
-        width, row, line = None, 0, 1
+        width, row, line = None, 0, 1 + skipped
         try:
             for row, fields in enumerate(reader):  # row 0 is the header
                 if width is None:
@@ -195,9 +215,9 @@ def ragged_row(path):
                 elif len(fields) > width:
                     return (f"data row {row} (line {line}) has {len(fields)} fields where the header has {width}; "
                             f"{advice}")
-                line = reader.line_num + 1
+                line = reader.line_num + 1 + skipped
         except csv.Error as bad:
-            where = "the header (line 1)" if width is None else f"data row {row + 1} (from line {line})"
+            where = f"the header (line {line})" if width is None else f"data row {row + 1} (from line {line})"
             return (f"{where} has a quote that does not close where it should ({bad}); a quote inside a quoted "
                     f"text is written twice (\"\")")
     return None

@@ -242,6 +242,26 @@ def test_lines_ended_by_a_carriage_return_alone_are_named_with_how_to_convert_th
     assert len(splits_of(path).train) > 0
 
 
+def test_excel_s_separator_line_is_read_as_such_and_another_separator_is_named(tmp_path):
+    # Excel writes (and reads) a first line of "sep=," to name the separator: polars read it as the header,
+    # columns 'sep=' and '', and training said there was no column 'review'.
+    path = tmp_path / "reviews.csv"
+    demo_reviews(60, seed=13).write_csv(path)
+    plain = splits_of(path)
+    body = path.read_bytes()
+    path.write_bytes(codecs.BOM_UTF8 + b"sep=,\r\n" + body)
+    assert splits_of(path).digest() == plain.digest()
+    lines = body.decode().splitlines()
+    lines[30] += ",a third field"
+    path.write_text("sep=,\n" + "\n".join(lines) + "\n")
+    with pytest.raises(SentimentError, match=r"data row 30 \(line 32\) has 3 fields where the header has 2"):
+        splits_of(path)  # the line counted from the file's start, the sep= line too
+    path.write_text("sep=;\nreview;sentiment\n" + "great;positive\n" * 40)
+    with pytest.raises(SentimentError, match=rf"{path}: its first line, 'sep=;', is a spreadsheet's note that its "
+                                             rf"fields are separated by ';', not commas; save it as CSV with commas"):
+        splits_of(path)
+
+
 def test_blank_lines_are_no_rows_and_a_bad_row_after_them_is_named_by_its_place(tmp_path):
     # A blank line (an editor's at the end of the file, or between rows) was a row of no text and no label:
     # training stopped on "rows with a missing or empty text or label" until --skip-bad-rows.

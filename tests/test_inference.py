@@ -238,6 +238,16 @@ def test_lines_ended_by_a_carriage_return_alone_are_refused_with_a_command_that_
     assert [json.loads(line)["text"] for line in converted.stdout.splitlines()] == texts
 
 
+def test_a_csv_that_names_its_separator_as_excel_writes_it_is_scored_whole(tmp_path, trained_model):
+    # Its first line, "sep=,", was read as the header: "no column 'review'; it has 'sep=', ''".
+    path = tmp_path / "reviews.csv"
+    texts = demo_reviews(5, seed=32)["review"].to_list()
+    pl.DataFrame({"review": texts}).write_csv(path)
+    path.write_text("sep=,\n" + path.read_text())
+    scored = run_script("infer.py", "--model", str(trained_model), "--input", str(path))
+    assert [json.loads(line)["text"] for line in scored.stdout.splitlines()] == texts
+
+
 def test_a_reader_that_stops_early_ends_the_run_quietly(tmp_path, trained_model):
     # `infer.py … | head -1` ended in a BrokenPipeError traceback.
     (tmp_path / "lines.txt").write_text("\n".join(demo_reviews(3000, seed=5)["review"].to_list()) + "\n")
