@@ -176,9 +176,9 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Pad a list of items to the longest in the batch (rounded up to `multiple_of`). A batch that needs no
-    padding gets no attention mask: the model then attends to every token, and on a GPU SDPA may pick its
-    flash kernel, which takes no mask."""
+    """Pad a list of items to the longest in the batch (rounded up to `multiple_of`). Every batch has an
+    attention mask, padded or not: a compiled model (`accelerate launch --dynamo_backend inductor`) would
+    compile a second graph for batches without one."""
 
     def __init__(self, pad_id, multiple_of=1):
         self.pad_id = pad_id
@@ -193,9 +193,7 @@ class Collator:
             n = len(item["input_ids"])
             input_ids[row, :n] = torch.as_tensor(item["input_ids"])  # a list or an int32 array
             attention_mask[row, :n] = 1
-        batch = {"input_ids": input_ids}
-        if width > min(len(item["input_ids"]) for item in items):
-            batch["attention_mask"] = attention_mask
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "labels" in items[0]:
             batch["labels"] = torch.tensor([item["labels"] for item in items])
         return batch

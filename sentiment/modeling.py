@@ -223,7 +223,7 @@ def broadcast_mask(model):
 
 def model_inputs(batch, broadcast):
     """The model's arguments from a collated batch: every tensor but the labels, with the padding mask as
-    `broadcast` (`broadcast_mask(model)`) says. A batch without padding has no mask (`Collator`)."""
+    `broadcast` (`broadcast_mask(model)`) says."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if broadcast and "attention_mask" in inputs:
         inputs["attention_mask"] = inputs["attention_mask"][:, None, None, :].bool()

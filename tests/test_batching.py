@@ -141,9 +141,7 @@ def test_collator_pads_to_the_longest_and_masks_padding():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
     assert batch["labels"].tolist() == [1, 0]
     full = Collator(pad_id=0, multiple_of=1)([{"input_ids": [5, 6]}, {"input_ids": [7, 8]}])
-    assert full["input_ids"].tolist() == [[5, 6], [7, 8]] and "attention_mask" not in full  # flash attention may run
-    rounded = Collator(pad_id=0, multiple_of=4)([{"input_ids": [5, 6]}, {"input_ids": [7, 8]}])
-    assert rounded["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 0, 0]]
+    assert full["attention_mask"].tolist() == [[1, 1], [1, 1]]  # a mask all the same: one graph when compiled
 
 
 def test_an_unknown_truncation_is_refused():
