@@ -37,6 +37,26 @@ def figures(train, score):
             "vs_per_request": ratio(served.get("ours"), served.get("per-request"))}
 
 
+def anatomy_lines(anatomy):
+    """bench/gpu_train.py's anatomy of a training step, in words: a line for the run's batch, one per batch size."""
+    def ms(value):
+        return "-" if value is None else f"{value:.1f}"
+
+    lines = [f"one training step, ms: queued by the CPU in {anatomy['host_ms']:.1f}, run by the device in "
+             f"{ms(anatomy['device_ms'])}; end to end {anatomy['wall_ms_4d_mask']:.1f} with the 4D mask, "
+             f"{anatomy['wall_ms_2d_mask']:.1f} with the 2D mask (a wait each step)"]
+    for size, a in anatomy.get("by_batch_size", {}).items():
+        lines.append(f"  batch {size} ({a['tokens_per_step']:.0f} real tokens): queued in {a['host_ms']:.1f} ms, "
+                     f"run in {ms(a['device_ms'])} ms, end to end {a['wall_ms_4d_mask']:.1f} ms")
+    graphed = anatomy.get("graphed")
+    if graphed and "failed" in graphed:
+        lines.append(f"  one step as a CUDA graph: failed ({graphed['failed']})")
+    elif graphed:
+        lines.append(f"  one step of shape {graphed['shape']}: {graphed['eager_ms']:.1f} ms eager, "
+                     f"{graphed['graphed_ms']:.1f} ms replayed as a CUDA graph")
+    return lines
+
+
 def read(path):
     """A step's figures, or none where the step wrote nothing (it failed or ran out of time first)."""
     try:
@@ -81,10 +101,7 @@ def main():
         print(f"| {name} | {r['tokens_s']:.0f} | {r['samples_s']:.1f} | {r['mfu_measured']:.1%} | "
               f"{r['mfu_datasheet']:.1%} | {r['epoch_25k_s']:.1f} | {steady} |")
     if anatomy := train.get("step_anatomy"):
-        device = "-" if anatomy["device_ms"] is None else f"{anatomy['device_ms']:.1f}"
-        print(f"one training step, ms: queued by the CPU in {anatomy['host_ms']:.1f}, run by the device in {device}; "
-              f"end to end {anatomy['wall_ms_4d_mask']:.1f} with the 4D mask, {anatomy['wall_ms_2d_mask']:.1f} with "
-              f"the 2D mask (a wait each step)")
+        print("\n".join(anatomy_lines(anatomy)))
     for name, why in {**train.get("failed", {}), **score.get("failed", {})}.items():
         print(f"failed: {name}: {why}")
     if args.json:

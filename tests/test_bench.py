@@ -211,9 +211,13 @@ def test_a_failing_training_run_costs_none_of_the_others_and_each_is_written_as_
         gpu_train.measure(args, str(tmp_path))
     assert written_before == [["Trainer", "Trainer grouped"]]
     figures = json.loads(report.read_text())
-    assert sorted(figures["runs"]) == ["ours", "ours compiled"]
+    assert sorted(figures["runs"]) == ["ours", "ours compiled", "ours, batch 32"]
     anatomy = figures["step_anatomy"]  # run for real, on the CPU: no device time there
     assert anatomy["device_ms"] is None and min(anatomy["host_ms"], anatomy["wall_ms_4d_mask"]) > 0
+    sizes = anatomy["by_batch_size"]
+    assert list(sizes) == ["8", "16", "32"] and sizes["8"]["host_ms"] == anatomy["host_ms"]
+    assert sizes["8"]["tokens_per_step"] < sizes["16"]["tokens_per_step"] < sizes["32"]["tokens_per_step"]
+    assert "aten::addmm" in anatomy["profile"]  # the busiest operations, by name
     assert figures["failed"]["Trainer"].startswith("TypeError: TrainingArguments")
 
 
