@@ -24,7 +24,44 @@ from .modeling import broadcast_mask, check_max_length, load_model_folder, model
 
 NOTHING_TO_SCORE = "nothing to score: the text is empty, only markup, or only characters the tokenizer drops"
 MAX_PADDING = 0.25  # most padding a batch may add to a text, as a share of the batch's width
-STAGING_IDS = 1 << 22  # most ids (32 MiB) in one block of page-locked memory for copies to a GPU
+ROOMS, ROOM_IDS = 8, 1 << 20  # page-locked rooms a GPU's batches are copied from; most ids (8 MiB) in one
+
+
+class Staging:
+    """Page-locked memory that batches are copied to a GPU from, pinned once and taken in turn: `rooms` rooms
+    of `size` ids. A room is taken again only once the copies out of it are done (an event recorded after
+    them), so no batch is written over on its way, and the CPU queues at most `rooms` batches ahead of the
+    device. Pinning is slow: memory pinned as calls came (a block per call, or per batch) made the
+    Predictor slower than pipeline on an H200 (BENCHMARKS.md, The GPU path)."""
+
+    def __init__(self, size, rooms=ROOMS, pin=True):
+        self.memory = torch.empty(rooms, size, dtype=torch.long, pin_memory=pin)
+        self.copied = [None] * rooms  # each room's event after its last copies, once it has had any
+        self.turn = 0
+
+    def room(self, size):
+        """(index, memory) of the next room, cut to `size` ids, once the copies out of it are done; None where
+        `size` is more than a room holds."""
+        if size > self.memory.shape[1]:
+            return None
+        index = self.turn % len(self.copied)
+        self.turn += 1
+        if self.copied[index] is not None:
+            self.copied[index].synchronize()
+        return index, self.memory[index, :size]
+
+    def copied_out(self, index):
+        """Call once the copies out of room `index` are queued."""
+        self.copied[index] = self.event()
+
+    def event(self):
+        """An event recorded now on the current CUDA stream; None where the memory is not page-locked (the
+        copies from it were done before they returned)."""
+        if not self.memory.is_pinned():
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
 
 def half_precision(precision, quantize, device):
@@ -109,7 +146,7 @@ class Predictor:
                     module.to(torch.bfloat16)
         self.model = model.to(self.device)
         self.broadcast = broadcast_mask(model)  # a forward pass that waits for no device
-        self.staged = on_gpu  # batches copied to the device through page-locked memory (`staging`)
+        self.staged, self.staging = on_gpu, None  # batches copied to the device through page-locked `Staging`
         self.labels = list(self.settings.labels)
         self.max_length = check_max_length(max_length or self.settings.max_length, self.model.config)
         self.batch_size = batch_size or (GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE)
@@ -146,31 +183,15 @@ class Predictor:
     @torch.inference_mode()
     def logits(self, ids):
         """Raw logits (float32 numpy, one row per text, input order) of `TokenIds`."""
-        lengths = ids.lengths
         out = np.empty((len(ids), len(self.labels)), dtype=np.float32)
-        done, block, at, batched = [], None, 0, 0  # on a GPU the logits stay there: no wait after each batch
-        for batch in self.batches(lengths):  # cut as they come: a lack of memory lowers the budget of later ones
-            width = int(lengths[batch].max())
-            size = 2 * len(batch) * width  # the batch's ids and mask, padded to its longest text
-            if self.staged and (block is None or at + size > len(block)):
-                rest = 2 * (len(lengths) - batched) * width  # longest first: room enough for every batch left
-                block, at = self.staging(min(rest, max(size, STAGING_IDS))), 0
-            done += self.fitted(ids, batch, block[at:at + size] if block is not None else None)
-            at, batched = at + size, batched + len(batch)
+        done = []  # on a GPU the logits stay there: no wait after each batch
+        for batch in self.batches(ids.lengths):  # cut as they come: a lack of memory lowers the budget of later ones
+            done += self.fitted(ids, batch)
         for batch, logits in done:
             out[batch] = logits.cpu().numpy()  # the first waits for the device; by the last, every copy is done
         return out
 
-    def staging(self, size):
-        """Page-locked memory for `size` ids of a call's batches, which the device copies from while the CPU goes
-        on: one block for up to STAGING_IDS, from PyTorch's cache of them once a call of its size has run (a
-        block is reused once the copies from it are done). A block pinned afresh for each batch took new
-        page-locked memory from the driver while the earlier ones were still queued (a first pass over 4,000
-        reviews on an H200 took 5.5 s, the model's work in it 0.41 s); a copy from pageable memory may wait
-        for the device's queue."""
-        return torch.empty(size, dtype=torch.long, pin_memory=self.device.type == "cuda")
-
-    def fitted(self, ids, batch, staging=None):
+    def fitted(self, ids, batch):
         """[(indices, logits)] of one batch. Where the device has no memory for it (a GPU shared with other
         work, a budget set too high), the token budget is halved and the rest of the batch cut to it (and
         so are later batches); a single text that does not fit is a one-line error."""
@@ -178,7 +199,7 @@ class Predictor:
         while pending:
             part = pending.pop(0)
             try:
-                done.append((part, self.forward(ids, part, staging if part is batch else None)))
+                done.append((part, self.forward(ids, part)))
                 continue
             except torch.OutOfMemoryError:
                 width = int(ids.lengths[part].max())
@@ -195,24 +216,30 @@ class Predictor:
             pending = [rest[i:i + size] for i in range(0, len(rest), size)]
         return done
 
-    def forward(self, ids, batch, staging=None):
-        """The logits (float32, on the device) of the texts `batch` indexes, copied to the device through
-        `staging` (`staging()`'s memory, room for the batch's ids and mask) where given."""
+    def forward(self, ids, batch):
+        """The logits (float32, on the device) of the texts `batch` indexes."""
         padded = self.collate([{"input_ids": ids[i]} for i in batch])
-        if self.device.type != "cpu" or staging is not None:
-            padded = self.to_device(padded, staging)
+        if self.device.type != "cpu" or self.staged:
+            padded = self.to_device(padded)
         with torch.autocast("cpu", dtype=torch.bfloat16) if self.cpu_autocast else contextlib.nullcontext():
             return self.model(**model_inputs(padded, self.broadcast)).logits.float()
 
-    def to_device(self, padded, staging):
-        """The batch's tensors on the device, copied without waiting for it: through `staging`, or (a batch cut
-        smaller after the device ran short of memory) from where they are."""
+    def to_device(self, padded):
+        """The batch's tensors on the device, copied without waiting for it: on a GPU through a room of
+        `Staging`, pinned at the first batch (a batch larger than a room is copied from where it is)."""
+        room = None
+        if self.staged:
+            if self.staging is None:
+                self.staging = Staging(min(2 * self.max_batch_tokens, ROOM_IDS), pin=self.device.type == "cuda")
+            room = self.staging.room(sum(t.numel() for t in padded.values()))
         moved, at = {}, 0
         for name, tensor in padded.items():
-            if staging is not None:
-                tensor = staging[at:at + tensor.numel()].view(tensor.shape).copy_(tensor)
+            if room is not None:
+                tensor = room[1][at:at + tensor.numel()].view(tensor.shape).copy_(tensor)
                 at += tensor.numel()
             moved[name] = tensor.to(self.device, non_blocking=True)
+        if room is not None:
+            self.staging.copied_out(room[0])
         return moved
 
     def device_fails(self):
