@@ -42,12 +42,11 @@ def anatomy_lines(anatomy):
     def ms(value):
         return "-" if value is None else f"{value:.1f}"
 
-    lines = [f"one training step, ms: queued by the CPU in {anatomy['host_ms']:.1f}, run by the device in "
-             f"{ms(anatomy['device_ms'])}; end to end {anatomy['wall_ms_4d_mask']:.1f} with the 4D mask, "
-             f"{anatomy['wall_ms_2d_mask']:.1f} with the 2D mask (a wait each step)"]
+    lines = [f"one training step, ms: {anatomy['wall_ms_4d_mask']:.1f} end to end, the device busy "
+             f"{ms(anatomy['device_ms'])} of it; {anatomy['wall_ms_2d_mask']:.1f} with the 2D mask (a wait each step)"]
     for size, a in anatomy.get("by_batch_size", {}).items():
-        lines.append(f"  batch {size} ({a['tokens_per_step']:.0f} real tokens): queued in {a['host_ms']:.1f} ms, "
-                     f"run in {ms(a['device_ms'])} ms, end to end {a['wall_ms_4d_mask']:.1f} ms")
+        lines.append(f"  batch {size} ({a['tokens_per_step']:.0f} real tokens): {a['wall_ms_4d_mask']:.1f} ms a step, "
+                     f"the device busy {ms(a['device_ms'])} ms")
     graphed = anatomy.get("graphed")
     if graphed and "failed" in graphed:
         lines.append(f"  one step as a CUDA graph: failed ({graphed['failed']})")

@@ -112,19 +112,18 @@ def datasheet_peak(card):
 
 
 def step_anatomy(folder, lengths, batch_sizes, precision, steps=40):
-    """Where a training step's time goes, at each of `batch_sizes`: ms per step for the CPU to queue it and for
-    the device to run it, and from end to end, with the padding mask in the form the project gives the model
-    (4D: nothing waits) and, at the first size, in the collated 2D form (transformers asks the device whether it
-    holds padding first, a wait each step). The same model, bf16 autocast and fused AdamW as train.py, on
-    batches of the run's own lengths, already on the device. The device's time is taken with its queue filled
-    in advance (a sleep kernel holds it while the CPU queues the step), so it leaves out the gaps of a device
-    waiting for the CPU; a step that takes the CPU longer to queue than the device to run is bound by the host,
-    and larger batches then cost the CPU no more. Last, the device's busiest operations over a few steps at the
-    first size (torch.profiler), to say where a device-bound step's time goes. On a CPU only the end-to-end
-    figures mean anything (there is no queue)."""
+    """Where a training step's time goes, at each of `batch_sizes`: ms per step from end to end, and the
+    device's busy time in it (the sum of its kernels' times, torch.profiler); a step much longer than its
+    device time is bound by the host, and larger batches then cost little more. At the first size also the
+    end-to-end time with the collated 2D padding mask (transformers asks the device whether it holds padding
+    first, a wait each step) and the device's busiest operations. The same model, bf16 autocast, fused AdamW
+    and attention kernels as train.py, on batches of the run's own lengths, already on the device; every batch
+    runs once before the timing, so each shape's first-time costs are left out. (The first version timed the
+    CPU's queueing behind a sleep kernel: a step's thousand-odd launches fill CUDA's queue, and the CPU waits.)"""
     from transformers import AutoModelForSequenceClassification
 
     from sentiment.batching import Collator, LengthGroupedBatches
+    from sentiment.modeling import varying_shapes
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     model = AutoModelForSequenceClassification.from_pretrained(folder).to(device).train()
@@ -145,7 +144,7 @@ def step_anatomy(folder, lengths, batch_sizes, precision, steps=40):
         mask = batch.get("attention_mask")
         if mask is not None and mask_4d:
             mask = mask[:, None, None, :].bool()
-        with autocast:
+        with autocast, varying_shapes():
             logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
         torch.nn.functional.cross_entropy(logits.float(), batch["labels"]).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -157,7 +156,7 @@ def step_anatomy(folder, lengths, batch_sizes, precision, steps=40):
             torch.cuda.synchronize()
 
     def wall_ms(batches, mask_4d):
-        for batch in batches[:5]:  # warm-up: kernels chosen, memory cached
+        for batch in batches:  # each shape once first: kernels chosen, memory cached
             step(batch, mask_4d)
         sync()
         start = time.perf_counter()
@@ -166,39 +165,27 @@ def step_anatomy(folder, lengths, batch_sizes, precision, steps=40):
         sync()
         return (time.perf_counter() - start) / len(batches) * 1e3
 
-    def queued(batches):
-        host, busy = [], []
-        for batch in batches:  # mask in 4D: nothing in the step waits, so the whole of it queues behind the sleep
+    def profiled(batches):
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
+        with torch.profiler.profile(activities=activities) as profile:
+            for batch in batches:
+                step(batch)
             sync()
-            if gpu:
-                torch.cuda._sleep(int(2e8))  # some 0.1 s at 2 GHz: longer than the CPU takes to queue a step
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                begin.record()
-            start = time.perf_counter()
-            step(batch)
-            host.append((time.perf_counter() - start) * 1e3)
-            if gpu:
-                end.record()
-                busy.append((begin, end))
-        sync()
-        return float(np.median(host)), float(np.median([b.elapsed_time(e) for b, e in busy])) if gpu else None
+        events = profile.key_averages()
+        busy = sum(getattr(e, "self_device_time_total", 0) for e in events) / len(batches) / 1e3 if gpu else None
+        return busy, events
 
     figures = {"by_batch_size": {}}
     for size in batch_sizes:
         batches = batches_of(size)
-        host_ms, device_ms = queued(batches)
-        by_size = {"host_ms": host_ms, "device_ms": device_ms, "wall_ms_4d_mask": wall_ms(batches, True),
+        by_size = {"wall_ms_4d_mask": wall_ms(batches, True),
                    "tokens_per_step": float(np.mean([int(b["attention_mask"].sum()) for b in batches]))}
+        by_size["device_ms"], events = profiled(batches[:5])
         figures["by_batch_size"][str(size)] = by_size
         if size == batch_sizes[0]:
             figures.update(by_size, wall_ms_2d_mask=wall_ms(batches, False))
-            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
-            with torch.profiler.profile(activities=activities) as profile:
-                for batch in batches[:5]:
-                    step(batch)
-                sync()
-            figures["profile"] = profile.key_averages().table(
-                sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=20, max_name_column_width=60)
+            figures["profile"] = events.table(sort_by="self_cuda_time_total" if gpu else "self_cpu_time_total",
+                                              row_limit=20, max_name_column_width=60)
             try:  # the graph's shape: the run's longest batch of this size, as a bucket's would be
                 figures["graphed"] = graphed_step(model.config, max(batches, key=lambda b: b["input_ids"].numel()),
                                                   precision)
@@ -215,13 +202,16 @@ def graphed_step(config, batch, precision, rounds=30):
     if not torch.cuda.is_available():
         return None
     from transformers import AutoModelForSequenceClassification
+
+    from sentiment.modeling import varying_shapes
     model = AutoModelForSequenceClassification.from_config(config).cuda().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True, capturable=True)
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"][:, None, None, :].bool()
 
     def step():
         # The autocast cache must be off while capturing (the graph keeps its own casts).
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=False):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=False), \
+                varying_shapes():
             logits = model(input_ids=ids, attention_mask=mask).logits
         torch.nn.functional.cross_entropy(logits.float(), labels).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

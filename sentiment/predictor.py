@@ -20,7 +20,7 @@ from .data import clean_texts
 from .devices import device_fails, emulated_bf16, native_bf16, pick_device
 from .errors import SentimentError, SettingError, warn
 from .metrics import output_function, scores
-from .modeling import broadcast_mask, check_max_length, load_model_folder, model_inputs
+from .modeling import broadcast_mask, check_max_length, load_model_folder, model_inputs, varying_shapes
 
 NOTHING_TO_SCORE = "nothing to score: the text is empty, only markup, or only characters the tokenizer drops"
 MAX_PADDING = 0.25  # most padding a batch may add to a text, as a share of the batch's width
@@ -221,7 +221,8 @@ class Predictor:
         padded = self.collate([{"input_ids": ids[i]} for i in batch])
         if self.device.type != "cpu" or self.staged:
             padded = self.to_device(padded)
-        with torch.autocast("cpu", dtype=torch.bfloat16) if self.cpu_autocast else contextlib.nullcontext():
+        half = torch.autocast("cpu", dtype=torch.bfloat16) if self.cpu_autocast else contextlib.nullcontext()
+        with half, varying_shapes():
             return self.model(**model_inputs(padded, self.broadcast)).logits.float()
 
     def to_device(self, padded):

@@ -40,7 +40,7 @@ from .launcher import (free_the_group_at_the_end, launcher_gone, outliving_their
 from .metrics import (classification_report, expected_calibration_error, fit_temperature, inverse_frequency_weights,
                       reliability_bins, softmax)
 from .modeling import (ModelSettings, broadcast_mask, check_max_length, grow_embeddings, load_model, load_tokenizer,
-                       model_inputs, padding_id)
+                       model_inputs, padding_id, varying_shapes)
 from .outputs import claim, log_line, publish_model, truncate_log
 from .report import write_report_or_say_how
 
@@ -106,7 +106,7 @@ def evaluate(model, loader, accelerator, broadcast, desc="evaluate"):
     model.eval()
     all_logits, all_labels = [], []
     bar = tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_main_process)
-    with torch.inference_mode(), bar:  # closed on an error too: the error's line is then a line of its own
+    with torch.inference_mode(), varying_shapes(), bar:  # the bar closed on an error too: its line is then its own
         for batch in bar:
             logits = model(**model_inputs(batch, broadcast)).logits.float()
             labels = batch["labels"]
@@ -401,7 +401,8 @@ class FineTuneRecipe:
 
     def loss(self, batch):
         """Cross-entropy of a batch, each class weighted as --class-weights says."""
-        logits = self.model(**model_inputs(batch, self.broadcast)).logits
+        with varying_shapes():
+            logits = self.model(**model_inputs(batch, self.broadcast)).logits
         return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], weight=self.class_weights)
 
     def evaluate_and_keep_best(self):

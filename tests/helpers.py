@@ -272,6 +272,18 @@ def hang_up_while_it_runs(tmp_path, launcher, script, *flags, started):
     return its_end()
 
 
+def cudnn_attention_allowed(monkeypatch):
+    """A list that gets, at each SDPA call (as transformers makes it), whether cuDNN attention was allowed."""
+    allowed, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def attention(*args, **kwargs):
+        allowed.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", attention)
+    return allowed
+
+
 class DeviceWaits(TorchDispatchMode):
     """Counts the operations that, on a GPU, make the CPU wait for the device: a tensor's value read on the
     host (`.item()`, `bool(t)`, `if t.all()`) or a result whose size depends on its values (`nonzero`,

@@ -18,9 +18,9 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from helpers import (ONE_PROCESS, ROOT, TINY, DeviceWaits, ephemeral_ports, free_port, gloo_threads_left,
-                     hang_up_while_it_runs, recording_its_end, run_script, threads_at_exit, two_processes,
-                     wrappers_alive_at_destroy)
+from helpers import (ONE_PROCESS, ROOT, TINY, DeviceWaits, cudnn_attention_allowed, ephemeral_ports, free_port,
+                     gloo_threads_left, hang_up_while_it_runs, recording_its_end, run_script, threads_at_exit,
+                     two_processes, wrappers_alive_at_destroy)
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification
 
@@ -268,6 +268,18 @@ def test_training_steps_and_evaluation_wait_for_the_device_only_to_log_and_evalu
     loop = spy.within("train_recipe", outside=("setup", "cleanup"))
     logs, evaluations = 60 // training.LOG_EVERY, 2  # two waits a log line, a few at each evaluation
     assert len(loop) <= 2 * logs + 5 * evaluations < metrics["steps"]
+
+
+def test_training_and_evaluation_attend_without_cudnn_whose_graphs_are_built_per_shape(tmp_path, monkeypatch):
+    # cuDNN attention, PyTorch's first choice on Hopper GPUs, built a graph at each new batch width: about 170 ms
+    # a step on an H200, on steps of 20 ms. Batches here are padded to their own longest text, so widths vary.
+    data = tmp_path / "reviews.csv"
+    demo_reviews(200, seed=4).write_csv(data)
+    allowed = cudnn_attention_allowed(monkeypatch)
+    training.train(parse_args(TrainArgs, "", ["--data", str(data), *TINY, "--epochs", "1", "--checkpoint-every", "0",
+                                              "--output-dir", str(tmp_path / "out")]))
+    assert allowed and not any(allowed)  # training steps, validation and test, each layer
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # and allowed again after the run, for other code
 
 
 def test_two_process_launches_get_a_port_no_other_connection_can_take_first():
