@@ -14,6 +14,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from transformers import pipeline
 
+from sentiment.modeling import varying_shapes
+
 GPU = torch.cuda.is_available()
 # SENTIMENT_PRECISION=bf16: bf16 weights on a GPU, and on a CPU the same bf16 autocast the Predictor
 # uses there, for like-for-like rows.
@@ -31,8 +33,11 @@ def answer(scores):
 async def predict(request):
     body = await request.json()
     texts = body["texts"] if "texts" in body else [body["text"]]
-    # The model runs on the event loop: one request at a time, as a simple per-request server does.
-    with torch.autocast("cpu", dtype=torch.bfloat16) if BF16 and not GPU else contextlib.nullcontext():
+    # The model runs on the event loop: one request at a time, as a simple per-request server does. Its attention
+    # kernels are the service's (`varying_shapes`: not cuDNN's, which builds a graph for each new shape, here each
+    # new review length), so the two differ in batching alone.
+    half = torch.autocast("cpu", dtype=torch.bfloat16) if BF16 and not GPU else contextlib.nullcontext()
+    with half, varying_shapes():
         answers = [answer(scores) for scores in classify(texts, truncation=True, max_length=MAX_LENGTH)]
     return JSONResponse({"predictions": answers} if "texts" in body else answers[0])
 
