@@ -53,9 +53,14 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 TQDM_DISA
 py="${PYTHON:-python3}"
 # Each GPU test starts a training run or loads a model, mostly CPU-bound start-up: where pytest-xdist is
 # installed (the GPU machine has it) they run side by side, well inside step 1's time limit.
-workers=()
+test_flags=()
 if "$py" -c "import xdist" 2>/dev/null; then
-  workers=(-n "$test_workers")
+  test_flags=(-n "$test_workers")
+fi
+# Where pytest-timeout is installed (the GPU machine has it), a test that hangs is stopped with its stack printed,
+# inside the step's own limit: twice a GPU test was left unfinished by that limit, with no word of where it stood.
+if "$py" -c "import pytest_timeout" 2>/dev/null; then
+  test_flags+=(--timeout "$((limits[0] * 2 / 3))")
 fi
 # Every step runs whatever the steps before it did: the GPU machine is lent for minutes, and a
 # failing test must not cost the figures. The check fails at the end if any step failed.
@@ -75,7 +80,7 @@ step() {  # step NAME SECONDS COMMAND…: SIGTERM to the step's processes after 
 {
   # Each test named as it ends, with its time: a step cut short by its limit still says which test was left.
   step "1. GPU tests" "${limits[0]}" "$py" -m pytest -m gpu -v --durations=0 -p no:cacheprovider -p no:benchmark --basetemp "$work/pytest" \
-      "${workers[@]}" tests/test_gpu.py
+      "${test_flags[@]}" tests/test_gpu.py
   step "2. training" "${limits[1]}" "$py" -m bench.gpu_train "${train_size[@]}" --keep-model "$work/model" \
       --json "$out/train.json"
   step "3-4. scoring and serving" "${limits[2]}" "$py" -m bench.gpu_score --model "$work/model" "${score_size[@]}" \

@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import pty
+import signal
 import socket
 import subprocess
 import sys
@@ -253,9 +254,15 @@ def hang_up_while_it_runs(tmp_path, launcher, script, *flags, started):
     close the terminal, and return how the script ended, as RECORDS_ITS_END wrote it."""
     command, its_end = recording_its_end(tmp_path, script)
     terminal, its_side = pty.openpty()
+
+    def in_its_terminal():
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        # As started from a terminal: the tests run under nohup (SIGHUP ignored, and so in every child) had runs
+        # that rightly ignored the hang-up, and ended 0.
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
     process = subprocess.Popen([sys.executable, *launcher, *command, *flags], cwd=ROOT, stdin=its_side,
-                               stdout=its_side, stderr=its_side, start_new_session=True,
-                               preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),  # its terminal
+                               stdout=its_side, stderr=its_side, start_new_session=True, preexec_fn=in_its_terminal,
                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     os.close(its_side)
     os.set_blocking(terminal, False)
