@@ -8,9 +8,9 @@ work as the pretrained weights. The three trainers (ours, `Trainer` with its def
 precision; ours also runs compiled (torch.compile through Accelerate), its rate once compiled
 shown beside its whole-run rate. Prints tokens/s of real (unpadded) tokens, samples/s, model
 FLOPs utilisation against the card's measured dense bf16 matmul rate and its data-sheet peak,
-and the time of one 25,000-review epoch, with the card's name; and the anatomy of one step (the CPU's
-time to queue it against the device's to run it, and its cost with the padding mask transformers
-waits on). Part of bench/gpu_check.sh.
+and the time of one 25,000-review epoch, with the card's name; and the anatomy of one step (its time
+end to end against the device's busy time in it, at three batch sizes; its cost with the padding mask
+transformers waits on; one step replayed as a CUDA graph). Part of bench/gpu_check.sh.
 
     python -m bench.gpu_train                # on a machine with a CUDA GPU
     python -m bench.gpu_train --rows 256 --steps 4 --small    # a quick check of the script on a CPU
@@ -174,7 +174,7 @@ def step_anatomy(folder, lengths, batch_sizes, precision, steps=40):
                 step(batch)
             sync()
         events = profile.key_averages()
-        busy = sum(getattr(e, "self_device_time_total", 0) for e in events) / len(batches) / 1e3 if gpu else None
+        busy = sum(e.self_device_time_total for e in events) / len(batches) / 1e3 if gpu else None
         return busy, events
 
     figures = {"by_batch_size": {}}
