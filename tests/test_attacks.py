@@ -22,6 +22,7 @@ import pytest
 from bench.body_flood import resident_mb
 from helpers import ROOT, free_port, predict_sh
 from prometheus_client.parser import text_string_to_metric_families
+from sentiment.connections import ACCEPT_LOG_EVERY_S
 
 pytestmark = pytest.mark.slow
 
@@ -596,6 +597,7 @@ def test_a_client_that_opens_connections_without_end_takes_no_one_else_s(serve):
             time.sleep(0.25)
 
     thread = threading.Thread(target=keep_open)
+    started = time.monotonic()
     thread.start()
     try:
         time.sleep(3)
@@ -608,10 +610,13 @@ def test_a_client_that_opens_connections_without_end_takes_no_one_else_s(serve):
         thread.join()
         for sock in flood:
             sock.close()
+    flooded_s = time.monotonic() - started
     assert metrics[("sentiment_connections_refused_total", (("limit", "client_connections"),))] > 512 - 96
     assert metrics[("sentiment_connections_open", ())] <= 96 + 2
+    # One line per ACCEPT_LOG_EVERY_S at most: a loaded machine's flood can outlast one such span.
     output = "".join(server.output)
-    assert output.count("Too many open files") <= 1 and "Traceback" not in output
+    assert output.count("Too many open files") <= 1 + flooded_s // ACCEPT_LOG_EVERY_S
+    assert "Traceback" not in output
 
 
 def test_connections_beyond_a_client_s_share_are_closed_as_they_come_and_a_proxy_s_count_only_in_all(serve):
