@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU path, checked and measured in one prepared call (about 8 minutes on one H100):
-#   1. the GPU tests (pytest -m gpu): training steps in bf16 and fp16, mid-epoch resume, the
+#   1. the GPU tests (pytest -m gpu): training steps in bf16 and fp16 and as CUDA graphs, mid-epoch resume, the
 #      Predictor in bf16 agreeing with fp32 labels and halving its batches under a memory cap, the service answering,
 #      and failing its health after a device-side assert;
-#   2. training: our loop (eager, and compiled through Accelerate) against Trainer and Trainer with
-#      group_by_length (bench/gpu_train.py);
+#   2. training: our loop (eager, its steps replayed as CUDA graphs, and compiled through Accelerate) against
+#      Trainer and Trainer with group_by_length (bench/gpu_train.py);
 #   3. scoring: the Predictor against pipeline(batch_size=64); 4. serving at 64 clients against a
 #      per-request pipeline server (both bench/gpu_score.py).
 # It writes every figure to $OUT/gpu_check.json (outputs/gpu-check/ without $OUT) with a log,

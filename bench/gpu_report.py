@@ -47,6 +47,9 @@ def anatomy_lines(anatomy):
     for size, a in anatomy.get("by_batch_size", {}).items():
         lines.append(f"  batch {size} ({a['tokens_per_step']:.0f} real tokens): {a['wall_ms_4d_mask']:.1f} ms a step, "
                      f"the device busy {ms(a['device_ms'])} ms")
+    if anatomy.get("syncs") is not None:  # measured on a GPU alone
+        waits = ", ".join(f"{where} ({count}x)" for where, count in anatomy["syncs"].items()) or "none"
+        lines.append(f"  waits for the device in one step: {waits}")
     graphed = anatomy.get("graphed")
     if graphed and "failed" in graphed:
         lines.append(f"  one step as a CUDA graph: failed ({graphed['failed']})")

@@ -5,8 +5,9 @@ about 230 tokens, 15 % over 512), a WordPiece vocabulary for them, and a DistilB
 seed architecture (6 layers, hidden 768, 12 heads) randomly initialised, which times the same
 work as the pretrained weights. The three trainers (ours, `Trainer` with its default collator,
 `Trainer` with `train_sampling_strategy="group_by_length"`) get the same folder, rows, batch and
-precision; ours also runs compiled (torch.compile through Accelerate), its rate once compiled
-shown beside its whole-run rate. Prints tokens/s of real (unpadded) tokens, samples/s, model
+precision; ours also runs with its steps replayed as CUDA graphs (--cuda-graphs), at four times
+the batch, and compiled (torch.compile through Accelerate), its rate once compiled shown beside
+its whole-run rate. Prints tokens/s of real (unpadded) tokens, samples/s, model
 FLOPs utilisation against the card's measured dense bf16 matmul rate and its data-sheet peak,
 and the time of one 25,000-review epoch, with the card's name; and the anatomy of one step (its time
 end to end against the device's busy time in it, at three batch sizes; its cost with the padding mask
@@ -17,6 +18,7 @@ transformers waits on; one step replayed as a CUDA graph). Part of bench/gpu_che
 """
 
 import argparse
+import collections
 import dataclasses
 import json
 import os
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import polars as pl
@@ -75,12 +78,14 @@ def bf16_matmul_rate(n=8192, seconds=2.0):
     return rounds * 2 * n ** 3 / (time.perf_counter() - start)
 
 
-def run_ours(data, folder, out, batch_size, steps, precision, compiled=False):
+def run_ours(data, folder, out, batch_size, steps, precision, compiled=False, graphs=False):
     """train.py in a subprocess: (seconds, samples/s, samples/s after the first steps). `compiled` has Accelerate
-    wrap the model in torch.compile (inductor, dynamic shapes), as `accelerate launch --dynamo_backend inductor`."""
+    wrap the model in torch.compile (inductor, dynamic shapes), as `accelerate launch --dynamo_backend inductor`;
+    `graphs` replays its steps as CUDA graphs (--cuda-graphs)."""
     flags = ["--data", data, "--val-size", "0", "--test-size", "0", "--model", folder, "--output-dir", out,
              "--overwrite", "--max-length", "512", "--batch-size", str(batch_size), "--epochs", "1",
-             "--mixed-precision", precision, "--checkpoint-every", "0", "--truncation", "head"]
+             "--mixed-precision", precision, "--checkpoint-every", "0", "--truncation", "head",
+             *(["--cuda-graphs"] if graphs else [])]
     if steps:
         flags += ["--max-steps", str(steps)]
     # Compiled, each recompilation and its reason go to the log (the second GPU run's compiled steps 2 and 22 took
@@ -185,7 +190,7 @@ def step_anatomy(folder, lengths, batch_sizes, precision, steps=40):
         by_size["device_ms"], events = profiled(batches[:5])
         figures["by_batch_size"][str(size)] = by_size
         if size == batch_sizes[0]:
-            figures.update(by_size, wall_ms_2d_mask=wall_ms(batches, False))
+            figures.update(by_size, wall_ms_2d_mask=wall_ms(batches, False), syncs=syncs_in(step, batches[0]))
             figures["profile"] = events.table(sort_by="self_cuda_time_total" if gpu else "self_cpu_time_total",
                                               row_limit=20, max_name_column_width=60)
             try:  # the graph's shape: the run's longest batch of this size, as a bucket's would be
@@ -195,6 +200,23 @@ def step_anatomy(folder, lengths, batch_sizes, precision, steps=40):
                 figures["graphed"] = {"failed": f"{type(err).__name__}: {err}"}
         del batches
     return figures
+
+
+def syncs_in(step, batch):
+    """Where one `step(batch)` waits for the device (torch.cuda.set_sync_debug_mode): the Python line of each wait
+    and how often; None on a CPU. A wait stops the host from queueing ahead, and no CUDA graph can hold one."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    return dict(where)
 
 
 def graphed_step(config, batch, precision, rounds=30):
@@ -300,22 +322,23 @@ def measure(args, work):
     print(f"{'trainer':<18} {'tokens/s':>10} {'samples/s':>10} {'MFU':>6} {'MFU peak':>9} {'epoch s':>8} "
           f"{'steady s/s':>10}")
 
-    def ours(compiled):
-        return run_ours(data, folder, os.path.join(work, "out"), args.batch_size, args.steps, precision, compiled)
+    def ours(batch_size=args.batch_size, **how):
+        return run_ours(data, folder, os.path.join(work, "out"), batch_size, args.steps, precision, **how)
 
     sizes = [args.batch_size, 2 * args.batch_size, 4 * args.batch_size]
-    # Ours, then the anatomy of its step (quick, and what the next change hinges on), then the peers the goals
-    # compare it with; the compiled run, whose compiling takes minutes, last. The figures are written after
-    # every run, so a run that fails, or a time limit (bench/gpu_check.sh), costs only its own.
-    runs = {"ours": lambda: ours(False),
+    # Ours, eager and with its steps replayed as CUDA graphs, then the anatomy of its step (quick, and what the next
+    # change hinges on), then the peers the goals compare it with; the compiled run, whose compiling takes minutes,
+    # last. The figures are written after every run, so a run that fails, or a time limit (bench/gpu_check.sh),
+    # costs only its own. CUDA graphs on a GPU alone: train.py refuses them elsewhere.
+    runs = {"ours": lambda: ours(),
+            **({"ours, CUDA graphs": lambda: ours(graphs=True)} if torch.cuda.is_available() else {}),
             "step anatomy": lambda: step_anatomy(folder, np.array(lengths), sizes, precision),
-            f"ours, batch {sizes[-1]}": lambda: run_ours(data, folder, os.path.join(work, "out"), sizes[-1],
-                                                         args.steps, precision),
             "Trainer": lambda: run_trainer(frame, folder, args.batch_size, args.steps, precision),
             # The grouped Trainer's rate over its first 250 steps (8,000 reviews at batch 32): its goal was met by
             # a wide margin in the first GPU run, and its whole epoch (80 s there) would leave the compiled run none.
             "Trainer grouped": lambda: run_trainer(frame, folder, args.batch_size, args.steps or 250, precision, True),
-            "ours compiled": lambda: ours(True)}  # not in the goals: compiling takes its own time, said apart
+            f"ours, batch {sizes[-1]}": lambda: ours(sizes[-1]),
+            "ours compiled": lambda: ours(compiled=True)}  # not in the goals: compiling takes its own time, said apart
     report = {"card": card, "matmul_flops": rate, "datasheet_flops": peak, "precision": precision,
               "rows": args.rows, "batch_size": args.batch_size, "runs": {}, "failed": {}}
     results = report["runs"]
@@ -343,9 +366,10 @@ def measure(args, work):
         r = results[name]
         print(f"{name:<18} {r['tokens_s']:>10.0f} {r['samples_s']:>10.1f} {r['mfu_measured']:>6.1%} "
               f"{r['mfu_datasheet']:>9.1%} {r['epoch_25k_s']:>8.1f} {steady or float('nan'):>10.1f}", flush=True)
-    for peer in ("Trainer", "Trainer grouped"):
-        if "ours" in results and peer in results:
-            print(f"ours / {peer}: {results['ours']['samples_s'] / results[peer]['samples_s']:.2f}x samples/s")
+    for name in ("ours", "ours, CUDA graphs"):
+        for peer in ("Trainer", "Trainer grouped"):
+            if name in results and peer in results:
+                print(f"{name} / {peer}: {results[name]['samples_s'] / results[peer]['samples_s']:.2f}x samples/s")
     eager, compiled = results.get("ours"), results.get("ours compiled")
     trained = min(args.rows, args.steps * args.batch_size) if args.steps else args.rows
     if eager and compiled and eager["steady_samples_s"] and compiled["steady_samples_s"]:

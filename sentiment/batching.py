@@ -176,17 +176,19 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Pad a list of items to the longest in the batch (rounded up to `multiple_of`). Every batch has an
-    attention mask, padded or not: a compiled model (`accelerate launch --dynamo_backend inductor`) would
-    compile a second graph for batches without one."""
+    """Pad a list of items to the longest in the batch, rounded up to `multiple_of` but no wider than `most`
+    (the items are no longer than it). Every batch has an attention mask, padded or not: a compiled model
+    (`accelerate launch --dynamo_backend inductor`) would compile a second graph for batches without one."""
 
-    def __init__(self, pad_id, multiple_of=1):
+    def __init__(self, pad_id, multiple_of=1, most=None):
         self.pad_id = pad_id
         self.multiple_of = multiple_of
+        self.most = most
 
     def __call__(self, items):
         longest = max(len(item["input_ids"]) for item in items)
         width = -(-longest // self.multiple_of) * self.multiple_of
+        width = min(width, self.most or width)
         input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(items), width), dtype=torch.long)
         for row, item in enumerate(items):

@@ -119,6 +119,10 @@ class TrainArgs:
                                            "BERT and DistilBERT). 0 lets PyTorch's fused attention run on CPUs, "
                                            "which trains twice as fast at --max-length 512 (see BENCHMARKS.md).")
     max_steps: int = fixed(None, "Stop after this many optimizer steps (for quick runs); default: all epochs.")
+    cuda_graphs: bool = arg(False, "Replay each training step as a CUDA graph, one per batch shape (batches padded "
+                                   "to a multiple of 64 tokens): the host no longer queues every kernel of a step. "
+                                   "One GPU, bf16 or no mixed precision, --grad-accum 1; memory for the graphs "
+                                   "besides the eager steps'.")
     # bookkeeping
     eval_every: int = arg(None, "Also evaluate every N optimizer steps; evaluation always runs each epoch.")
     early_stopping_patience: int = arg(None, "Stop after N evaluations in a row without a better validation "

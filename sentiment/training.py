@@ -23,7 +23,7 @@ import numpy as np
 import safetensors.torch
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import AutocastKwargs, DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
@@ -35,6 +35,7 @@ from .data import load_splits
 from .devices import device_fails, emulated_bf16
 from .errors import SentimentError, n_rows, warn
 from .files import as_plain_files, disk_full, disk_full_error, replace_durably, write_atomically
+from .graphs import BUCKET, GraphedSteps, check_cuda_graphs, cuda_graph_capture
 from .launcher import (free_the_group_at_the_end, launcher_gone, outliving_their_readers, peer_gone, stop_signals,
                        stop_with_the_launcher)
 from .metrics import (classification_report, expected_calibration_error, fit_temperature, inverse_frequency_weights,
@@ -152,6 +153,8 @@ def make_accelerator(args):
     # over gloo only when Accelerate is told it runs on the CPU. The scheduler is stepped by hand
     # once per optimizer step, so its length is in optimizer steps whatever the process count.
     multi_cpu = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available()
+    # A CUDA graph keeps the casts it captured: autocast's cache of them must be off.
+    autocast = [AutocastKwargs(cache_enabled=False)] if args.cuda_graphs else None
     free_the_group_at_the_end()
     try:
         with warnings.catch_warnings():  # a tracker that is not installed: said below, in one line
@@ -159,7 +162,8 @@ def make_accelerator(args):
             accelerator = Accelerator(cpu=multi_cpu, mixed_precision=args.mixed_precision,
                                       gradient_accumulation_steps=args.grad_accum, step_scheduler_with_optimizer=False,
                                       log_with=args.report_to, project_dir=args.output_dir,
-                                      dataloader_config=DataLoaderConfiguration(non_blocking=True))  # pinned batches
+                                      dataloader_config=DataLoaderConfiguration(non_blocking=True),  # pinned batches
+                                      kwargs_handlers=autocast)
     except ValueError as err:
         if args.report_to and "logging capability" in str(err):
             raise SentimentError(f"--report-to {args.report_to}: {err}") from None
@@ -176,6 +180,8 @@ def make_accelerator(args):
         instead = "fp16" if accelerator.device.type == "cuda" else "no"
         if accelerator.is_local_main_process:
             warn(f"bf16 mixed precision: {emulated}; train with --mixed-precision {instead}")
+    if args.cuda_graphs:
+        check_cuda_graphs(args, accelerator)
     return accelerator
 
 
@@ -239,10 +245,17 @@ class FineTuneRecipe:
             weights = inverse_frequency_weights(self.splits.label_ids(self.splits.train), len(self.splits.labels))
             self.config["class_weight_values"] = dict(zip(self.splits.labels, weights.tolist()))
             self.class_weights = torch.tensor(weights, dtype=torch.float32, device=accelerator.device)
-        self.collate = Collator(padding_id(self.tokenizer, self.model.config),
-                                multiple_of=8 if accelerator.device.type == "cuda" else 1)
+        if args.cuda_graphs and not self.broadcast:  # its forward pass would ask the device about the padding mask
+            raise SentimentError(f"--cuda-graphs: {args.model} is not among the encoders whose forward pass asks the "
+                                 f"device nothing (BERT, DistilBERT, RoBERTa and their kin, with SDPA attention); "
+                                 f"leave --cuda-graphs out")
+        pad = padding_id(self.tokenizer, self.model.config)
+        self.collate = Collator(pad, multiple_of=8 if accelerator.device.type == "cuda" else 1)
         self.batches = LengthGroupedBatches(self.train_set.lengths, args.batch_size, args.seed)
-        self.train_dl = make_loader(self.train_set, self.collate, batch_sampler=self.batches)
+        # Graphed, a few padded widths: one graph each.
+        train_collate = Collator(pad, multiple_of=BUCKET, most=self.settings.max_length) if args.cuda_graphs \
+            else self.collate
+        self.train_dl = make_loader(self.train_set, train_collate, batch_sampler=self.batches)
         self.val_dl, self.test_dl = self.eval_loader(self.val_set), self.eval_loader(self.test_set)
 
     def dataset(self, split):
@@ -317,6 +330,8 @@ class FineTuneRecipe:
         self.bar = bar = tqdm(total=self.total_steps, initial=state.step, desc="train",
                               disable=not accelerator.is_main_process)  # closed by `close` after an error
         running_loss, loss_batches = torch.zeros((), device=accelerator.device), 0
+        graphed = GraphedSteps(self.model, self.optimizer, self.loss, args.max_grad_norm,
+                               cuda_graph_capture()) if args.cuda_graphs else None
         self.model.train()
         for epoch in range(state.epoch, args.epochs):
             if state.step >= self.total_steps or state.stopped_early:  # --max-steps or early stopping ended it
@@ -329,15 +344,10 @@ class FineTuneRecipe:
             self.clock.start()
             for batch in loader:
                 with accelerator.accumulate(self.model):
-                    # forward/backward (Accelerate divides the loss by --grad-accum; a short last window is scaled back)
-                    loss = self.loss(batch)
-                    accelerator.backward(loss * window_scale(state.batches_done, len(self.train_dl), args.grad_accum))
-                    # clip, on the steps that update the weights
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-                    # step (a no-op between accumulation boundaries)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    if graphed:  # the steps below, replayed as one CUDA graph
+                        loss = graphed.step(batch)
+                    else:
+                        loss = self.train_step(batch)
                 running_loss += loss.detach()
                 loss_batches += 1
                 state.batches_done += 1
@@ -398,6 +408,20 @@ class FineTuneRecipe:
             log_line(self.log_path, {"step": self.state.step, "epoch": self.state.epoch, "split": "val", **figures})
         self.accelerator.log({"val/accuracy": figures["accuracy"], "val/loss": figures["loss"]}, step=self.state.step)
         return figures
+
+    def train_step(self, batch):
+        """Forward, backward, clipping and AdamW's update on one batch; the batch's loss."""
+        args, accelerator = self.args, self.accelerator
+        # forward/backward (Accelerate divides the loss by --grad-accum; a short last window is scaled back)
+        loss = self.loss(batch)
+        accelerator.backward(loss * window_scale(self.state.batches_done, len(self.train_dl), args.grad_accum))
+        # clip, on the steps that update the weights
+        if accelerator.sync_gradients and args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+        # step (a no-op between accumulation boundaries)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
 
     def loss(self, batch):
         """Cross-entropy of a batch, each class weighted as --class-weights says."""

@@ -175,7 +175,8 @@ def test_the_gpu_report_shows_what_was_measured_when_a_run_failed(tmp_path):
     train = {"card": "NVIDIA H200", "precision": "bf16", "matmul_flops": 7e14, "datasheet_flops": 9.89e14,
              "runs": {"ours": ours, "Trainer": {**ours, "samples_s": 300.0}},
              "failed": {"Trainer grouped": "TypeError: an argument the Trainer no longer takes"},
-             "step_anatomy": {"device_ms": 6.25, "wall_ms_4d_mask": 13.0, "wall_ms_2d_mask": 19.0}}
+             "step_anatomy": {"device_ms": 6.25, "wall_ms_4d_mask": 13.0, "wall_ms_2d_mask": 19.0,
+                              "syncs": {"torch/nn/utils/clip_grad.py:96": 1}}}
     (tmp_path / "train.json").write_text(json.dumps(train))
     result = subprocess.run([sys.executable, "-m", "bench.gpu_report", str(tmp_path / "train.json"),
                              str(tmp_path / "score.json"), "--json", str(tmp_path / "all.json")],
@@ -186,6 +187,7 @@ def test_the_gpu_report_shows_what_was_measured_when_a_run_failed(tmp_path):
     assert "failed: Trainer grouped: TypeError" in result.stdout and "score.json: no figures" in result.stdout
     assert ("one training step, ms: 13.0 end to end, the device busy 6.2 of it; 19.0 with the 2D mask"
             in result.stdout)
+    assert "waits for the device in one step: torch/nn/utils/clip_grad.py:96 (1x)" in result.stdout
     assert json.loads((tmp_path / "all.json").read_text())["figures"]["vs_trainer"] == 3.0
 
 

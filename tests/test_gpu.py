@@ -1,5 +1,6 @@
-"""The GPU path: mixed-precision training steps, mid-epoch resume, a run whose device fails, bf16 and fp16
-scoring, scoring short of memory, the service, and the service after a device-side assert.
+"""The GPU path: mixed-precision training steps, steps replayed as CUDA graphs, mid-epoch resume, a run whose
+device fails, bf16 and fp16 scoring, scoring short of memory, the service, and the service after a device-side
+assert.
 
 Deselected on a machine without a GPU (conftest.py); `bash bench/gpu_check.sh` runs them on a
 GPU machine (`pytest -m gpu`), and `bench/gpu_check.sh --cpu-smoke` on the CPU at toy size
@@ -43,6 +44,24 @@ def test_training_steps_in_mixed_precision_learn(tmp_path, data, precision):
     weights = load_file(out / "model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.float32}  # fp32 master weights, saved as such
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+@pytest.mark.skipif(not GPU, reason="capture needs a CUDA device; test_graphs.py checks the same run's wiring on the "
+                                    "CPU with a stand-in for capture")
+def test_training_steps_replayed_as_cuda_graphs_learn_and_resume(tmp_path, data):
+    out = tmp_path / "out"
+    flags = ["--data", str(data), *TINY, "--max-length", "128", "--mixed-precision", "bf16", "--cuda-graphs",
+             "--checkpoint-every", "60", "--output-dir", str(out)]
+    run_script("train.py", *flags)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_accuracy"] >= 0.9 and metrics["steps"] == 120
+    weights = load_file(out / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    # A resume captures its graphs anew, over the checkpoint's optimizer state (saved as not capturable)
+    middle = [c for c in checkpointing.complete_checkpoints(out) if checkpointing.step_of(c) == 60]
+    run_script("train.py", *flags, "--resume", str(middle[0]))
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["steps"] == 120 and again["test_accuracy"] >= 0.9
 
 
 def test_a_run_stopped_mid_epoch_resumes_to_the_same_end(tmp_path, data):
