@@ -8,8 +8,8 @@
 #   3. scoring: the Predictor against pipeline(batch_size=64); 4. serving at 64 clients against a
 #      per-request pipeline server (both bench/gpu_score.py).
 # It writes every figure to $OUT/gpu_check.json (outputs/gpu-check/ without $OUT) with a log,
-# and prints the table for BENCHMARKS.md. Each step has a time limit on the GPU, 140, 280, 130 and
-# 20 seconds (STEP_LIMITS="S1 S2 S3 S4" sets others), and writes its figures as it takes them: a step
+# and prints the table for BENCHMARKS.md. Each step has a time limit on the GPU, 140, 260, 155 and
+# 15 seconds (STEP_LIMITS="S1 S2 S3 S4" sets others), and writes its figures as it takes them: a step
 # that hangs or runs slow costs its own unfinished figures, never the later steps' minutes.
 #
 #   bash bench/gpu_wheels.sh              # first, on a machine with the package registry
@@ -31,7 +31,7 @@ if [ "$smoke" = 1 ]; then
   test_workers=2
 else
   export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"  # one GPU, as the goals are stated
-  train_size=() score_size=() limits="140 280 130 20"  # 570 s: within the device call's 600 s, with the install
+  train_size=() score_size=() limits="140 260 155 15"  # 570 s: within the device call's 600 s, with the install
   test_workers=4
 fi
 read -r -a limits <<< "${STEP_LIMITS:-$limits}"

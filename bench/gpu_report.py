@@ -104,6 +104,11 @@ def main():
               f"{r['mfu_datasheet']:.1%} | {r['epoch_25k_s']:.1f} | {steady} |")
     if anatomy := train.get("step_anatomy"):
         print("\n".join(anatomy_lines(anatomy)))
+    offline = score.get("scoring", {}).get("predictor_reviews_s")
+    for name, r in score.get("serving", {}).items():
+        versus = f", {r['req_s'] / offline:.2f}x the offline Predictor" if offline else ""
+        print(f"serving at {score.get('clients', '?')} clients, {name}: {r['req_s']:.0f} req/s, "
+              f"p50 {r['p50_ms']:.0f} ms, {r['errors']} errors{versus}")
     for name, why in {**train.get("failed", {}), **score.get("failed", {})}.items():
         print(f"failed: {name}: {why}")
     if args.json:

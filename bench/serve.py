@@ -36,25 +36,28 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(app, model, http="auto", open_files=None, log=subprocess.DEVNULL, **env):
+def start_server(app, model, http="auto", open_files=None, log=subprocess.DEVNULL, workers=1, **env):
     """uvicorn serving `app` on a free loopback port, its warnings and errors to `log`; `open_files` sets its
-    open-file limit (`ulimit -n`)."""
+    open-file limit (`ulimit -n`); `workers` processes (uvicorn --workers), each with its own model, all
+    ready before it returns."""
     port = free_port()
     limit = open_files and (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files)))
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", app, "--http", http, "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "warning"],
+         "--log-level", "warning", *(["--workers", str(workers)] if workers > 1 else [])],
         cwd=ROOT, env={**os.environ, "SENTIMENT_MODEL": model, **env}, preexec_fn=limit,
         stdout=log, stderr=subprocess.STDOUT if log is not subprocess.DEVNULL else log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
+    ready = 0  # in a row, each on a new connection: with several workers, any of them may take it
     while time.monotonic() < deadline and process.poll() is None:  # one that exited will not start
         try:
-            if httpx.get(url + "/ready").status_code == 200:
-                return process, url
+            ready = ready + 1 if httpx.get(url + "/ready").status_code == 200 else 0
         except httpx.TransportError:
-            pass
-        time.sleep(0.2)
+            ready = 0
+        if ready >= (1 if workers == 1 else 8 * workers):
+            return process, url
+        time.sleep(0.2 if not ready else 0.02)
     process.kill()
     raise SystemExit(f"{app} did not start")
 

@@ -247,7 +247,7 @@ def test_a_failing_scoring_or_serving_part_costs_none_of_the_others(tmp_path, mo
         gpu_score.main()
     figures = json.loads(report.read_text())
     scoring = {"predictor_reviews_s": 800.0, "predictor_again_reviews_s": 900.0}
-    assert figures["scoring"] == scoring and list(figures["serving"]) == ["ours"]
+    assert figures["scoring"] == scoring and list(figures["serving"]) == ["ours", "ours, 4 workers"]
     assert figures["failed"]["serving, per-request"] == "SystemExit: bench.pipeline_server:app did not start"
     assert on_disk[0] == scoring  # the scoring figure was written before serving began
 
