@@ -77,7 +77,14 @@ class GraphedSteps:
             return self.run(batch)
         if shape not in self.graphs:
             inputs = {name: tensor.clone() for name, tensor in batch.items()}
-            self.graphs[shape] = (inputs, *self.capture(lambda: self.run(inputs, captured=True)))
+            try:
+                self.graphs[shape] = (inputs, *self.capture(lambda: self.run(inputs, captured=True)))
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as err:  # an operation that cannot be captured: a wait for the device, say
+                raise SentimentError(f"--cuda-graphs: a training step of shape {tuple(batch['input_ids'].shape)} "
+                                     f"could not be captured as a CUDA graph ({str(err).strip().splitlines()[0]}); "
+                                     f"train without --cuda-graphs") from err
         inputs, replay, loss = self.graphs[shape]
         for name, tensor in batch.items():
             inputs[name].copy_(tensor, non_blocking=True)

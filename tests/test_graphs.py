@@ -150,3 +150,17 @@ def test_a_run_with_cuda_graphs_learns_from_steps_replayed_per_padded_width(tmp_
     assert metrics["steps"] == len(widths) == 120 and set(widths) <= {64, 128}
     assert 1 <= replays.captured <= 2 * len(set(widths))  # each width's full batches and its short last one
     assert metrics["test_accuracy"] >= 0.9
+
+
+def test_a_step_that_cannot_be_captured_ends_the_run_saying_so():
+    def refusing(step):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+
+    model = tiny_model()
+    optimizer, _ = optimizer_and_schedule(model, 2)
+    steps = GraphedSteps(model, optimizer, loss_of(model), 1.0, refusing)
+    steps.step(batch(4, 16, 1))
+    with pytest.raises(SentimentError, match=r"^--cuda-graphs: a training step of shape \(4, 16\) could not be "
+                                             r"captured as a CUDA graph \(CUDA error: operation not permitted when "
+                                             r"stream is capturing\); train without --cuda-graphs$"):
+        steps.step(batch(4, 16, 2))
