@@ -58,9 +58,9 @@ class GraphedSteps:
     `step(batch)` runs one: zero the gradients, `loss(batch)`, backward, clip to `max_grad_norm` (0: not),
     `optimizer.step()`. It returns the loss, valid until the next step. What runs in Python runs at capture
     alone: Accelerate's optimizer wrapper may take part, as without a grad scaler or accumulation it decides
-    nothing per step. The learning rate a scheduler
-    sets on the optimizer's groups reaches each replay through one tensor per group. `capture` is
-    `cuda_graph_capture()` on a GPU; the tests give a stand-in that runs the step again at each replay."""
+    nothing per step. The learning rate a scheduler sets on the optimizer's groups reaches each replay
+    through one tensor per group. `capture` is `cuda_graph_capture()` on a GPU; the tests give a stand-in
+    that runs the step again at each replay."""
 
     def __init__(self, model, optimizer, loss, max_grad_norm, capture):
         self.model, self.optimizer, self.loss, self.max_grad_norm = model, optimizer, loss, max_grad_norm
