@@ -55,17 +55,17 @@ def cuda_graph_capture():
 class GraphedSteps:
     """Optimizer steps, each replayed as the CUDA graph of its batch's shape once that shape has been met.
 
-    `step(batch)` runs one: zero the gradients, `loss(batch)`, backward, clip to `max_grad_norm` (0: not),
-    `optimizer.step()`. It returns the loss, valid until the next step. What runs in Python runs at capture
-    alone: Accelerate's optimizer wrapper may take part, as without a grad scaler or accumulation it decides
+    `step(batch)` is the eager step (the recipe's `train_step`): forward, backward, clipping,
+    `optimizer.step()`, and `zero_grad(set_to_none=True)`, so that no gradient outlives it; it returns the
+    loss. Graphed, it returns the loss, valid until the next step. What runs in Python runs at capture alone:
+    Accelerate's wrappers may take part, as with one process, no grad scaler and no accumulation they decide
     nothing per step. The learning rate a scheduler sets on the optimizer's groups reaches each replay
     through one tensor per group. `capture` is `cuda_graph_capture()` on a GPU; the tests give a stand-in
     that runs the step again at each replay."""
 
-    def __init__(self, model, optimizer, loss, max_grad_norm, capture):
-        self.model, self.optimizer, self.loss, self.max_grad_norm = model, optimizer, loss, max_grad_norm
-        self.capture = capture
-        device = next(model.parameters()).device
+    def __init__(self, step, optimizer, capture):
+        self.eager_step, self.optimizer, self.capture = step, optimizer, capture
+        device = optimizer.param_groups[0]["params"][0].device
         self.lrs = [torch.tensor(float(group["lr"]), device=device) for group in optimizer.param_groups]
         self.met = set()
         self.graphs = {}  # shape -> (the batch's tensors the graph reads, replay, the loss it writes)
@@ -74,11 +74,11 @@ class GraphedSteps:
         shape = tuple((name, tuple(tensor.shape), tensor.dtype) for name, tensor in batch.items())
         if shape not in self.met:  # eagerly: kernels chosen and state made outside any graph
             self.met.add(shape)
-            return self.run(batch)
+            return self.eager_step(batch).detach()
         if shape not in self.graphs:
             inputs = {name: tensor.clone() for name, tensor in batch.items()}
             try:
-                self.graphs[shape] = (inputs, *self.capture(lambda: self.run(inputs, captured=True)))
+                self.graphs[shape] = (inputs, *self.capture(lambda: self.captured_step(inputs)))
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as err:  # an operation that cannot be captured: a wait for the device, say
@@ -93,24 +93,17 @@ class GraphedSteps:
         replay()
         return loss
 
-    def run(self, batch, captured=False):
-        """One step, eager or `captured`: then AdamW reads each group's rate from `self.lrs`, and is told it is
-        captured (it refuses to be otherwise; told so when eager, it warns). The groups are left as they were:
+    def captured_step(self, batch):
+        """The eager step, as captured: AdamW reads each group's rate from `self.lrs` and is told it is captured
+        (it refuses to be otherwise; told so when eager, it warns). The groups are left as they were, so
         checkpoints and the scheduler see plain rates."""
         groups = self.optimizer.param_groups
-        self.optimizer.zero_grad(set_to_none=True)  # the backward makes new gradients: in a graph, the graph's
-        loss = self.loss(batch)
-        loss.backward()
-        if self.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         kept = [{key: group[key] for key in ("lr", "capturable") if key in group} for group in groups]
+        self.optimizer.zero_grad(set_to_none=True)  # the backward makes the gradients, in the graph's pool
         try:
-            if captured:
-                for group, lr in zip(groups, self.lrs):
-                    group.update(lr=lr, capturable=True)
-            self.optimizer.step()
+            for group, lr in zip(groups, self.lrs):
+                group.update(lr=lr, capturable=True)
+            return self.eager_step(batch).detach()
         finally:
             for group, settings in zip(groups, kept):
                 group.update(settings)
-        self.optimizer.zero_grad(set_to_none=True)  # nothing of a step outlives it in the shared pool
-        return loss.detach()

@@ -330,8 +330,7 @@ class FineTuneRecipe:
         self.bar = bar = tqdm(total=self.total_steps, initial=state.step, desc="train",
                               disable=not accelerator.is_main_process)  # closed by `close` after an error
         running_loss, loss_batches = torch.zeros((), device=accelerator.device), 0
-        graphed = GraphedSteps(self.model, self.optimizer, self.loss, args.max_grad_norm,
-                               cuda_graph_capture()) if args.cuda_graphs else None
+        graphed = GraphedSteps(self.train_step, self.optimizer, cuda_graph_capture()) if args.cuda_graphs else None
         self.model.train()
         for epoch in range(state.epoch, args.epochs):
             if state.step >= self.total_steps or state.stopped_early:  # --max-steps or early stopping ended it

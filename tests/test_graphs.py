@@ -40,6 +40,19 @@ def loss_of(model):
     return loss
 
 
+def step_of(model, optimizer, max_grad_norm):
+    """The recipe's eager step, in plain torch: loss, backward, clip, AdamW, and no gradients left behind."""
+    def step(b):
+        loss = loss_of(model)(b)
+        loss.backward()
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
 def optimizer_and_schedule(model, steps):
     optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-3, fused=True)
     return optimizer, get_linear_schedule_with_warmup(optimizer, 3, steps)
@@ -66,18 +79,14 @@ def test_graphed_steps_train_as_eager_steps_do_with_each_batch_and_the_scheduled
     eager = tiny_model()
     optimizer, schedule = optimizer_and_schedule(eager, len(batches))
     expected = []
+    eager_step = step_of(eager, optimizer, 1.0)
     for b in batches:
-        loss = loss_of(eager)(b)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(eager.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        expected.append(eager_step(b).item())
         schedule.step()
-        expected.append(loss.item())
 
     graphed, replays = tiny_model(), Replays()
     optimizer, schedule = optimizer_and_schedule(graphed, len(batches))
-    steps = GraphedSteps(graphed, optimizer, loss_of(graphed), 1.0, replays)
+    steps = GraphedSteps(step_of(graphed, optimizer, 1.0), optimizer, replays)
     losses = []
     with DeviceWaits() as spy:  # a graph can hold no wait for the device, and a step between replays needs none
         for b in batches:
@@ -100,7 +109,7 @@ def test_a_replay_reads_the_new_batch_and_rate_not_the_captured_ones():
     b1, b2, b3 = batch(4, 16, 1), batch(4, 16, 2), batch(4, 16, 3)
     model = tiny_model()
     optimizer, schedule = optimizer_and_schedule(model, 3)
-    steps = GraphedSteps(model, optimizer, loss_of(model), 0.0, Replays())
+    steps = GraphedSteps(step_of(model, optimizer, 0.0), optimizer, Replays())
     steps.step(b1)
     schedule.step()
     steps.step(b2)  # captured here, then replayed
@@ -130,7 +139,7 @@ def test_graphed_batches_are_padded_to_a_few_widths_never_past_the_longest_allow
 
 
 def test_a_run_with_cuda_graphs_learns_from_steps_replayed_per_padded_width(tmp_path, monkeypatch):
-    # The recipe's wiring: its batches padded to the graphs' widths, its loss and plain optimizer in the steps,
+    # The recipe's wiring: its batches padded to the graphs' widths, its own step (Accelerate's) graphed,
     # its scheduler's rates in the replays. Captured by the stand-in: a CPU cannot capture.
     data = tmp_path / "reviews.csv"
     demo_reviews(1200, seed=30).write_csv(data)
@@ -158,7 +167,7 @@ def test_a_step_that_cannot_be_captured_ends_the_run_saying_so():
 
     model = tiny_model()
     optimizer, _ = optimizer_and_schedule(model, 2)
-    steps = GraphedSteps(model, optimizer, loss_of(model), 1.0, refusing)
+    steps = GraphedSteps(step_of(model, optimizer, 1.0), optimizer, refusing)
     steps.step(batch(4, 16, 1))
     with pytest.raises(SentimentError, match=r"^--cuda-graphs: a training step of shape \(4, 16\) could not be "
                                              r"captured as a CUDA graph \(CUDA error: operation not permitted when "
