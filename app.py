@@ -7,6 +7,8 @@ the rest of bodies answered early (SENTIMENT_BODY_TIMEOUT_S) and on answers left
 (SENTIMENT_SEND_TIMEOUT_S), limits on open connections (SENTIMENT_MAX_CONNECTIONS,
 SENTIMENT_MAX_CONNECTIONS_PER_CLIENT), a bound on requests sent ahead of their answers and a refusal of
 bodies in chunks too small to parse (see sentiment/connections.py).
+Several processes: `--workers N`, each with its model, its queue and its limits; with PROMETHEUS_MULTIPROC_DIR
+set to an empty folder, /metrics counts them all.
 """
 
 from sentiment.config import ServeSettings
@@ -14,8 +16,7 @@ from sentiment.connections import http_protocol
 from sentiment.serving import create_app
 
 try:
-    settings = ServeSettings.from_env()
-except ValueError as err:  # a bad SENTIMENT_* value: one line, not a traceback
+    app = create_app(ServeSettings.from_env())
+except ValueError as err:  # a bad SENTIMENT_* value, a missing PROMETHEUS_MULTIPROC_DIR: one line, not a traceback
     raise SystemExit(f"error: {err}") from None
-app = create_app(settings)
-HTTP = http_protocol(settings, app.state.metrics)
+HTTP = http_protocol(app.state.settings, app.state.metrics)

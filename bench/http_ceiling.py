@@ -3,8 +3,9 @@ next to no work (a 2-layer, 64-wide DistilBERT on 12-word reviews), against a ba
 HTTP/1.1 parser that reads the body and answers at once, and the offline Predictor on the same reviews.
 
 On a GPU the Predictor scores thousands of reviews a second; a service that answers one review a request
-on one event loop is bound by its requests' CPU cost well before that. This measures that bound here, in
-one run, the servers taking turns (best of `--rounds`); the CPU is named with its flags.
+in one process is bound well before that by the process's one GIL, which its event loop and its model
+thread share. This measures that bound here, in one run, the servers taking turns (best of `--rounds`);
+the CPU is named with its flags.
 
     python -m bench.http_ceiling [--rounds 3] [--requests 2048]
 """
@@ -12,10 +13,9 @@ one run, the servers taking turns (best of `--rounds`); the CPU is named with it
 import argparse
 import asyncio
 import tempfile
-import time
 
 from bench.common import cpu_description
-from bench.gpu_score import CLIENTS
+from bench.gpu_score import CLIENTS, score_predictor
 from bench.gpu_train import build_model_folder, generated_reviews
 from bench.serve import load, start_server
 
@@ -27,27 +27,27 @@ def main():
     args = parser.parse_args()
     reviews = generated_reviews(4096, seed=1)["review"].to_list()
     texts = [" ".join(review.split()[:12]) for review in reviews]
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryDirectory() as shared:
         build_model_folder(folder, reviews, small=True)
-        measure(args, folder, texts)
+        measure(args, folder, texts, shared)
 
 
-def measure(args, folder, texts):
-    from sentiment.predictor import Predictor
-    predictor = Predictor(folder, precision="fp32")
-    predictor.probabilities(texts[:64])
+def measure(args, folder, texts, shared):
     servers = {"bare Starlette app": start_server("bench.bare_app:app", folder, "h11"),
                "ours": start_server("app:app", folder, "app:HTTP", SENTIMENT_PRECISION="fp32",
                                     SENTIMENT_QUEUE_SIZE="4096"),
                "ours, GIL handed over every 5 ms": start_server(
                    "bench.hammer_peer:app", folder, "bench.hammer_peer:HTTP", HAMMER_PEER="switch",
-                   SENTIMENT_PRECISION="fp32", SENTIMENT_QUEUE_SIZE="4096")}
+                   SENTIMENT_PRECISION="fp32", SENTIMENT_QUEUE_SIZE="4096"),
+               "ours, 2 workers": start_server("app:app", folder, "app:HTTP", workers=2, SENTIMENT_PRECISION="fp32",
+                                               SENTIMENT_QUEUE_SIZE="4096", PROMETHEUS_MULTIPROC_DIR=shared,
+                                               SENTIMENT_THREADS="1")}
     best, offline = {name: 0.0 for name in servers}, 0.0
     try:
         for name, (_, url) in servers.items():
             asyncio.run(load(url, texts, 8, 64))  # warm-up
         for _ in range(args.rounds):
-            offline = max(offline, rate(predictor, texts[:args.requests]))
+            offline = max(offline, *score_predictor(folder, texts[:args.requests], "fp32")[1:])
             for name, (_, url) in servers.items():
                 latencies, _, statuses, seconds = asyncio.run(load(url, texts, CLIENTS, args.requests))
                 assert set(statuses) == {200}, f"{name}: {statuses}"
@@ -63,12 +63,6 @@ def measure(args, folder, texts):
         print(f"| {name} | {value:.0f} | {value / best['bare Starlette app']:.2f}x |")
     print(f"offline Predictor on the same reviews: {offline:.0f} reviews/s; ours / offline: "
           f"{best['ours'] / offline:.2f}x")
-
-
-def rate(predictor, texts):
-    start = time.perf_counter()
-    predictor.probabilities(texts)
-    return len(texts) / (time.perf_counter() - start)
 
 
 if __name__ == "__main__":

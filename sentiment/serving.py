@@ -6,8 +6,9 @@ thread, warms it up and starts a `MicroBatcher` (the queue and the batching task
 `settings`, `metrics`, `batcher` (None until the model is warm) and `load_error`. What a body
 may hold is `protocol`'s concern. A 503 for a limit (`Overloaded`) tells its client when it may try
 again, and one that comes back sooner waits for that time. Every /predict request is counted once
-in `/metrics`, written by `prometheus-client` with one registry per app, and every answer says how
-long it took.
+in `/metrics`, written by `prometheus-client` with one registry per app (or, under uvicorn's
+`--workers N` with PROMETHEUS_MULTIPROC_DIR set, summed over the workers), and every answer says
+how long it took.
 What is enforced on connections, before a request reaches the app (deadlines on request heads,
 open connections per client), is `connections`' concern.
 """
@@ -16,14 +17,17 @@ import asyncio
 import contextlib
 import gc
 import importlib
+import glob
 import json
 import logging
+import multiprocessing
+import os
 import sys
 import time
 from dataclasses import dataclass
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.datastructures import MutableHeaders
@@ -46,14 +50,28 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 # op of a forward could wait 5 ms. bench/hammer.py measures both.
 GIL_SWITCH_S = 0.0002
 RETRY_AFTER_S = 1  # what a 503 for a limit asks a client to wait before it tries again
+GAUGES_EVERY_S = 1  # how often each worker writes its queue's and bodies' gauges where the others' are summed
 prometheus_client.disable_created_metrics()  # no `_created` series: the names stay those documented
 log = logging.getLogger(__name__)
 
 
+def shared_metrics_folder():
+    """The folder prometheus-client shares metrics through between processes (PROMETHEUS_MULTIPROC_DIR), or None."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir") or None
+
+
 class ServiceMetrics:
-    """The service's Prometheus metrics, in a registry of their own (one per app)."""
+    """The service's Prometheus metrics, in a registry of their own (one per app). With PROMETHEUS_MULTIPROC_DIR
+    set (read by prometheus-client as it is imported), every process writes its metrics into files there and
+    `/metrics` sums those of all the workers: counts and histograms of every worker that ever ran, gauges of the
+    live ones."""
 
     def __init__(self):
+        self.folder = shared_metrics_folder()
+        if self.folder and not os.path.isdir(self.folder):
+            raise ValueError(f"PROMETHEUS_MULTIPROC_DIR={self.folder}: no such folder; make it (empty) before "
+                             f"starting the service")
+        live = {"multiprocess_mode": "livesum"}  # the workers' values summed; an ended worker's left out
         self.registry = CollectorRegistry()
         self.requests = Counter("sentiment_requests", "Requests answered, by status.", ["status"],
                                 registry=self.registry)
@@ -62,14 +80,16 @@ class ServiceMetrics:
                                  ["status"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.batch_sizes = Histogram("sentiment_batch_size", "Texts per model call.", buckets=BATCH_BUCKETS,
                                      registry=self.registry)
-        self.queue_depth = Gauge("sentiment_queue_depth", "Texts waiting for the model.", registry=self.registry)
+        self.queue_depth = Gauge("sentiment_queue_depth", "Texts waiting for the model.", registry=self.registry,
+                                 **live)
         self.body_bytes = Gauge("sentiment_body_bytes_held", "Bytes of request bodies held while they arrive "
-                                "and are parsed.", registry=self.registry)
+                                "and are parsed.", registry=self.registry, **live)
         self.texts_scored = Counter("sentiment_texts_scored", "Texts the model has scored.", registry=self.registry)
         # Which limit each 503 met: the queue or the bodies' budget, in all or a client's share of it.
         self.refused = Counter("sentiment_refused", "Requests refused (503) for a limit, by the limit met.", ["limit"],
                                registry=self.registry)
-        self.connections_open = Gauge("sentiment_connections_open", "Connections open.", registry=self.registry)
+        self.connections_open = Gauge("sentiment_connections_open", "Connections open.", registry=self.registry,
+                                      **live)
         self.connections_refused = Counter("sentiment_connections_refused", "Connections closed as they were made, "
                                            "by the limit met.", ["limit"], registry=self.registry)
         self.connections_cut = Counter("sentiment_connections_cut", "Connections cut, by reason: a deadline their "
@@ -77,6 +97,31 @@ class ServiceMetrics:
                                        "of chunks too small.", ["reason"], registry=self.registry)
         self.held = Counter("sentiment_retried_early", "Refusals held until the client's last Retry-After was over, "
                             "as the request came sooner.", registry=self.registry)
+
+    def exposition(self):
+        """What `/metrics` answers: this process's metrics, or every worker's from the shared folder."""
+        registry = self.registry
+        if self.folder:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, self.folder)
+        return prometheus_client.generate_latest(registry)
+
+    def forget_dead_workers(self):
+        """Leave the live gauges of workers no longer running out of the sums: the folder keeps the files of a
+        worker that was killed (uvicorn starts another in its place), and of one that ended as it should until
+        `end_of_worker`. Counts stay: a total does not go down because a worker ended."""
+        for path in glob.glob(os.path.join(self.folder, "gauge_live*_*.db")):
+            pid = int(path.rsplit("_", 1)[1].removesuffix(".db"))
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                multiprocess.mark_process_dead(pid, self.folder)
+            except PermissionError:  # another user's process of that number is running
+                pass
+
+    def end_of_worker(self):
+        if self.folder:
+            multiprocess.mark_process_dead(os.getpid(), self.folder)
 
     def count_request(self, status, seconds):
         self.requests.labels(status=status).inc()
@@ -175,10 +220,20 @@ async def lifespan(app):
     print("sentiment service settings: " + json.dumps(app.state.settings.__dict__), flush=True)
     switch = sys.getswitchinterval()
     sys.setswitchinterval(GIL_SWITCH_S)
+    metrics, gauges = app.state.metrics, None
+    if metrics.folder:
+        metrics.forget_dead_workers()
+        gauges = asyncio.create_task(write_gauges_every(app.state, GAUGES_EVERY_S))
+    elif multiprocessing.parent_process() is not None:  # uvicorn runs its workers (and --reload's) so
+        log.warning("this service runs as one of uvicorn's workers: with several (--workers N), /metrics counts "
+                    "the requests of the one worker that answers it; to count every worker's, set "
+                    "PROMETHEUS_MULTIPROC_DIR to an empty folder")
     executor = ModelThread()
     loader = asyncio.create_task(load_model(app, executor))
     yield
     loader.cancel()
+    if gauges:
+        gauges.cancel()
     if app.state.batcher:  # answer what is queued, for as long as those requests may wait
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(app.state.batcher.drain(), app.state.settings.request_timeout_s)
@@ -186,6 +241,7 @@ async def lifespan(app):
             log.warning("a model call has run for %.0f s and is still under way (a hung device?); the service "
                         "stops without it", time.monotonic() - busy)
     executor.shutdown(wait=False)
+    metrics.end_of_worker()
     sys.setswitchinterval(switch)
 
 
@@ -299,10 +355,21 @@ async def ready(request):
 
 async def prometheus(request):
     state = request.app.state
+    write_gauges(state)
+    return Response(state.metrics.exposition(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+
+def write_gauges(state):
+    """The gauges of what this process holds now, read rather than kept up to date request by request."""
     state.metrics.queue_depth.set(state.batcher.queue.qsize() if state.batcher else 0)
     state.metrics.body_bytes.set(state.body_budget.held)
-    return Response(prometheus_client.generate_latest(state.metrics.registry),
-                    media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+
+async def write_gauges_every(state, seconds):
+    """With workers sharing their metrics, a scrape reaches one of them: each writes its gauges on its own."""
+    while True:
+        write_gauges(state)
+        await asyncio.sleep(seconds)
 
 
 async def http_error(request, exc):

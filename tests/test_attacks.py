@@ -21,6 +21,7 @@ import httpx
 import pytest
 from bench.body_flood import resident_mb
 from helpers import ROOT, free_port, predict_sh
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 from sentiment.connections import ACCEPT_LOG_EVERY_S
 
@@ -67,6 +68,13 @@ class Server:
     def requests_counted(self):
         return {dict(labels)["status"]: value for (name, labels), value in self.metrics().items()
                 if name == "sentiment_requests_total"}
+
+    def end_workers(self):
+        """Stop a server of several workers: SIGTERM, which uvicorn passes on to them (killed, it would leave them
+        running, holding its output open)."""
+        self.process.terminate()
+        self.process.wait(60)
+        self.stop()
 
     def stop(self):
         if self.process.poll() is None:
@@ -822,6 +830,72 @@ def test_settings_that_are_not_finite_stop_the_service_at_start(trained_model, n
     server.stop()
     output = "".join(server.output)
     assert f"SENTIMENT_{name}" in output and "Traceback" not in output
+
+
+def requests_by_worker(folder):
+    """{pid: /predict requests with status 200} from the counter files workers write into a shared metrics folder."""
+    counts = {}
+    for path in folder.glob("counter_*.db"):
+        for key, value, *_ in MmapedDict.read_all_values_from_file(str(path)):
+            name, _, labels, _ = json.loads(key)
+            if name == "sentiment_requests" and labels == {"status": "200"}:
+                counts[int(path.stem.split("_")[1])] = value
+    return counts
+
+
+def test_workers_that_share_a_metrics_folder_are_counted_together_in_every_scrape(trained_model, tmp_path):
+    # Under `uvicorn --workers 2` a scrape reaches one worker, which counted only the requests it had answered.
+    shared = tmp_path / "metrics"
+    shared.mkdir()
+    server = Server(trained_model, uvicorn_flags=["--workers", "2"], env={"PROMETHEUS_MULTIPROC_DIR": str(shared)})
+    try:
+        def ready_everywhere():  # any worker may take a new connection: both are ready when many in a row say so
+            server.wait()
+            deadline = time.monotonic() + 60
+            while sum(httpx.get(server.url + "/ready").status_code == 200 for _ in range(16)) < 16:
+                assert time.monotonic() < deadline, "".join(server.output)
+        ready_everywhere()
+        with ThreadPoolExecutor(8) as pool:  # a new connection each, taken by whichever worker is free
+            statuses = list(pool.map(lambda _: httpx.post(server.url + "/predict", json={"text": GOOD}).status_code,
+                                     range(60)))
+        assert statuses == [200] * 60
+        by_worker = requests_by_worker(shared)
+        assert len(by_worker) == 2 and all(by_worker.values()) and sum(by_worker.values()) == 60  # both answered
+        for _ in range(10):  # whichever worker answers the scrape
+            assert server.requests_counted() == {"200": 60}
+        # A killed worker is replaced; what it had open leaves the live gauges' sums, its counts stay.
+        killed = min(by_worker)
+        os.kill(killed, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while list(shared.glob(f"gauge_livesum_{killed}.db")):
+            assert time.monotonic() < deadline, "".join(server.output)
+            time.sleep(0.2)
+        ready_everywhere()
+        assert server.requests_counted()["200"] == 60
+        assert server.metrics()[("sentiment_queue_depth", ())] == 0
+    finally:
+        server.end_workers()
+    assert "PROMETHEUS_MULTIPROC_DIR" not in "".join(server.output)
+
+
+def test_workers_without_a_shared_metrics_folder_are_told_what_metrics_count_and_a_missing_folder_stops_it(
+        trained_model, tmp_path):
+    server = Server(trained_model, uvicorn_flags=["--workers", "2"])
+    try:
+        server.wait()
+        deadline = time.monotonic() + 60
+        while "".join(server.output).count("set PROMETHEUS_MULTIPROC_DIR to an empty folder") < 2:
+            assert time.monotonic() < deadline, "".join(server.output)
+            time.sleep(0.2)
+    finally:
+        server.end_workers()
+    missing = tmp_path / "no such folder"
+    server = Server(trained_model, env={"PROMETHEUS_MULTIPROC_DIR": str(missing)})
+    assert server.process.wait(timeout=60) != 0
+    server.stop()
+    output = "".join(server.output)
+    assert f"error: PROMETHEUS_MULTIPROC_DIR={missing}: no such folder; make it (empty)" in output
+    assert "Traceback" not in output
 
 
 def test_predict_sentiment_sh_sends_long_reviews_and_refuses_bytes_that_are_not_utf8(serve):
