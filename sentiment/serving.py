@@ -224,7 +224,7 @@ async def lifespan(app):
     if metrics.folder:
         metrics.forget_dead_workers()
         gauges = asyncio.create_task(write_gauges_every(app.state, GAUGES_EVERY_S))
-    elif multiprocessing.parent_process() is not None:  # uvicorn runs its workers (and --reload's) so
+    elif multiprocessing.parent_process() is not None:  # uvicorn starts each worker (and --reload's one) as a child
         log.warning("this service runs as one of uvicorn's workers: with several (--workers N), /metrics counts "
                     "the requests of the one worker that answers it; to count every worker's, set "
                     "PROMETHEUS_MULTIPROC_DIR to an empty folder")
