@@ -27,7 +27,7 @@ case "$*" in
 esac
 if [ "$smoke" = 1 ]; then
   export CUDA_VISIBLE_DEVICES="" SENTIMENT_GPU_TESTS_ON_CPU=1
-  train_size=(--small --rows 256 --steps 4) score_size=(--rows 256 --requests 128) limits="900 900 900 300"
+  train_size=(--small --rows 256 --steps 4 --batch-size 8 --compile-backend aot_eager) score_size=(--rows 256 --requests 128 --workers 2) limits="900 900 900 300"
   test_workers=2
 else
   export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"  # one GPU, as the goals are stated
@@ -67,8 +67,9 @@ fi
 failed=()
 step() {  # step NAME SECONDS COMMAND…: SIGTERM to the step's processes after SECONDS, SIGKILL 10 s later
   echo "== $1"
-  local status=0
+  local status=0 start=$SECONDS
   timeout -k 10 "$2" "${@:3}" || status=$?
+  echo "== $1: $((SECONDS - start)) s of its $2"
   if [ "$status" = 124 ] || [ "$status" = 137 ]; then
     echo "== step over its time limit of $2 s: $1"
   fi

@@ -26,7 +26,7 @@ CLIENTS = 64
 # One event loop answers some hundreds of requests a second whatever the model's speed (bench/http_ceiling.py:
 # 608 req/s on a 2-core AMD EPYC with a model of next to no work, where a bare Starlette app answers 2,145): far
 # below what a GPU scores. Several processes, each its own loop and model, show what a service could do beyond.
-WORKERS = 4
+WORKERS = 4  # --workers; the CPU smoke takes 2: four processes starting torch on 2 cores took 26 s
 
 
 def score_pipeline(model, texts, bf16):
@@ -52,14 +52,14 @@ def score_predictor(model, texts, precision):
     return [predictor.labels[i] for i in probs.argmax(1)], *rates
 
 
-def serve(name, model, texts, requests, precision):
-    """req/s and p50 ms at CLIENTS clients of one server, started for this alone: ours, ours in WORKERS processes
+def serve(name, model, texts, requests, precision, workers=WORKERS):
+    """req/s and p50 ms at CLIENTS clients of one server, started for this alone: ours, ours in `workers` processes
     (uvicorn --workers, a model each), or the per-request one."""
     with tempfile.TemporaryDirectory() as shared:  # the workers' metrics counted together, as the README asks
         if name.startswith("ours"):
-            workers = {"workers": WORKERS, "PROMETHEUS_MULTIPROC_DIR": shared} if "workers" in name else {}
+            several = {"workers": workers, "PROMETHEUS_MULTIPROC_DIR": shared} if "workers" in name else {}
             process, url = start_server("app:app", model, "app:HTTP", SENTIMENT_PRECISION=precision,
-                                        SENTIMENT_QUEUE_SIZE="4096", **workers)
+                                        SENTIMENT_QUEUE_SIZE="4096", **several)
         else:
             process, url = start_server("bench.pipeline_server:app", model, SENTIMENT_PRECISION=precision,
                                         SENTIMENT_MAX_LENGTH="512")
@@ -78,6 +78,7 @@ def main():
     parser.add_argument("--model", required=True, help="A sequence-classification folder (bench/gpu_train.py's).")
     parser.add_argument("--rows", type=int, default=10000, help="Generated reviews to score.")
     parser.add_argument("--requests", type=int, default=2048, help="Requests sent to each server.")
+    parser.add_argument("--workers", type=int, default=WORKERS, help="Processes of the service's run in several.")
     parser.add_argument("--json", default=None, help="Write every figure to this JSON file.")
     args = parser.parse_args()
     gpu = torch.cuda.is_available()
@@ -110,9 +111,10 @@ def main():
               f"the Predictor on the same reviews again {ours[2]:.0f} reviews/s",
               flush=True)
     save(args.json, report)
-    for name in ("ours", "per-request", f"ours, {WORKERS} workers"):
+    several = f"ours, {args.workers} workers"
+    for name in ("ours", "per-request", several):
         r = attempt(f"serving, {name}", lambda: serve(name, args.model, texts, max(args.requests, 2 * CLIENTS),
-                                                      precision))
+                                                      precision, args.workers))
         if r:
             serving[name] = r
             print(f"serving, {CLIENTS} clients, {name}: {r['req_s']:.0f} req/s, p50 {r['p50_ms']:.0f} ms, "
@@ -122,9 +124,8 @@ def main():
         print(f"service / offline Predictor: {serving['ours']['req_s'] / ours[1]:.2f}x")
     if "ours" in serving and "per-request" in serving:
         print(f"service / per-request server: {serving['ours']['req_s'] / serving['per-request']['req_s']:.2f}x")
-    if f"ours, {WORKERS} workers" in serving and ours:
-        print(f"service in {WORKERS} workers / offline Predictor: "
-              f"{serving[f'ours, {WORKERS} workers']['req_s'] / ours[1]:.2f}x")
+    if several in serving and ours:
+        print(f"service in {args.workers} workers / offline Predictor: {serving[several]['req_s'] / ours[1]:.2f}x")
     if report["failed"]:
         raise SystemExit(f"failed: {', '.join(report['failed'])}")
 

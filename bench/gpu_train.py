@@ -78,10 +78,10 @@ def bf16_matmul_rate(n=8192, seconds=2.0):
     return rounds * 2 * n ** 3 / (time.perf_counter() - start)
 
 
-def run_ours(data, folder, out, batch_size, steps, precision, compiled=False, graphs=False):
-    """train.py in a subprocess: (seconds, samples/s, samples/s after the first steps). `compiled` has Accelerate
-    wrap the model in torch.compile (inductor, dynamic shapes), as `accelerate launch --dynamo_backend inductor`;
-    `graphs` replays its steps as CUDA graphs (--cuda-graphs)."""
+def run_ours(data, folder, out, batch_size, steps, precision, compiled=None, graphs=False):
+    """train.py in a subprocess: (seconds, samples/s, samples/s after the first steps). `compiled`, a torch.compile
+    backend, has Accelerate wrap the model in torch.compile with it (dynamic shapes), as `accelerate launch
+    --dynamo_backend inductor`; `graphs` replays its steps as CUDA graphs (--cuda-graphs)."""
     flags = ["--data", data, "--val-size", "0", "--test-size", "0", "--model", folder, "--output-dir", out,
              "--overwrite", "--max-length", "512", "--batch-size", str(batch_size), "--epochs", "1",
              "--mixed-precision", precision, "--checkpoint-every", "0", "--truncation", "head",
@@ -90,7 +90,7 @@ def run_ours(data, folder, out, batch_size, steps, precision, compiled=False, gr
         flags += ["--max-steps", str(steps)]
     # Compiled, each recompilation and its reason go to the log (the second GPU run's compiled steps 2 and 22 took
     # 27 s and 3 s, after 42 s for the first).
-    env = {**os.environ, **({"ACCELERATE_DYNAMO_BACKEND": "inductor", "ACCELERATE_DYNAMO_USE_DYNAMIC": "1",
+    env = {**os.environ, **({"ACCELERATE_DYNAMO_BACKEND": compiled, "ACCELERATE_DYNAMO_USE_DYNAMIC": "1",
                              "TORCH_LOGS": "recompiles"} if compiled else {})}
     subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=env)
     with open(os.path.join(out, "metrics.json")) as f:
@@ -296,6 +296,10 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32, help="Per-device batch of every trainer.")
     parser.add_argument("--steps", type=int, default=0, help="Stop after this many steps (0: the whole epoch).")
     parser.add_argument("--small", action="store_true", help="A tiny DistilBERT, to check the script on a CPU.")
+    # The CPU smoke's: dynamo and AOTAutograd traced as on the GPU, without inductor's C++ build (95 s of the
+    # rehearsal's), which is not the code a GPU runs anyway (Triton's)
+    parser.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager"],
+                        help="torch.compile's backend for the compiled run.")
     parser.add_argument("--keep-model", default=None, help="Also copy the generated model folder here.")
     parser.add_argument("--json", default=None, help="Write every figure to this JSON file.")
     args = parser.parse_args()
@@ -332,7 +336,7 @@ def measure(args, work):
     # costs only its own. CUDA graphs on a GPU alone: train.py refuses them elsewhere.
     runs = {"ours": lambda: ours(),
             **({"ours, CUDA graphs": lambda: ours(graphs=True)} if torch.cuda.is_available() else {}),
-            "step anatomy": lambda: step_anatomy(folder, np.array(lengths), sizes, precision),
+            "step anatomy": lambda: step_anatomy(folder, np.array(lengths), sizes, precision, args.steps or 40),
             "Trainer": lambda: run_trainer(frame, folder, args.batch_size, args.steps, precision),
             # The grouped Trainer's rate over its first 250 steps (8,000 reviews at batch 32): its goal was met by
             # a wide margin in the first GPU run, and its whole epoch (80 s there) would leave the compiled run none.
@@ -341,9 +345,11 @@ def measure(args, work):
             # device's own bound
             **({f"ours, CUDA graphs, batch {sizes[-1]}": lambda: ours(sizes[-1], graphs=True)}
                if torch.cuda.is_available() else {f"ours, batch {sizes[-1]}": lambda: ours(sizes[-1])}),
-            "ours compiled": lambda: ours(compiled=True)}  # not in the goals: compiling takes its own time, said apart
+            # not in the goals: compiling takes its own time, said apart
+            "ours compiled": lambda: ours(compiled=args.compile_backend)}
     report = {"card": card, "matmul_flops": rate, "datasheet_flops": peak, "precision": precision,
-              "rows": args.rows, "batch_size": args.batch_size, "runs": {}, "failed": {}}
+              "rows": args.rows, "batch_size": args.batch_size, "compile_backend": args.compile_backend, "runs": {},
+              "failed": {}}
     results = report["runs"]
     for name, run in runs.items():
         try:

@@ -60,6 +60,19 @@ def shared_metrics_folder():
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir") or None
 
 
+def check_metrics_folder(folder):
+    """A line for each way the workers' shared folder cannot be used, before prometheus-client's traceback."""
+    if not os.path.exists(folder):
+        raise ValueError(f"PROMETHEUS_MULTIPROC_DIR={folder}: no such folder; make it (empty) before starting the "
+                         f"service")
+    if not os.path.isdir(folder):
+        raise ValueError(f"PROMETHEUS_MULTIPROC_DIR={folder}: not a folder; name an empty folder for the workers' "
+                         f"metrics")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"PROMETHEUS_MULTIPROC_DIR={folder}: the service cannot write into it; give its user "
+                         f"write access or name another folder")
+
+
 class ServiceMetrics:
     """The service's Prometheus metrics, in a registry of their own (one per app). With PROMETHEUS_MULTIPROC_DIR
     set (read by prometheus-client as it is imported), every process writes its metrics into files there and
@@ -68,9 +81,8 @@ class ServiceMetrics:
 
     def __init__(self):
         self.folder = shared_metrics_folder()
-        if self.folder and not os.path.isdir(self.folder):
-            raise ValueError(f"PROMETHEUS_MULTIPROC_DIR={self.folder}: no such folder; make it (empty) before "
-                             f"starting the service")
+        if self.folder:
+            check_metrics_folder(self.folder)
         live = {"multiprocess_mode": "livesum"}  # the workers' values summed; an ended worker's left out
         self.registry = CollectorRegistry()
         self.requests = Counter("sentiment_requests", "Requests answered, by status.", ["status"],

@@ -198,8 +198,9 @@ def test_a_failing_training_run_costs_none_of_the_others_and_each_is_written_as_
     report = tmp_path / "train.json"
     written_before = []
 
-    def ours(data, folder, out, batch_size, steps, precision, compiled=False):
+    def ours(data, folder, out, batch_size, steps, precision, compiled=None):
         if compiled:  # the last run: the ones before it are on disk already
+            assert compiled == "aot_eager"
             written_before.append(sorted(json.loads(report.read_text())["failed"]))
         return 10.0, 256 / 10.0, None
 
@@ -209,7 +210,8 @@ def test_a_failing_training_run_costs_none_of_the_others_and_each_is_written_as_
     monkeypatch.setattr(gpu_train, "run_ours", ours)
     monkeypatch.setattr(gpu_train, "run_trainer", trainer)
     monkeypatch.setattr(gpu_train, "bf16_matmul_rate", lambda: 1e12)
-    args = gpu_train.argparse.Namespace(rows=64, batch_size=8, steps=2, small=True, keep_model=None, json=str(report))
+    args = gpu_train.argparse.Namespace(rows=64, batch_size=8, steps=2, small=True, keep_model=None, json=str(report),
+                                        compile_backend="aot_eager")
     with pytest.raises(SystemExit, match="failed: Trainer, Trainer grouped"):
         gpu_train.measure(args, str(tmp_path))
     assert written_before == [["Trainer", "Trainer grouped"]]

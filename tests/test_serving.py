@@ -77,6 +77,22 @@ def test_a_text_the_tokenizer_keeps_nothing_of_is_a_422_naming_it(real_client, b
     assert real_client.post("/predict", json={"text": "A real treat."}).json()["label"] == "positive"
 
 
+def test_a_shared_metrics_folder_that_cannot_be_used_is_named_with_why(tmp_path, monkeypatch):
+    # A file there, or a folder the service's user may not write into, failed inside prometheus-client with
+    # a traceback at the first request counted, after the model had loaded.
+    a_file = tmp_path / "metrics"
+    a_file.write_text("")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(a_file))
+    with pytest.raises(ValueError, match=f"^PROMETHEUS_MULTIPROC_DIR={a_file}: not a folder; name an empty folder"):
+        ServiceMetrics()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    assert ServiceMetrics().folder == str(tmp_path)
+    # Tests run as root here, whom no mode bits stop: the refusal the kernel gives any other user, stood in for.
+    monkeypatch.setattr(os, "access", lambda path, mode: not (path == str(tmp_path) and mode & os.W_OK))
+    with pytest.raises(ValueError, match=f"^PROMETHEUS_MULTIPROC_DIR={tmp_path}: the service cannot write into it"):
+        ServiceMetrics()
+
+
 def test_ready_is_503_until_the_model_is_loaded_while_health_says_alive():
     gate = threading.Event()
 
