@@ -28,8 +28,6 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
 venv="$(mktemp -d)"
 trap 'rm -rf "$venv"' EXIT
 python3 -m venv "$venv"
-# No byte-code compiled at install: all of torch's and transformers' files took 70 s of the rehearsal's 100 s setup;
-# Python compiles the few hundred modules a run imports as it first imports them.
-"$venv/bin/python" -m pip install -q --no-compile torch==2.13.0 "${gpu_machine[@]}"
+"$venv/bin/python" -m pip install -q torch==2.13.0 "${gpu_machine[@]}"
 bash bench/gpu_wheels.sh
 PATH="$venv/bin:$PATH" PYTHON="$venv/bin/python" bash bench/gpu_check.sh --cpu-smoke
