@@ -9,6 +9,7 @@ and their polars options are written here once:
 
 import codecs
 import csv
+import functools
 import json
 import os
 import re
@@ -97,6 +98,8 @@ def scanner(path):
     ext = extension(path)
     if ext not in SCANNERS:
         raise unknown_type(path, f"one of {', '.join(SCANNERS)}")
+    if ext in JSON_FORMATS:
+        refuse_repeated_keys(existing_file(path))
     scan = SCANNERS[ext](existing_file(path))
     if ext in (".csv", ".tsv"):
         refuse_repeated_columns(path, scan)
@@ -126,6 +129,56 @@ def refuse_repeated_columns(path, scan):
     if repeated:
         raise SentimentError(f"{path}: the header names {', '.join(map(repr, repeated))} more than once; give "
                              f"each column its own name")
+
+
+class RepeatedKey(ValueError):
+    pass
+
+
+def one_of_each(pairs):
+    """json's object_pairs_hook: refuse an object that names a key twice (a placeholder for one that does not:
+    only the check is wanted)."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise RepeatedKey(key)
+        seen.add(key)
+
+
+def refuse_repeated_keys(path):
+    """An object that names a key twice, as JSON allows and JSON writers do not: polars keeps the first value,
+    Python's json the last, and which one holds the text or label would be a guess, as with a header that names a
+    column twice. Every line is parsed once more in Python (0.4 s for the 34 MB of 25,000 IMDb reviews, where
+    tokenising them takes seconds); a scan that runs twice (counting rows, then reading them) checks once."""
+    stat = os.stat(path)
+    repeated = repeated_key(path, stat.st_size, stat.st_mtime_ns)
+    if repeated:
+        where, key = repeated
+        raise SentimentError(f"{path}: {where} names {key!r} twice (polars reads the first value, other tools the "
+                             f"last); keep one of them")
+
+
+@functools.lru_cache(maxsize=8)
+def repeated_key(path, size, mtime_ns):
+    """(where, key) of the first object in the JSON file `path` that names a key twice, or None. Lines that are
+    not valid JSON are passed over: reading them says what is wrong with them (`where_broken`)."""
+    with open(path, "rb") as f:
+        if starts_with_bracket(path):  # one array: read whole by polars too
+            try:
+                json.loads(f.read().removeprefix(codecs.BOM_UTF8), object_pairs_hook=one_of_each)
+            except RepeatedKey as err:
+                return "an object in its array", err.args[0]
+            except ValueError:
+                pass
+            return None
+        for number, line in enumerate(f, 1):
+            try:
+                json.loads(line, object_pairs_hook=one_of_each)
+            except RepeatedKey as err:
+                return f"an object on line {number}", err.args[0]
+            except ValueError:
+                pass
+    return None
 
 
 def existing_file(path):

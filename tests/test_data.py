@@ -8,6 +8,7 @@ import polars as pl
 import pytest
 
 from sentiment import data as data_module
+from sentiment import tables
 from sentiment.config import TrainArgs
 from sentiment.data import clean_texts, load_labelled, load_splits, stratified_order
 from sentiment.demo_data import demo_reviews
@@ -224,6 +225,33 @@ def test_bad_data_errors_name_the_problem(tmp_path, problem, match):
         path.write_text(path.read_text().replace("review,sentiment", "review,sentiment,review", 1))
     with pytest.raises(SentimentError, match=match):
         splits_of(path)
+
+
+@pytest.mark.parametrize("name, record, where, key", [
+    ("d.jsonl", '{"review": "dull", "sentiment": "negative", "review": "a delight"}', "an object on line 41", "review"),
+    # the same key spelt with an escape, and a key repeated inside a nested object
+    ("d.jsonl", '{"review": "dull", "sentiment": "negative", "sentim\\u0065nt": "positive"}', "an object on line 41",
+     "sentiment"),
+    ("d.jsonl", '{"review": "dull", "sentiment": "negative", "meta": {"by": "a", "by": "b"}}', "an object on line 41",
+     "by"),
+    ("d.json", '{"review": "dull", "sentiment": "negative", "review": "a delight"}', "an object in its array",
+     "review"),
+], ids=["repeated", "escaped", "nested", "array"])
+def test_an_object_that_names_a_key_twice_is_refused_where_it_is(tmp_path, name, record, where, key):
+    # polars read the first value of a key given twice, Python's json (and jq) the last: the text or label
+    # trained on was a guess, and nothing said so. A header that names a column twice is refused the same way.
+    path = tmp_path / name
+    lines = [json.dumps(row) for row in demo_reviews(40, seed=10).to_dicts()]
+    if name.endswith(".json"):
+        path.write_text("[" + ",\n".join([*lines, record]) + "]")
+    else:
+        path.write_text("\n".join([*lines, record, ""]))
+    with pytest.raises(SentimentError, match=rf"^{path}: {where} names '{key}' twice \(polars reads the first value"):
+        splits_of(path)
+    with pytest.raises(SentimentError, match=rf"^{path}: {where} names '{key}' twice"):
+        next(tables.scan_chunks(str(path), 16))  # as infer.py reads its input
+    path.write_text(path.read_text().replace(record, '{"review": "dull", "sentiment": "negative"}'))
+    assert len(splits_of(path).train) > 0
 
 
 @pytest.mark.parametrize("name", ["d.csv", "d.tsv", "d.jsonl"])
