@@ -15,7 +15,7 @@
 #   bash bench/gpu_wheels.sh              # first, on a machine with the package registry
 #   bash bench/gpu_rehearsal.sh           # then, there: this check at toy size in the GPU machine's software
 #   bash bench/gpu_check.sh               # on the GPU machine, with .whl carried along
-#   bash bench/gpu_check.sh --cpu-smoke   # anywhere: every step at toy size on the CPU, in under 3 minutes
+#   bash bench/gpu_check.sh --cpu-smoke   # anywhere: every step at toy size on the CPU (4 minutes on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 smoke=0

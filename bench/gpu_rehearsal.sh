@@ -5,7 +5,7 @@
 # as the device call will carry them, then `bench/gpu_check.sh --cpu-smoke` installing them as it
 # will there. A package the check needs that neither brings fails here, not on the lent GPU.
 #
-#   bash bench/gpu_rehearsal.sh     # about 3 minutes; OUT=DIR keeps the check's report and log
+#   bash bench/gpu_rehearsal.sh     # about 7 minutes on 2 cores; OUT=DIR keeps the check's report and log
 set -euo pipefail
 case "$*" in
   "") ;;
