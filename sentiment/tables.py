@@ -168,7 +168,7 @@ def repeated_key(path, size, mtime_ns):
                 json.loads(f.read().removeprefix(codecs.BOM_UTF8), object_pairs_hook=one_of_each)
             except RepeatedKey as err:
                 return "an object in its array", err.args[0]
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's json goes
                 pass
             return None
         for number, line in enumerate(f, 1):
@@ -176,7 +176,7 @@ def repeated_key(path, size, mtime_ns):
                 json.loads(line, object_pairs_hook=one_of_each)
             except RepeatedKey as err:
                 return f"an object on line {number}", err.args[0]
-            except ValueError:
+            except (ValueError, RecursionError):
                 pass
     return None
 
@@ -213,6 +213,8 @@ def where_broken(path, err):
             except ValueError as bad:
                 where = f"line {bad.lineno}, column {bad.colno}" if hasattr(bad, "lineno") else "it"
                 return f"{where} is not valid JSON ({getattr(bad, 'msg', bad)})"
+            except RecursionError:
+                return "it nests arrays or objects too deeply to be read; flatten them"
             other = next(((i, row) for i, row in enumerate(rows, 1) if not isinstance(row, dict)), None)
             if other:
                 return (f"item {other[0]} of its array is a JSON {json_type(other[1])}, not an object: a .json file "
@@ -231,6 +233,8 @@ def where_broken(path, err):
                         value = json.loads(line, parse_constant=not_json)
                     except ValueError as bad:
                         return f"line {number} is not valid JSON ({getattr(bad, 'msg', bad)})"
+                    except RecursionError:  # where polars stops too (DepthLimitExceeded), without a line
+                        return f"line {number} nests arrays or objects too deeply to be read; flatten it"
                     if not isinstance(value, dict):
                         return (f"line {number} holds a JSON {json_type(value)}, not an object: JSON lines hold one "
                                 f"object a line, such as {{\"review\": \"…\"}}")

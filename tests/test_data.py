@@ -254,6 +254,29 @@ def test_an_object_that_names_a_key_twice_is_refused_where_it_is(tmp_path, name,
     assert len(splits_of(path).train) > 0
 
 
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json"])
+def test_json_nested_past_what_a_reader_can_follow_is_one_line_and_a_deep_one_it_can_is_read(tmp_path, name):
+    # A field of 5,000 nested arrays: polars stops at "DepthLimitExceeded", and looking for the line to name
+    # ended in Python's RecursionError, a traceback.
+    path = tmp_path / name
+    rows = [json.dumps(row) for row in demo_reviews(40, seed=10).to_dicts()]
+    row = rows[20]
+
+    def write(depth):
+        rows[20] = row[:-1] + ', "tags": ' + "[" * depth + "]" * depth + "}"
+        path.write_text("[" + ",\n".join(rows) + "]" if name == "d.json" else "\n".join(rows) + "\n")
+
+    write(5000)
+    where = "line 21 nests" if name == "d.jsonl" else "it nests"
+    with pytest.raises(SentimentError, match=rf"^{path}: could not read it as JSONL?: {where} arrays or objects too "
+                                             rf"deeply to be read; flatten"):
+        splits_of(path)
+    write(1000)  # past Python's depth, not polars' (which reads it, in 36 s): left to polars, unchecked for repeats
+    assert tables.repeated_key(str(path), 0, 0) is None
+    write(50)
+    assert len(splits_of(path).train) > 0
+
+
 @pytest.mark.parametrize("name", ["d.csv", "d.tsv", "d.jsonl"])
 def test_lines_ended_by_a_carriage_return_alone_are_named_with_how_to_convert_them(tmp_path, name):
     # Classic Mac OS line ends (some spreadsheets' CSV exports): polars read the CSV as one header of every line
