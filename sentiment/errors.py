@@ -100,3 +100,10 @@ def json_type(value):
     """What JSON calls the type of `value`, for a line saying a file holds the wrong one."""
     names = {dict: "object", list: "array", str: "string", bool: "true or false", type(None): "null"}
     return names.get(type(value), "number")
+
+
+def repeated_key(pairs):
+    """The first key given twice among the (key, value) `pairs` of one JSON object, or None. JSON allows it;
+    readers differ on which value counts (Python's the last, polars and others the first)."""
+    seen = set()
+    return next((key for key, _ in pairs if key in seen or seen.add(key)), None)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from starlette.requests import ClientDisconnect
 
 from .data import only_markup
+from .errors import repeated_key
 
 PARSE_OFF_LOOP_BYTES = 64 << 10  # larger bodies are parsed and checked on a worker thread
 FUNCTIONS = ("softmax", "sigmoid", "none")  # as the pipeline names them; a model answers with its own alone
@@ -172,8 +173,7 @@ def unique_keys(pairs):
     they saw."""
     obj = dict(pairs)
     if len(obj) < len(pairs):
-        seen = set()
-        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        twice = repeated_key(pairs)
         shown = json.dumps(twice[:40])  # escaped: a lone surrogate could not be sent back; and cut, it can be 1 MB
         shown = shown if len(twice) <= 40 else shown[:-1] + '…"'
         raise BadRequest(422, "invalid_request", f"the key {shown} is given twice in one object; give each key once")

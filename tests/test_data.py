@@ -236,7 +236,9 @@ def test_bad_data_errors_name_the_problem(tmp_path, problem, match):
      "by"),
     ("d.json", '{"review": "dull", "sentiment": "negative", "review": "a delight"}', "an object in its array",
      "review"),
-], ids=["repeated", "escaped", "nested", "array"])
+    ("d.jsonl", '{"review": "dull", "sentiment": "negative", "%s": 1, "%s": 2}' % ("k" * 10000, "k" * 10000),
+     "an object on line 41", "k" * 40 + "…"),  # shown in part
+], ids=["repeated", "escaped", "nested", "array", "long"])
 def test_an_object_that_names_a_key_twice_is_refused_where_it_is(tmp_path, name, record, where, key):
     # polars read the first value of a key given twice, Python's json (and jq) the last: the text or label
     # trained on was a guess, and nothing said so. A header that names a column twice is refused the same way.
@@ -272,7 +274,7 @@ def test_json_nested_past_what_a_reader_can_follow_is_one_line_and_a_deep_one_it
                                              rf"deeply to be read; flatten"):
         splits_of(path)
     write(1000)  # past Python's depth, not polars' (which reads it, in 36 s): left to polars, unchecked for repeats
-    assert tables.repeated_key(str(path), 0, 0) is None
+    assert tables.first_repeated_key(str(path), 0, 0) is None
     write(50)
     assert len(splits_of(path).train) > 0
 
