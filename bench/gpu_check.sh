@@ -27,7 +27,8 @@ case "$*" in
 esac
 if [ "$smoke" = 1 ]; then
   export CUDA_VISIBLE_DEVICES="" SENTIMENT_GPU_TESTS_ON_CPU=1
-  train_size=(--small --rows 256 --steps 4 --batch-size 8 --compile-backend aot_eager) score_size=(--rows 256 --requests 128 --workers 2) limits="900 900 900 300"
+  train_size=(--small --rows 256 --steps 4 --batch-size 8 --compile-backend aot_eager)
+  score_size=(--rows 256 --requests 128 --workers 2) limits="900 900 900 300"
   test_workers=2
 else
   export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"  # one GPU, as the goals are stated

@@ -98,9 +98,10 @@ def scanner(path):
     ext = extension(path)
     if ext not in SCANNERS:
         raise unknown_type(path, f"one of {', '.join(SCANNERS)}")
+    existing_file(path)
     if ext in JSON_FORMATS:
-        refuse_repeated_keys(existing_file(path))
-    scan = SCANNERS[ext](existing_file(path))
+        refuse_repeated_keys(path)
+    scan = SCANNERS[ext](path)
     if ext in (".csv", ".tsv"):
         refuse_repeated_columns(path, scan)
     return scan
