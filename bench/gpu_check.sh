@@ -51,6 +51,9 @@ fi
 # The tokenizers keep their threads, as in a user's runs: the training step tokenises the 25,000 reviews five
 # times (to count their tokens, then in each run), 22 s each here on one thread, 13 s on two, all in one time limit.
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+# The GPU tests start each script in a fresh interpreter, as on the GPU (tests/prefork.py forks them on a CPU
+# alone): the smoke runs them as the device will.
+export SENTIMENT_TESTS_PREFORK=0
 py="${PYTHON:-python3}"
 # Each GPU test starts a training run or loads a model, mostly CPU-bound start-up: where pytest-xdist is
 # installed (the GPU machine has it) they run side by side, well inside step 1's time limit.

@@ -6,6 +6,7 @@ on the generated reviews, built by `train.py --model tiny`. Plain helpers are in
 
 import os
 
+import prefork
 import pytest
 import torch
 from helpers import TINY, run_script
@@ -32,6 +33,20 @@ def pytest_collection_modifyitems(config, items):
     if gpu:
         config.hook.pytest_deselected(items=gpu)
         items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def scripts_forked_from_one_import():
+    """The scripts' runs forked from a process that imported torch and transformers once (prefork.py),
+    unless SENTIMENT_TESTS_PREFORK=0 asks for a fresh interpreter each time. Never beside a GPU: a
+    process whose parent asked the CUDA driver anything may not use the device, and the GPU tests
+    are what CUDA must not differ in."""
+    if os.environ.get("SENTIMENT_TESTS_PREFORK") == "0" or torch.cuda.is_available():
+        yield
+        return
+    prefork.start({**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    yield
+    prefork.stop()
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import time
 import traceback
 
 import numpy as np
+import prefork
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -83,8 +84,11 @@ def run_script(*args, check=True, env=None, cwd=ROOT, **kwargs):
     hangs fails its test after `timeout` seconds rather than holding up the whole suite."""
     kwargs.setdefault("timeout", 600)
     script = os.path.join(ROOT, args[0]) if args[0].endswith(".py") else args[0]
-    result = subprocess.run([sys.executable, script, *args[1:]], cwd=cwd, capture_output=True, text=True,
-                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}, **kwargs)
+    command = [sys.executable, script, *args[1:]]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    result = prefork.run(command, cwd, env, **kwargs) if set(kwargs) <= {"input", "timeout"} else None
+    if result is None:  # not a script, or an environment read at import (prefork.py says which)
+        result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(f"{args[0]} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
