@@ -11,7 +11,8 @@ variables such as OMP_NUM_THREADS, HF_HOME, PYTHONPATH or TRANSFORMERS_VERBOSITY
 environment differs from the waiting process's in any variable but those below, or that is not
 `python SCRIPT.py`, starts a fresh interpreter as usual (`None` from `run`).
 
-    python tests/prefork.py FD      # the waiting process: serves the listening socket FD
+    python tests/prefork.py FD ALIVE    # the waiting process: serves the listening socket FD
+                                        # until the pipe ALIVE ends
 """
 
 import builtins
@@ -19,6 +20,7 @@ import io
 import json
 import locale
 import os
+import select
 import signal
 import socket
 import struct
@@ -39,16 +41,22 @@ def start(env):
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(address)
     listener.listen(64)
-    process = subprocess.Popen([sys.executable, __file__, str(listener.fileno())], pass_fds=[listener.fileno()],
-                               env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    # A pipe this process never writes to: its end tells the waiting process that the tests have gone
+    # (a worker killed, pytest stopped), so it is never left behind holding its memory
+    alive, held = os.pipe()
+    process = subprocess.Popen([sys.executable, __file__, str(listener.fileno()), str(alive)],
+                               pass_fds=[listener.fileno(), alive], env=env, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL)
     listener.close()  # the waiting process holds it now: if it dies, connecting fails and runs start fresh
-    _server.update(process=process, address=address, env=dict(env))
+    os.close(alive)
+    _server.update(process=process, address=address, env=dict(env), held=held)
 
 
 def stop():
     if _server:
         _server["process"].kill()
         _server["process"].wait()
+        os.close(_server["held"])
         _server.clear()
 
 
@@ -130,7 +138,7 @@ def lines(connection):
     return next_line
 
 
-def serve(listener):
+def serve(listener, alive):
     """Import what every run imports, then fork a run for each connection: a waiter that forks the run
     itself, tells the client its pid, waits for it and tells its exit status."""
     # The point of this process: what every run imports and spends its first seconds on. Not polars,
@@ -143,9 +151,12 @@ def serve(listener):
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the waiters are reaped by the kernel
     while True:
+        if alive in select.select([listener, alive], [], [])[0]:  # the tests have ended
+            return
         connection, _ = listener.accept()
         if os.fork() == 0:
             listener.close()
+            os.close(alive)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the waiter waits for its run; the run for its own
             wait_for_run(connection)
             # only the run returns here: it runs its script, then this interpreter ends as the script's would
@@ -217,4 +228,4 @@ def standard_streams():
 
 
 if __name__ == "__main__":
-    serve(socket.socket(fileno=int(sys.argv[1])))
+    serve(socket.socket(fileno=int(sys.argv[1])), int(sys.argv[2]))

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import prefork
 import pytest
@@ -76,3 +77,23 @@ def test_an_environment_read_at_import_starts_afresh():
     assert not prefork.forkable([sys.executable, "infer.py"], {**env, "HF_HUB_OFFLINE": "1"})
     assert not prefork.forkable([sys.executable, "infer.py"], {k: v for k, v in env.items() if k != "HOME"})
     assert not prefork.forkable([sys.executable, "-m", "accelerate.commands.launch"], env)
+
+
+def test_the_waiting_process_ends_with_the_tests_that_started_it(tmp_path):
+    # A test worker killed, or pytest stopped before its clean-up, must not leave it running for ever.
+    tests = subprocess.run([sys.executable, "-c", "import os, prefork; prefork.start(dict(os.environ)); "
+                            "print(prefork._server['process'].pid); os._exit(0)"],
+                           cwd=os.path.dirname(__file__), capture_output=True, text=True, check=True, timeout=60)
+    waiting = int(tests.stdout)
+    deadline = time.monotonic() + 120  # its imports first, then it sees the tests have gone
+    while time.monotonic() < deadline and running(waiting):
+        time.sleep(0.5)
+    assert not running(waiting)
+
+
+def running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie has ended, its parent has yet to reap it
+    except FileNotFoundError:
+        return False
