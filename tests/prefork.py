@@ -29,8 +29,10 @@ import sys
 import threading
 import types
 
-# Read by the project's own modules or by the tokenizers at run time, never at import: a run may differ in them
-RUN_TIME = ("SENTIMENT_", "PYTEST_", "TOKENIZERS_PARALLELISM")
+# Read by the project's own modules or by the tokenizers at run time, never at import: a run may differ in them.
+# The last two are set in the tests' own process by libraries the tests use there (polars' allocator, read
+# when polars loads, which the waiting process never does; inductor's cache, read when it compiles)
+RUN_TIME = ("SENTIMENT_", "PYTEST_", "TOKENIZERS_PARALLELISM", "_RJEM_MALLOC_CONF", "TORCHINDUCTOR_CACHE_DIR")
 
 _server = {}  # the waiting process, its address and environment, once started
 
