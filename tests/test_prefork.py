@@ -35,7 +35,7 @@ def both(tmp_path, source, *args, input=None, env=None, timeout=60):
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(source))
     command = [sys.executable, str(script), *args]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    env = {**prefork._server["env"], **(env or {})}  # what other tests' libraries added since is not its concern
     fresh = subprocess.run(command, cwd=tmp_path, env=env, input=input, capture_output=True, text=True,
                            timeout=timeout)
     forked = prefork.run(command, tmp_path, env, input=input, timeout=timeout)
@@ -68,11 +68,11 @@ def test_an_interrupt_a_signal_or_an_exception_ends_it_as_a_fresh_run(tmp_path, 
 def test_a_run_past_its_timeout_is_killed_as_subprocess_run_does(tmp_path):
     (tmp_path / "slow.py").write_text("import time\nprint('waiting', flush=True)\ntime.sleep(60)\n")
     with pytest.raises(subprocess.TimeoutExpired):
-        prefork.run([sys.executable, str(tmp_path / "slow.py")], tmp_path, dict(os.environ), timeout=3)
+        prefork.run([sys.executable, str(tmp_path / "slow.py")], tmp_path, prefork._server["env"], timeout=3)
 
 
 def test_an_environment_read_at_import_starts_afresh():
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env = prefork._server["env"]
     assert prefork.forkable([sys.executable, "infer.py"], {**env, "SENTIMENT_MAX_BATCH": "4"})
     assert not prefork.forkable([sys.executable, "infer.py"], {**env, "HF_HUB_OFFLINE": "1"})
     assert not prefork.forkable([sys.executable, "infer.py"], {k: v for k, v in env.items() if k != "HOME"})
