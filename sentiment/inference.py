@@ -309,28 +309,40 @@ def stopped_by_signals(output):
     """Ctrl-C, SIGTERM and a closed terminal's SIGHUP unwind the run, so its `finally` blocks remove the
     unfinished output (by default SIGTERM and SIGHUP end the process on the spot and leave it), then exit
     130, 143 or 129 with one line (where anything still reads it)."""
-    stops = stop_signals()
+    stops, received = stop_signals(), []
 
     def stop(signum, frame):
         for repeat in stops:  # a repeat, or the launcher's death, must not cut the removal of the output short
             signal.signal(repeat, signal.SIG_IGN)
+        received.append(signum)
         raise KeyboardInterrupt(signum)
 
     previous = {signum: signal.signal(signum, stop) for signum in stops}
     try:
         stop_with_the_launcher()
         yield
+    except Exception:
+        # Native code that calls back into Python may swallow the KeyboardInterrupt and raise its own error:
+        # polars' reported "TypeError: '<unprintable str object>' is not a Polars data type". Asked to stop,
+        # the run stops as asked, whatever the stop's exception became.
+        if not received:
+            raise
+        stopped(received[0], output)
     except KeyboardInterrupt as err:
-        signum = err.args[0] if err.args else signal.SIGINT  # one not raised by `stop`
-        kept = f"; {output} is as it was" if output else ""
-        if os.environ.get("RANK", "0") == "0":  # said once, not by every process of `accelerate launch`
-            print(f"stopped by {signal.Signals(signum).name}{kept}", file=sys.stderr)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            leave_the_group_now(128 + signum)
-        raise SystemExit(128 + signum) from None
+        stopped(err.args[0] if err.args else signal.SIGINT, output)  # one not raised by `stop`: Ctrl-C
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def stopped(signum, output):
+    """Say that `signum` stopped the run, its `output` as it was, and exit 128 + signum."""
+    kept = f"; {output} is as it was" if output else ""
+    if os.environ.get("RANK", "0") == "0":  # said once, not by every process of `accelerate launch`
+        print(f"stopped by {signal.Signals(signum).name}{kept}", file=sys.stderr)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        leave_the_group_now(128 + signum)
+    raise SystemExit(128 + signum) from None
 
 
 def leave_the_group_now(status):

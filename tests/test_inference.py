@@ -570,6 +570,24 @@ def test_a_terminal_that_closes_stops_the_run_and_keeps_the_old_output(tmp_path,
     assert (tmp_path / "scored.csv").read_text() == "old\n"
 
 
+def test_a_stop_whose_interrupt_native_code_turned_into_another_error_still_stops_the_run(capsys):
+    # A hang-up that came while polars' Rust code called back into Python: it swallowed the KeyboardInterrupt
+    # and raised "TypeError: '<unprintable str object>' is not a Polars data type", a traceback and exit 1.
+    with pytest.raises(SystemExit) as stop:
+        with inference.stopped_by_signals("scored.csv"):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            except BaseException:  # as pyo3 does with an exception raised while it formats an object
+                raise TypeError("'<unprintable str object>' is not a Polars data type") from None
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == "stopped by SIGTERM; scored.csv is as it was\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers put back
+    with pytest.raises(TypeError):  # not asked to stop: an error is an error
+        with inference.stopped_by_signals("scored.csv"):
+            raise TypeError("a real one")
+
+
 def test_a_run_whose_progress_reader_goes_away_scores_on_into_its_output(tmp_path, trained_model):
     # `infer.py --output FILE 2>&1 | tee log`, tee ended (by Ctrl-C or a closed terminal before the run's own
     # stop, or on its own): the progress bar's next write failed (EPIPE) and ended the run, its output unwritten.
