@@ -6,11 +6,11 @@ seed architecture (6 layers, hidden 768, 12 heads) randomly initialised, which t
 work as the pretrained weights. The three trainers (ours, `Trainer` with its default collator,
 `Trainer` with `train_sampling_strategy="group_by_length"`) get the same folder, rows, batch and
 precision; ours also runs with its steps replayed as CUDA graphs (--cuda-graphs), so again at
-four times the batch (eagerly on a CPU), and compiled (torch.compile through Accelerate), its
+four times the batch (both on a GPU alone), and compiled (torch.compile through Accelerate), its
 rate once compiled shown beside its whole-run rate. Prints tokens/s of real (unpadded) tokens,
 samples/s, model FLOPs utilisation against the card's measured dense bf16 matmul rate and its data-sheet peak,
 and the time of one 25,000-review epoch, with the card's name; and the anatomy of one step (its time
-end to end against the device's busy time in it, at three batch sizes; its cost with the padding mask
+end to end against the device's busy time in it, at three batch sizes, two on a CPU; its cost with the padding mask
 transformers waits on; one step replayed as a CUDA graph). Part of bench/gpu_check.sh.
 
     python -m bench.gpu_train                # on a machine with a CUDA GPU
@@ -63,7 +63,7 @@ def build_model_folder(folder, texts, small):
 def bf16_matmul_rate(n=8192, seconds=2.0):
     """The card's dense bf16 matmul rate, FLOP/s; on a CPU (the smoke run) its fp32 rate, so MFU is a number."""
     gpu = torch.cuda.is_available()
-    n = n if gpu else 1024
+    n, seconds = (n, seconds) if gpu else (1024, seconds / 10)  # a CPU's: a figure, not a goal's denominator
     a, b = (torch.randn(n, n, device="cuda" if gpu else "cpu", dtype=torch.bfloat16 if gpu else torch.float32)
             for _ in range(2))
     a @ b
@@ -296,9 +296,10 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32, help="Per-device batch of every trainer.")
     parser.add_argument("--steps", type=int, default=0, help="Stop after this many steps (0: the whole epoch).")
     parser.add_argument("--small", action="store_true", help="A tiny DistilBERT, to check the script on a CPU.")
-    # The CPU smoke's: dynamo and AOTAutograd traced as on the GPU, without inductor's C++ build (95 s of the
-    # rehearsal's), which is not the code a GPU runs anyway (Triton's)
-    parser.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager"],
+    # The CPU smoke's: dynamo's trace of the model through Accelerate's wrapping, as on the GPU, without inductor's
+    # C++ build (95 s of the rehearsal's), not the code a GPU runs anyway (Triton's). "eager" takes 16 s there,
+    # "aot_eager" 34 s (AOTAutograd's trace too, which the suite's inductor run on a CPU covers): the smoke has 3 min.
+    parser.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
                         help="torch.compile's backend for the compiled run.")
     parser.add_argument("--keep-model", default=None, help="Also copy the generated model folder here.")
     parser.add_argument("--json", default=None, help="Write every figure to this JSON file.")
@@ -329,22 +330,23 @@ def measure(args, work):
     def ours(batch_size=args.batch_size, **how):
         return run_ours(data, folder, os.path.join(work, "out"), batch_size, args.steps, precision, **how)
 
-    sizes = [args.batch_size, 2 * args.batch_size, 4 * args.batch_size]
+    # The step's anatomy at three batch sizes; on a CPU (the smoke, which has 3 minutes) at two, the same code.
+    gpu = torch.cuda.is_available()
+    sizes = [args.batch_size, 2 * args.batch_size, *([4 * args.batch_size] if gpu else [])]
     # Ours, eager and with its steps replayed as CUDA graphs, then the anatomy of its step (quick, and what the next
     # change hinges on), then the peers the goals compare it with; the compiled run, whose compiling takes minutes,
     # last. The figures are written after every run, so a run that fails, or a time limit (bench/gpu_check.sh),
     # costs only its own. CUDA graphs on a GPU alone: train.py refuses them elsewhere.
     runs = {"ours": lambda: ours(),
-            **({"ours, CUDA graphs": lambda: ours(graphs=True)} if torch.cuda.is_available() else {}),
+            **({"ours, CUDA graphs": lambda: ours(graphs=True)} if gpu else {}),
             "step anatomy": lambda: step_anatomy(folder, np.array(lengths), sizes, precision, args.steps or 40),
             "Trainer": lambda: run_trainer(frame, folder, args.batch_size, args.steps, precision),
             # The grouped Trainer's rate over its first 250 steps (8,000 reviews at batch 32): its goal was met by
             # a wide margin in the first GPU run, and its whole epoch (80 s there) would leave the compiled run none.
             "Trainer grouped": lambda: run_trainer(frame, folder, args.batch_size, args.steps or 250, precision, True),
             # at four times the batch the eager step was 1.69x the samples/s (the second GPU run): graphed, the
-            # device's own bound
-            **({f"ours, CUDA graphs, batch {sizes[-1]}": lambda: ours(sizes[-1], graphs=True)}
-               if torch.cuda.is_available() else {f"ours, batch {sizes[-1]}": lambda: ours(sizes[-1])}),
+            # device's own bound. (On a CPU, where train.py refuses graphs, it would be "ours" again, bigger.)
+            **({f"ours, CUDA graphs, batch {sizes[-1]}": lambda: ours(sizes[-1], graphs=True)} if gpu else {}),
             # not in the goals: compiling takes its own time, said apart
             "ours compiled": lambda: ours(compiled=args.compile_backend)}
     report = {"card": card, "matmul_flops": rate, "datasheet_flops": peak, "precision": precision,

@@ -200,7 +200,7 @@ def test_a_failing_training_run_costs_none_of_the_others_and_each_is_written_as_
 
     def ours(data, folder, out, batch_size, steps, precision, compiled=None):
         if compiled:  # the last run: the ones before it are on disk already
-            assert compiled == "aot_eager"
+            assert compiled == "eager"
             written_before.append(sorted(json.loads(report.read_text())["failed"]))
         return 10.0, 256 / 10.0, None
 
@@ -211,17 +211,17 @@ def test_a_failing_training_run_costs_none_of_the_others_and_each_is_written_as_
     monkeypatch.setattr(gpu_train, "run_trainer", trainer)
     monkeypatch.setattr(gpu_train, "bf16_matmul_rate", lambda: 1e12)
     args = gpu_train.argparse.Namespace(rows=64, batch_size=8, steps=2, small=True, keep_model=None, json=str(report),
-                                        compile_backend="aot_eager")
+                                        compile_backend="eager")
     with pytest.raises(SystemExit, match="failed: Trainer, Trainer grouped"):
         gpu_train.measure(args, str(tmp_path))
     assert written_before == [["Trainer", "Trainer grouped"]]
     figures = json.loads(report.read_text())
-    assert sorted(figures["runs"]) == ["ours", "ours compiled", "ours, batch 32"]
+    assert sorted(figures["runs"]) == ["ours", "ours compiled"]  # graphed runs, at two batch sizes, on a GPU alone
     anatomy = figures["step_anatomy"]  # run for real, on the CPU: no device time there
     assert anatomy["device_ms"] is None and min(anatomy["wall_ms_4d_mask"], anatomy["wall_ms_2d_mask"]) > 0
     sizes = anatomy["by_batch_size"]
-    assert list(sizes) == ["8", "16", "32"] and sizes["8"]["wall_ms_4d_mask"] == anatomy["wall_ms_4d_mask"]
-    assert sizes["8"]["tokens_per_step"] < sizes["16"]["tokens_per_step"] < sizes["32"]["tokens_per_step"]
+    assert list(sizes) == ["8", "16"] and sizes["8"]["wall_ms_4d_mask"] == anatomy["wall_ms_4d_mask"]
+    assert sizes["8"]["tokens_per_step"] < sizes["16"]["tokens_per_step"]
     assert "aten::addmm" in anatomy["profile"]  # the busiest operations, by name
     assert figures["failed"]["Trainer"].startswith("TypeError: TrainingArguments")
 
