@@ -33,7 +33,7 @@ from .checkpointing import (TrainState, best_weights, check_random_states, find_
 from .config import CONFIG_FILE, LOG_FILE
 from .data import load_splits
 from .devices import device_fails, emulated_bf16
-from .errors import SentimentError, n_rows, warn
+from .errors import SentimentError, n_rows, say, warn
 from .files import as_plain_files, disk_full, disk_full_error, replace_durably, write_atomically
 from .graphs import BUCKET, GraphedSteps, check_cuda_graphs, cuda_graph_capture
 from .launcher import (free_the_group_at_the_end, launcher_gone, outliving_their_readers, peer_gone, stop_signals,
@@ -581,8 +581,8 @@ SAME_SIGNAL_S = 1.0
 @contextlib.contextmanager
 def stop_on_signals(received):
     """Ctrl-C, SIGTERM and a closed terminal's SIGHUP append to `received` (the loop stops at the next
-    step); another one, more than SAME_SIGNAL_S later, stops at once. So does the death of a one-process
-    `accelerate launch` (`launcher`)."""
+    step); another one, more than SAME_SIGNAL_S later, stops at once: one line, and exit 128 + its number.
+    So does the death of a one-process `accelerate launch` (`launcher`)."""
     first = []
 
     def handler(signum, frame):
@@ -590,12 +590,22 @@ def stop_on_signals(received):
             received.append(signum)
             first.append(time.monotonic())
         elif time.monotonic() - first[0] > SAME_SIGNAL_S and not launcher_gone():
-            raise KeyboardInterrupt
+            received.append(signum)
+            raise KeyboardInterrupt(signum)
 
     previous = {s: signal.signal(s, handler) for s in stop_signals()}
     try:
         stop_with_the_launcher()
         yield
+    except (KeyboardInterrupt, Exception):
+        # Native code that calls back into Python (polars' and tokenizers' Rust, through pyo3) may swallow the
+        # KeyboardInterrupt and raise its own error: asked twice, the run stops as asked, whatever it became.
+        if len(received) < 2:
+            raise
+        signum = received[-1]
+        say(f"stopped at once by {signal.Signals(signum).name}, the second request to stop: the steps since the "
+            f"newest checkpoint are lost; continue from it with --resume latest")
+        raise SystemExit(128 + signum) from None
     finally:
         for s, old in previous.items():
             signal.signal(s, old)

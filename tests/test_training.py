@@ -905,7 +905,35 @@ def test_repeats_of_a_signal_are_one_stop_and_a_later_signal_stops_at_once():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the handler runs here at the latest
+        assert received == [signal.SIGTERM, signal.SIGINT]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def pyo3_swallowing_the_interrupt():
+    """What polars' Rust code did with a KeyboardInterrupt raised in its call back into Python (test_inference.py)."""
+    try:
+        time.sleep(1)  # the handler runs here at the latest
+    except KeyboardInterrupt:
+        raise TypeError("'<unprintable str object>' is not a Polars data type") from None
+
+
+@pytest.mark.parametrize("became", [None, pyo3_swallowing_the_interrupt], ids=["an interrupt", "another error"])
+def test_a_second_request_to_stop_ends_the_run_at_once_with_one_line_and_its_signal_s_status(capsys, became):
+    # It ended with a KeyboardInterrupt's traceback and SIGINT's status whatever the signal; and where native code
+    # had turned the interrupt into an error of its own, with that error's traceback and status 1.
+    received = []
+    with pytest.raises(SystemExit) as stop:
+        with training.stop_on_signals(received):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(training.SAME_SIGNAL_S + 0.1)
+            os.kill(os.getpid(), signal.SIGTERM)
+            (became or time.sleep)(1)
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == ("stopped at once by SIGTERM, the second request to stop: the steps since the "
+                                       "newest checkpoint are lost; continue from it with --resume latest\n")
+    with pytest.raises(TypeError):  # an error while no second stop was asked stays that error
+        with training.stop_on_signals([signal.SIGINT]):
+            raise TypeError("'<unprintable str object>' is not a Polars data type")
 
 
 def test_the_sigterm_of_a_launcher_that_died_of_ctrl_c_is_not_a_second_request(monkeypatch):
