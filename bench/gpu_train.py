@@ -130,14 +130,12 @@ def step_anatomy(folder, lengths, batch_sizes, precision, steps=40):
     from transformers import AutoModelForSequenceClassification
 
     from sentiment.batching import Collator, LengthGroupedBatches
-    from sentiment.modeling import varying_shapes
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     model = AutoModelForSequenceClassification.from_pretrained(folder).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     collate = Collator(0, multiple_of=8 if gpu else 1)
     rng = np.random.default_rng(0)
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def batches_of(size):
         batches = []
@@ -148,13 +146,9 @@ def step_anatomy(folder, lengths, batch_sizes, precision, steps=40):
         return batches
 
     def step(batch, mask_4d=True):
-        mask = batch.get("attention_mask")
-        if mask is not None and mask_4d:
-            mask = mask[:, None, None, :].bool()
-        with autocast, varying_shapes():
-            logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
-        torch.nn.functional.cross_entropy(logits.float(), batch["labels"]).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        mask = batch["attention_mask"]
+        forward_backward(model, batch["input_ids"], mask[:, None, None, :].bool() if mask_4d else mask,
+                         batch["labels"], precision)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -202,6 +196,17 @@ def step_anatomy(folder, lengths, batch_sizes, precision, steps=40):
     return figures
 
 
+def forward_backward(model, ids, mask, labels, precision, cache=True):
+    """The forward and backward passes and gradient clipping of train.py's step: bf16 autocast where asked (its cache
+    off while a CUDA graph captures: the graph keeps its own casts) and the attention kernels for varying shapes."""
+    from sentiment.modeling import varying_shapes
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=cache), \
+            varying_shapes():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    torch.nn.functional.cross_entropy(logits.float(), labels).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+
+
 def syncs_in(step, batch):
     """Where one `step(batch)` waits for the device (torch.cuda.set_sync_debug_mode): the Python line of each wait
     and how often; None on a CPU. A wait stops the host from queueing ahead, and no CUDA graph can hold one."""
@@ -226,19 +231,12 @@ def graphed_step(config, batch, precision, rounds=30):
     if not torch.cuda.is_available():
         return None
     from transformers import AutoModelForSequenceClassification
-
-    from sentiment.modeling import varying_shapes
     model = AutoModelForSequenceClassification.from_config(config).cuda().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True, capturable=True)
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"][:, None, None, :].bool()
 
     def step():
-        # The autocast cache must be off while capturing (the graph keeps its own casts).
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=False), \
-                varying_shapes():
-            logits = model(input_ids=ids, attention_mask=mask).logits
-        torch.nn.functional.cross_entropy(logits.float(), labels).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        forward_backward(model, ids, mask, labels, precision, cache=False)
         optimizer.step()
 
     def ms_per(run):
@@ -327,8 +325,34 @@ def measure(args, work):
     print(f"{'trainer':<18} {'tokens/s':>10} {'samples/s':>10} {'MFU':>6} {'MFU peak':>9} {'epoch s':>8} "
           f"{'steady s/s':>10}")
 
+    report = {"card": card, "matmul_flops": rate, "datasheet_flops": peak, "precision": precision,
+              "rows": args.rows, "batch_size": args.batch_size, "compile_backend": args.compile_backend, "runs": {},
+              "failed": {}}
+    results = report["runs"]
+
+    def trainer(run):
+        """A trainer's run, `run()` giving (seconds, samples/s, steady samples/s): its figures recorded under its
+        name and printed as a row of the table."""
+        def measure(name):
+            seconds, samples_per_second, steady = run()
+            per_sample_flops = flops / args.rows
+            results[name] = r = {"samples_s": samples_per_second, "tokens_s": samples_per_second * tokens / args.rows,
+                                 "mfu_measured": samples_per_second * per_sample_flops / rate,
+                                 "mfu_datasheet": samples_per_second * per_sample_flops / peak,
+                                 "epoch_25k_s": 25000 / samples_per_second, "seconds": seconds,
+                                 "steady_samples_s": steady}
+            print(f"{name:<18} {r['tokens_s']:>10.0f} {r['samples_s']:>10.1f} {r['mfu_measured']:>6.1%} "
+                  f"{r['mfu_datasheet']:>9.1%} {r['epoch_25k_s']:>8.1f} {steady or float('nan'):>10.1f}", flush=True)
+        return measure
+
     def ours(batch_size=args.batch_size, **how):
-        return run_ours(data, folder, os.path.join(work, "out"), batch_size, args.steps, precision, **how)
+        return trainer(lambda: run_ours(data, folder, os.path.join(work, "out"), batch_size, args.steps, precision,
+                                        **how))
+
+    def anatomy(name):
+        report["step_anatomy"] = a = step_anatomy(folder, np.array(lengths), sizes, precision, args.steps or 40)
+        print("\n".join(anatomy_lines(a)), flush=True)
+        print(a["profile"], flush=True)
 
     # The step's anatomy at three batch sizes; on a CPU (the smoke, which has 3 minutes) at two, the same code.
     gpu = torch.cuda.is_available()
@@ -337,46 +361,26 @@ def measure(args, work):
     # change hinges on), then the peers the goals compare it with; the compiled run, whose compiling takes minutes,
     # last. The figures are written after every run, so a run that fails, or a time limit (bench/gpu_check.sh),
     # costs only its own. CUDA graphs on a GPU alone: train.py refuses them elsewhere.
-    runs = {"ours": lambda: ours(),
-            **({"ours, CUDA graphs": lambda: ours(graphs=True)} if gpu else {}),
-            "step anatomy": lambda: step_anatomy(folder, np.array(lengths), sizes, precision, args.steps or 40),
-            "Trainer": lambda: run_trainer(frame, folder, args.batch_size, args.steps, precision),
+    runs = {"ours": ours(),
+            **({"ours, CUDA graphs": ours(graphs=True)} if gpu else {}),
+            "step anatomy": anatomy,
+            "Trainer": trainer(lambda: run_trainer(frame, folder, args.batch_size, args.steps, precision)),
             # The grouped Trainer's rate over its first 250 steps (8,000 reviews at batch 32): its goal was met by
             # a wide margin in the first GPU run, and its whole epoch (80 s there) would leave the compiled run none.
-            "Trainer grouped": lambda: run_trainer(frame, folder, args.batch_size, args.steps or 250, precision, True),
+            "Trainer grouped": trainer(lambda: run_trainer(frame, folder, args.batch_size, args.steps or 250,
+                                                           precision, True)),
             # at four times the batch the eager step was 1.69x the samples/s (the second GPU run): graphed, the
             # device's own bound. (On a CPU, where train.py refuses graphs, it would be "ours" again, bigger.)
-            **({f"ours, CUDA graphs, batch {sizes[-1]}": lambda: ours(sizes[-1], graphs=True)} if gpu else {}),
+            **({f"ours, CUDA graphs, batch {sizes[-1]}": ours(sizes[-1], graphs=True)} if gpu else {}),
             # not in the goals: compiling takes its own time, said apart
-            "ours compiled": lambda: ours(compiled=args.compile_backend)}
-    report = {"card": card, "matmul_flops": rate, "datasheet_flops": peak, "precision": precision,
-              "rows": args.rows, "batch_size": args.batch_size, "compile_backend": args.compile_backend, "runs": {},
-              "failed": {}}
-    results = report["runs"]
+            "ours compiled": ours(compiled=args.compile_backend)}
     for name, run in runs.items():
         try:
-            figures = run()
+            run(name)
         except Exception as err:  # a compiler missing on the machine, a Trainer API changed: the rest still run
             report["failed"][name] = f"{type(err).__name__}: {err}"
             print(f"{name}: failed ({report['failed'][name]}); its error is above", flush=True)
-            save(args.json, report)
-            continue
-        if name == "step anatomy":
-            report["step_anatomy"] = a = figures
-            save(args.json, report)
-            print("\n".join(anatomy_lines(a)), flush=True)
-            print(a["profile"], flush=True)
-            continue
-        seconds, samples_per_second, steady = figures
-        per_sample_flops = flops / args.rows
-        results[name] = {"samples_s": samples_per_second, "tokens_s": samples_per_second * tokens / args.rows,
-                         "mfu_measured": samples_per_second * per_sample_flops / rate,
-                         "mfu_datasheet": samples_per_second * per_sample_flops / peak,
-                         "epoch_25k_s": 25000 / samples_per_second, "seconds": seconds, "steady_samples_s": steady}
         save(args.json, report)
-        r = results[name]
-        print(f"{name:<18} {r['tokens_s']:>10.0f} {r['samples_s']:>10.1f} {r['mfu_measured']:>6.1%} "
-              f"{r['mfu_datasheet']:>9.1%} {r['epoch_25k_s']:>8.1f} {steady or float('nan'):>10.1f}", flush=True)
     for name in ("ours", "ours, CUDA graphs"):
         for peer in ("Trainer", "Trainer grouped"):
             if name in results and peer in results:
