@@ -296,7 +296,7 @@ def main():
     parser.add_argument("--small", action="store_true", help="A tiny DistilBERT, to check the script on a CPU.")
     # The CPU smoke's: dynamo's trace of the model through Accelerate's wrapping, as on the GPU, without inductor's
     # C++ build (95 s of the rehearsal's), not the code a GPU runs anyway (Triton's). "eager" takes 16 s there,
-    # "aot_eager" 34 s (AOTAutograd's trace too, which the suite's inductor run on a CPU covers): the smoke has 3 min.
+    # "aot_eager" 34 s (AOTAutograd's trace too, which the suite's compiled training run covers): the smoke has 3 min.
     parser.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
                         help="torch.compile's backend for the compiled run.")
     parser.add_argument("--keep-model", default=None, help="Also copy the generated model folder here.")
