@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import polars as pl
 import pytest
+from tqdm import tqdm
 
 from sentiment import data as data_module
 from sentiment import tables
@@ -254,6 +255,25 @@ def test_an_object_that_names_a_key_twice_is_refused_where_it_is(tmp_path, name,
         next(tables.scan_chunks(str(path), 16))  # as infer.py reads its input
     path.write_text(path.read_text().replace(record, '{"review": "dull", "sentiment": "negative"}'))
     assert len(splits_of(path).train) > 0
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_large_file_of_json_lines_is_checked_for_repeated_keys_under_one_progress_bar(tmp_path, monkeypatch, capsys,
+                                                                                        rank):
+    # The check reads every line in Python, about 80 MB/s: a gigabyte was seconds of silence before the run began.
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in demo_reviews(3000, seed=10).to_dicts()))
+    monkeypatch.setattr(tables, "CHECK_BAR_BYTES", path.stat().st_size)  # as large as the check's threshold
+    monkeypatch.setenv("RANK", rank)  # a process of an `accelerate launch`: the first alone shows it
+    assert tables.first_repeated_key(str(path), path.stat().st_size, 1) is None
+    bar = capsys.readouterr().err
+    if rank == "1":
+        assert bar == ""
+    else:
+        size = tqdm.format_sizeof(path.stat().st_size)
+        assert "checking d.jsonl for repeated keys:   0%" in bar and f"/{size}" in bar  # then cleared: leave=False
+        assert tables.first_repeated_key(str(path), path.stat().st_size - 1, 1) is None  # under the threshold
+        assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("name", ["d.jsonl", "d.json"])
