@@ -258,28 +258,29 @@ def test_an_object_that_names_a_key_twice_is_refused_where_it_is(tmp_path, name,
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])
-def test_a_large_file_of_json_lines_is_checked_for_repeated_keys_under_one_progress_bar(tmp_path, monkeypatch, capsys,
-                                                                                        rank):
+def test_a_large_file_of_json_lines_is_checked_under_one_progress_bar(tmp_path, monkeypatch, capsys, rank):
     # The check reads every line in Python, about 80 MB/s: a gigabyte was seconds of silence before the run began.
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in demo_reviews(3000, seed=10).to_dicts()))
     monkeypatch.setattr(tables, "CHECK_BAR_BYTES", path.stat().st_size)  # as large as the check's threshold
     monkeypatch.setenv("RANK", rank)  # a process of an `accelerate launch`: the first alone shows it
-    assert tables.first_repeated_key(str(path), path.stat().st_size, 1) is None
+    assert tables.json_objects_problem(str(path), path.stat().st_size, 1) is None
     bar = capsys.readouterr().err
     if rank == "1":
         assert bar == ""
     else:
         size = tqdm.format_sizeof(path.stat().st_size)
-        assert "checking d.jsonl for repeated keys:   0%" in bar and f"/{size}" in bar  # then cleared: leave=False
-        assert tables.first_repeated_key(str(path), path.stat().st_size - 1, 1) is None  # under the threshold
+        assert "checking the objects in d.jsonl:   0%" in bar and f"/{size}" in bar  # then cleared: leave=False
+        assert tables.json_objects_problem(str(path), path.stat().st_size - 1, 1) is None  # under the threshold
         assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("name", ["d.jsonl", "d.json"])
-def test_json_nested_past_what_a_reader_can_follow_is_one_line_and_a_deep_one_it_can_is_read(tmp_path, name):
-    # A field of 5,000 nested arrays: polars stops at "DepthLimitExceeded", and looking for the line to name
-    # ended in Python's RecursionError, a traceback.
+@pytest.mark.parametrize("depth", [5000, 1000, tables.MAX_DEPTH])
+def test_json_nested_too_deep_to_be_read_in_good_time_is_one_line_and_a_shallower_one_is_read(tmp_path, name, depth):
+    # A field of 5,000 nested arrays: polars 2 stops at "DepthLimitExceeded", and looking for the line to name
+    # ended in Python's RecursionError, a traceback; polars 1.37 crashed the process (a stack overflow) from about
+    # 990. At 1,000, past Python's json, polars 2 took 36 s to read 40 lines; at 512, 158 s.
     path = tmp_path / name
     rows = [json.dumps(row) for row in demo_reviews(40, seed=10).to_dicts()]
     row = rows[20]
@@ -288,14 +289,15 @@ def test_json_nested_past_what_a_reader_can_follow_is_one_line_and_a_deep_one_it
         rows[20] = row[:-1] + ', "tags": ' + "[" * depth + "]" * depth + "}"
         path.write_text("[" + ",\n".join(rows) + "]" if name == "d.json" else "\n".join(rows) + "\n")
 
-    write(5000)
+    write(depth)
     where = "line 21 nests" if name == "d.jsonl" else "it nests"
-    with pytest.raises(SentimentError, match=rf"^{path}: could not read it as JSONL?: {where} arrays or objects too "
-                                             rf"deeply to be read; flatten"):
+    refused = rf"^{path}: could not read it as JSONL?: {where} arrays or objects more than 32 levels deep, which " \
+              rf"takes polars minutes to read or crashes it; flatten"
+    with pytest.raises(SentimentError, match=refused):
         splits_of(path)
-    write(1000)  # past Python's depth, not polars' (which reads it, in 36 s): left to polars, unchecked for repeats
-    assert tables.first_repeated_key(str(path), 0, 0) is None
-    write(50)
+    with pytest.raises(SentimentError, match=refused):
+        next(tables.scan_chunks(str(path), 16))  # as infer.py reads its input
+    write(tables.MAX_DEPTH - 1)  # the row, its field and 30 more levels inside it
     assert len(splits_of(path).train) > 0
 
 
