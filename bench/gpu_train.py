@@ -307,7 +307,8 @@ def main():
 
 
 def measure(args, work):
-    precision = "bf16" if torch.cuda.is_available() else "no"
+    gpu = torch.cuda.is_available()
+    precision = "bf16" if gpu else "no"
     frame = generated_reviews(args.rows)
     data, folder = os.path.join(work, "reviews.csv"), os.path.join(work, "model")
     frame.write_csv(data)
@@ -317,7 +318,7 @@ def measure(args, work):
     lengths = [min(len(i), 512) for i in tokenizer(frame["review"].to_list(), add_special_tokens=True)["input_ids"]]
     tokens, flops = sum(lengths), 3 * forward_flops(config, lengths)  # forward + backward ≈ 3 forwards
     rate = bf16_matmul_rate()
-    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    card = torch.cuda.get_device_name() if gpu else "CPU"
     peak = datasheet_peak(card)
     print(f"card: {card}; bf16 matmul rate {rate / 1e12:.0f} TFLOP/s (data sheet {peak / 1e12:.0f}); {args.rows} "
           f"reviews, {tokens / args.rows:.0f} tokens each on average at max length 512; batch {args.batch_size}; "
@@ -355,7 +356,6 @@ def measure(args, work):
         print(a["profile"], flush=True)
 
     # The step's anatomy at three batch sizes; on a CPU (the smoke, which has 3 minutes) at two, the same code.
-    gpu = torch.cuda.is_available()
     sizes = [args.batch_size, 2 * args.batch_size, *([4 * args.batch_size] if gpu else [])]
     # Ours, eager and with its steps replayed as CUDA graphs, then the anatomy of its step (quick, and what the next
     # change hinges on), then the peers the goals compare it with; the compiled run, whose compiling takes minutes,

@@ -36,6 +36,7 @@ FREE_LINE_ENDS = 512
 BYTES_PER_LINE_END = 128
 SLICE = 8192
 ANSWERED = "sentiment.answered"  # scope key: the status the protocol answered a request with, the app unaware
+GUARDED = "sentiment.guarded"  # scope key: the request came through this protocol (plain uvicorn has none of it)
 ACCEPT_FAILED = "socket.accept() out of system resource"  # asyncio's message, with a traceback, for each failure
 ACCEPT_LOG_EVERY_S = 10.0
 log = logging.getLogger(__name__)
@@ -211,6 +212,7 @@ def http_protocol(settings, metrics):
             super().handle_events()
             if self.cycle is not None and self.cycle is not self.framed:  # a new request's head is in
                 self.framed = self.cycle
+                self.cycle.scope[GUARDED] = True  # before the app's task runs, on the next turn of the loop
                 if {b"transfer-encoding", b"content-length"} <= {name for name, _ in self.cycle.scope["headers"]}:
                     return self.refuse_two_framings()
             if self.conn.their_state is h11.SEND_BODY and self.cycle is not self.chunked and any(

@@ -37,7 +37,7 @@ from starlette.routing import Route
 
 from .batcher import DeviceFailed, MicroBatcher, ModelError, ModelThread, QueueFull
 from .config import ServeSettings
-from .connections import ANSWERED, client_key
+from .connections import ANSWERED, GUARDED, client_key
 from .errors import SentimentError, SettingError
 from .predictor import Predictor
 from .protocol import BadRequest, BodyBudget, read_request
@@ -259,6 +259,13 @@ async def lifespan(app):
 
 async def predict(request):
     start = time.perf_counter()
+    if GUARDED not in request.scope and not request.app.state.told_unguarded:
+        # Plain `uvicorn app:app` serves as well, and nothing at start can tell: said once, at the first request.
+        request.app.state.told_unguarded = True
+        log.warning("this service reads requests through uvicorn's own HTTP protocol, which waits for ever for a "
+                    "client that sends its request head a byte at a time and lets one client open connections "
+                    "until none are left: a few such clients hold up every other; start it with the service's "
+                    "protocol: uvicorn app:app --http app:HTTP")
     try:
         response = await answer(request)
         if isinstance(response, Overloaded):  # answered here, once `answer` has let the request's texts go
@@ -451,4 +458,5 @@ def create_app(settings=None, predictor_factory=None):
     app.state.retry_times = RetryTimes(RETRY_AFTER_S)
     app.state.batcher = None
     app.state.load_error = None
+    app.state.told_unguarded = False
     return app

@@ -33,14 +33,14 @@ GOOD = "The acting was superb. I loved it."
 class Server:
     """`uvicorn app:app --http app:HTTP` on a free loopback port, with SENTIMENT_* settings; its output is kept."""
 
-    def __init__(self, model, open_files=None, uvicorn_flags=(), env=None, **settings):
+    def __init__(self, model, open_files=None, uvicorn_flags=(), env=None, guarded=True, **settings):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "SENTIMENT_MODEL": str(model), "TOKENIZERS_PARALLELISM": "false", **(env or {}),
                **{f"SENTIMENT_{k.upper()}": str(v) for k, v in settings.items()}}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app:app", "--http", "app:HTTP", "--host", "127.0.0.1",
-             "--port", str(self.port), *uvicorn_flags],
+            [sys.executable, "-m", "uvicorn", "app:app", *(["--http", "app:HTTP"] if guarded else []),
+             "--host", "127.0.0.1", "--port", str(self.port), *uvicorn_flags],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             preexec_fn=open_files and (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))))
         self.output = []
@@ -460,6 +460,18 @@ def test_a_request_under_way_when_its_client_is_refused_is_not_held_and_one_that
     assert server.metrics()[("sentiment_retried_early_total", ())] == 1
     for sock in socks:
         sock.close()
+
+
+def test_a_service_started_without_its_protocol_says_so_once_and_serves(serve):
+    # Plain `uvicorn app:app` served without a word, without any of the deadlines and limits below.
+    plain, guarded = serve(ready=False, guarded=False), serve(ready=False)
+    for server in (plain.wait(), guarded.wait()):
+        answers = [httpx.post(server.url + "/predict", json={"text": GOOD}, timeout=30) for _ in range(3)]
+        assert [r.status_code for r in answers] == [200] * 3
+        server.stop()  # and all it wrote is read
+    told = "start it with the service's protocol: uvicorn app:app --http app:HTTP"
+    assert "".join(plain.output).count(told) == 1, "".join(plain.output)
+    assert told not in "".join(guarded.output)
 
 
 def test_heads_that_never_finish_are_cut_off_and_hold_back_no_one(serve):
