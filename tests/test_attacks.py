@@ -466,7 +466,8 @@ def test_a_service_started_without_its_protocol_says_so_once_and_serves(serve):
     # Plain `uvicorn app:app` served without a word, without any of the deadlines and limits below.
     plain, guarded = serve(ready=False, guarded=False), serve(ready=False)
     for server in (plain.wait(), guarded.wait()):
-        answers = [httpx.post(server.url + "/predict", json={"text": GOOD}, timeout=30) for _ in range(3)]
+        with httpx.Client(timeout=30) as client:  # one connection kept alive: each of its requests is marked
+            answers = [client.post(server.url + "/predict", json={"text": GOOD}) for _ in range(3)]
         assert [r.status_code for r in answers] == [200] * 3
         server.stop()  # and all it wrote is read
     told = "start it with the service's protocol: uvicorn app:app --http app:HTTP"
