@@ -181,10 +181,11 @@ def twice(where, key):
     return f"{where} names {shown} twice (polars reads the first value, other tools the last); keep one of them"
 
 
-def too_deep(path, where):
+def too_deep(path, line=None):
+    """The refusal of JSON nested too deep: on line `line` of JSON lines, or anywhere in one array (None)."""
+    where, flatten = (f"line {line} nests", "it") if line else ("it nests", "them")
     return (f"could not read it as {extension(path)[1:].upper()}: {where} arrays or objects more than {MAX_DEPTH} "
-            f"levels deep, which takes polars minutes to read or crashes it; flatten "
-            f"{'them' if where == 'it nests' else 'it'}")
+            f"levels deep, which takes polars minutes to read or crashes it; flatten {flatten}")
 
 
 # JSON lines from this size on are checked under a progress bar: at about 80 MB/s, seconds of waiting otherwise.
@@ -205,20 +206,20 @@ def json_objects_problem(path, size, mtime_ns):
             except RepeatedKey as err:
                 return twice("an object in its array", err.args[0])
             except RecursionError:  # nested deeper than Python's json goes (about 1,000 levels)
-                return too_deep(path, "it nests")
+                return too_deep(path)
             except ValueError:
                 return None
-            return too_deep(path, "it nests") if deeper_than(rows, MAX_DEPTH + 1) else None
+            return too_deep(path) if deeper_than(rows, MAX_DEPTH + 1) else None
         for number, line in enumerate(f, 1):
             try:
                 row = json.loads(line, object_pairs_hook=one_of_each)
                 # Walked only where the line has enough brackets to nest that deep: most lines have two.
                 if line.count(b"[") + line.count(b"{") > MAX_DEPTH and deeper_than(row, MAX_DEPTH):
-                    return too_deep(path, f"line {number} nests")
+                    return too_deep(path, number)
             except RepeatedKey as err:
                 return twice(f"an object on line {number}", err.args[0])
             except RecursionError:
-                return too_deep(path, f"line {number} nests")
+                return too_deep(path, number)
             except ValueError:
                 pass
             if number % 1024 == 0:
