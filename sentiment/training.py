@@ -542,7 +542,7 @@ class FineTuneRecipe:
         `destroy_process_group` it frees the group itself, joining gloo's threads while it holds the GIL,
         which a thread still dropping a finished collective's tensors waits for: the process hung as it ended
         (one run in 16, two at a time on two cores). Freed by `destroy_process_group`, the group lets go of
-        the GIL as it joins. Called once, from `train`'s `finally`."""
+        the GIL as it joins. Called once, from `train_recipe`'s `finally`, under the signal handlers."""
         if getattr(self, "bar", None) is not None:  # an error's line then starts a line of its own
             self.bar.close()
         if device_fails(self.accelerator.device):
@@ -579,10 +579,11 @@ SAME_SIGNAL_S = 1.0
 
 
 @contextlib.contextmanager
-def stop_on_signals(received):
+def stop_on_signals(received, finished=None):
     """Ctrl-C, SIGTERM and a closed terminal's SIGHUP append to `received` (the loop stops at the next
     step); another one, more than SAME_SIGNAL_S later, stops at once: one line, and exit 128 + its number.
-    So does the death of a one-process `accelerate launch` (`launcher`)."""
+    So does the death of a one-process `accelerate launch` (`launcher`). `finished()`, where given, tells
+    whether the run has written its model folder, which that line then names."""
     first = []
 
     def handler(signum, frame):
@@ -602,9 +603,13 @@ def stop_on_signals(received):
         # KeyboardInterrupt and raise its own error: asked twice, the run stops as asked, whatever it became.
         if len(received) < 2:
             raise
-        signum = received[-1]
-        say(f"stopped at once by {signal.Signals(signum).name}, the second request to stop: the steps since the "
-            f"newest checkpoint are lost; continue from it with --resume latest")
+        signum, written = received[-1], finished and finished()
+        name = signal.Signals(signum).name
+        if written:
+            say(f"stopped at once by {name} as the run ended, its model folder written: {written}")
+        else:
+            say(f"stopped at once by {name}, the second request to stop: the steps since the newest checkpoint are "
+                f"lost; continue from it with --resume latest")
         raise SystemExit(128 + signum) from None
     finally:
         for s, old in previous.items():
@@ -633,12 +638,16 @@ def train(args):
 
 
 def train_recipe(args):
-    recipe = FineTuneRecipe(args)
+    recipe, metrics = FineTuneRecipe(args), None
     try:
-        with stop_on_signals(recipe.signals):
-            recipe.setup()
-            recipe.train()
-            return recipe.cleanup()
+        with stop_on_signals(recipe.signals, finished=lambda: metrics and args.output_dir):
+            try:
+                recipe.setup()
+                recipe.train()
+                metrics = recipe.cleanup()
+                return metrics
+            finally:
+                recipe.close()  # under the handlers too: Ctrl-C twice while the processes are freed is one line
     except torch.OutOfMemoryError:  # in the first step, as the longest batch comes first
         state = getattr(recipe, "state", None)
         when = f"at step {state.step + 1}" if state else "before training (setting up)"
@@ -653,6 +662,5 @@ def train_recipe(args):
             raise gone from None
         raise
     finally:
-        recipe.close()
         if getattr(recipe, "lock", None):
             recipe.lock.close()  # the output folder is free for the next run, even after a crash

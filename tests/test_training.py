@@ -831,6 +831,49 @@ def test_a_signal_stops_at_the_next_step_with_a_checkpoint_and_resume_continues(
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 2 * 60
 
 
+# train.py whose end (freeing the device and the process group, which has hung on gloo's threads) takes
+# half a minute: it touches the file named first when that begins.
+SLOW_END = "\n".join([
+    "import pathlib, runpy, sys, time",
+    "from sentiment import training",
+    "close, ending = training.FineTuneRecipe.close, pathlib.Path(sys.argv[1])",
+    "def slow_close(self):",
+    "    ending.touch()",
+    "    time.sleep(30)",
+    "    close(self)",
+    "training.FineTuneRecipe.close = slow_close",
+    "sys.argv = sys.argv[2:]",
+    "runpy.run_path(sys.argv[0], run_name='__main__')"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stopped", [True, False], ids=["stopped by a signal", "finished"])
+def test_ctrl_c_twice_as_a_run_ends_stops_it_at_once_in_one_line(tmp_path, stopped):
+    # The end of a run was outside the signal handlers: Ctrl-C while it ended, after the stop's checkpoint
+    # or the model folder was written, met Python's own and ended in a KeyboardInterrupt's traceback.
+    data, out, ending = tmp_path / "reviews.csv", tmp_path / "out", tmp_path / "ending"
+    demo_reviews(1200 if stopped else 200, seed=15).write_csv(data)
+    process = subprocess.Popen([sys.executable, "-c", SLOW_END, str(ending), os.path.join(ROOT, "train.py"),
+                                "--data", str(data), *TINY, "--output-dir", str(out), "--checkpoint-every", "0"],
+                               cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    wait_for(out / "log.jsonl" if stopped else ending, process)
+    process.send_signal(signal.SIGINT)  # a first request to stop: at the next step, or none left as the run ends
+    first = time.monotonic()
+    wait_for(ending, process)
+    time.sleep(max(0, first + training.SAME_SIGNAL_S + 0.2 - time.monotonic()))  # a second request, not a repeat
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    if stopped:
+        assert len(checkpointing.complete_checkpoints(out)) == 1 and not (out / "metrics.json").exists()
+        assert stderr.endswith("\nstopped at once by SIGINT, the second request to stop: the steps since the newest "
+                               "checkpoint are lost; continue from it with --resume latest\n")
+    else:
+        assert "done: " in stdout and (out / "metrics.json").exists()
+        assert stderr.endswith(f"\nstopped at once by SIGINT as the run ended, its model folder written: {out}\n")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_to_every_process_of_a_run_stops_it_with_a_checkpoint(tmp_path, signum, status):
