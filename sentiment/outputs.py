@@ -1,7 +1,8 @@
 """The output folder of a training run: one run at a time, and no file ever half-written.
 
-`claim` takes the folder for this run (a second run into it stops with a one-line error) and
-refuses to mix a new run into an old one unless told to overwrite or resume. `publish_model`
+`claim` takes the folder for this run (a second run into it stops with a one-line error),
+refuses a folder of files that are not a run's, and refuses to mix a new run into an old one
+unless told to overwrite or resume; a run that writes nothing leaves no trace. `publish_model`
 writes the model folder beside the old one and moves it in only once it is complete, so after
 `--overwrite` the previous model stays whole and usable until the new one is ready, and readers
 never take parts of two models for one. `log_line` and `truncate_log` keep `log.jsonl`. Writing
@@ -26,37 +27,23 @@ STAGING = ".tmp-model"
 
 def claim(args, accelerator):
     """Lock `--output-dir` for this run (main process) and check it may be written; returns the lock."""
-    out, handle = args.output_dir, None
+    out, lock = args.output_dir, None
     if accelerator.is_main_process:
         if os.path.exists(out) and not os.path.isdir(out):
             raise SentimentError(f"--output-dir {out} is a file; name a folder")
-        if args.overwrite and not args.resume and not_a_run(out):
-            # --overwrite replaces a run's checkpoints, log and model files: in another folder they would be
-            # the user's own (a project's config.json, a folder named checkpoints).
+        if not_a_run(out):
+            # A run writes its checkpoints, log and model files there (config.json among them), and --overwrite
+            # replaces them: in another folder they would be the user's own (a project's config.json).
             raise SentimentError(f"--output-dir {out} holds files that are not a training run's (it has no "
-                                 f"{CONFIG_FILE}), which --overwrite would replace; choose a new or empty folder")
-        try:
-            os.makedirs(out, exist_ok=True)
-            handle = open(os.path.join(out, LOCK_FILE), "a+")
-        except OSError as err:
-            raise SentimentError(f"--output-dir {out}: cannot write there ({err.strerror})") from None
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            raise SentimentError(f"--output-dir {out} is in use by another training run (process "
-                                 f"{handle.read().strip() or '?'}); wait for it or choose another folder") from None
-        except OSError as err:  # a network file system without a lock service (ENOLCK): train all the same
-            warn(f"--output-dir {out} cannot be locked ({err.strerror}), so a second run into it would not be "
-                 f"refused: start one run at a time there")
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+                                 f"{CONFIG_FILE}); a run would write its own among them, replacing any of the same "
+                                 f"name (config.json, model.safetensors); choose a new or empty folder")
+        lock = OutputLock(out)
         remove_leftovers(out)
     accelerator.wait_for_everyone()
     busy = [name for name in os.listdir(out) if name != LOCK_FILE]
     if busy and not args.resume and not args.overwrite:
+        if lock:
+            lock.close(refused=True)  # the folder is left as it was found
         raise SentimentError(f"--output-dir {out} is not empty; pass --overwrite to replace it, "
                              f"--resume latest to continue it, or choose another folder")
     if accelerator.is_main_process and busy and args.overwrite and not args.resume:
@@ -64,7 +51,62 @@ def claim(args, accelerator):
             path = os.path.join(out, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
     accelerator.wait_for_everyone()
-    return handle
+    return lock
+
+
+class OutputLock:
+    """A run's hold on its output folder: an exclusive `flock` on the folder's LOCK_FILE, which names the
+    holder's process. `close` lets go; where the run wrote nothing else there (it stopped on bad data, or
+    was refused), the folder is left as it was found: the file removed, and the folder if the run made it."""
+
+    def __init__(self, folder):
+        self.folder, self.path, self.locked = folder, os.path.join(folder, LOCK_FILE), True
+        self.made_folder = not os.path.exists(folder)
+        while True:
+            self.made = not os.path.exists(self.path)
+            try:
+                os.makedirs(folder, exist_ok=True)
+                self.handle = open(self.path, "a+")
+            except OSError as err:
+                raise SentimentError(f"--output-dir {folder}: cannot write there ({err.strerror})") from None
+            try:
+                fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.handle.seek(0)
+                holder = self.handle.read().strip() or "?"
+                self.handle.close()
+                raise SentimentError(f"--output-dir {folder} is in use by another training run (process {holder}); "
+                                     f"wait for it or choose another folder") from None
+            except OSError as err:  # a network file system without a lock service (ENOLCK): train all the same
+                warn(f"--output-dir {folder} cannot be locked ({err.strerror}), so a second run into it would not be "
+                     f"refused: start one run at a time there")
+                self.locked = False
+                break
+            if self.holds_the_file():
+                break
+            self.handle.close()  # a run letting go removed the file this one had opened: lock the one there now
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(str(os.getpid()))
+        self.handle.flush()
+
+    def holds_the_file(self):
+        try:
+            return os.path.samestat(os.fstat(self.handle.fileno()), os.stat(self.path))
+        except FileNotFoundError:
+            return False
+
+    def close(self, refused=False):
+        """Let go of the folder; `refused`: the run was refused it, and wrote nothing there."""
+        try:
+            if self.locked and self.made and (refused or set(os.listdir(self.folder)) == {LOCK_FILE}):
+                os.remove(self.path)  # while locked: a run that opened it before finds it gone, and retries
+                if self.made_folder:
+                    os.rmdir(self.folder)
+        except OSError:  # a folder that cannot be tidied is no reason for an error at the end of a run
+            pass
+        finally:
+            self.handle.close()
 
 
 def not_a_run(folder):

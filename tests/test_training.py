@@ -1,5 +1,6 @@
 import dataclasses
 import errno
+import fcntl
 import json
 import os
 import re
@@ -411,8 +412,8 @@ def test_a_warning_every_process_meets_is_said_once(tmp_path):
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, reviews_csv, problem, flags, message):
     out = tmp_path / "out"
     out.mkdir()
-    if problem == "busy output":
-        (out / "something").write_text("x")
+    if problem == "busy output":  # an earlier run's
+        (out / "train_config.json").write_text("{}")
     result = run_script("train.py", "--data", str(reviews_csv), "--model", "tiny", "--output-dir", str(out), *flags,
                         check=False)
     assert result.returncode == 2
@@ -1077,17 +1078,68 @@ def test_overwrite_keeps_the_old_model_whole_until_the_new_one_is_ready(tmp_path
     assert Predictor(str(out)).predict(["The acting was superb. I loved it."]) == before  # was an IndexError
 
 
-def test_overwrite_into_a_folder_that_is_not_a_run_s_is_refused_and_its_files_kept(tmp_path):
+@pytest.mark.parametrize("how", ["--overwrite", "--resume PATH", "as it is"])
+def test_a_run_into_a_folder_that_is_not_a_run_s_is_refused_and_its_files_kept(tmp_path, how, uninterrupted):
+    # With --overwrite its files were deleted or replaced by the model's. Resumed from another run's checkpoint,
+    # the run wrote its model into the folder, the user's config.json replaced. Without either, it was told to
+    # pass --overwrite, and found a .lock file of the run's left among its files.
+    data, whole = uninterrupted
     out = tmp_path / "project"
     (out / "checkpoints").mkdir(parents=True)
     files = {"config.json": '{"mine": 1}', "log.jsonl": "my log", "checkpoints/notes.txt": "keep me"}
     for name, text in files.items():
         (out / name).write_text(text)
-    result = run_script("train.py", "--data", "demo", *TINY, "--output-dir", str(out), "--overwrite", check=False)
+    flags = {"--overwrite": ["--overwrite"], "as it is": [],
+             "--resume PATH": ["--resume", str(checkpointing.complete_checkpoints(whole)[0])]}[how]
+    result = run_script(*kill_test_flags(data), "--output-dir", str(out), *flags, check=False)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "holds files that are not a training run's (it has no train_config.json)" in result.stderr
-    assert {name: (out / name).read_text() for name in files} == files  # were deleted or replaced by the model's
+    assert result.stderr == (f"error: --output-dir {out} holds files that are not a training run's (it has no "
+                             f"train_config.json); a run would write its own among them, replacing any of the same "
+                             f"name (config.json, model.safetensors); choose a new or empty folder\n")
+    assert {name: (out / name).read_text() for name in files} == files
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "log.jsonl"]
+
+
+def test_a_run_that_stops_before_writing_anything_leaves_no_trace(tmp_path, reviews_csv):
+    # Each left its output folder behind, made for it, holding a .lock file and nothing else; and refused
+    # as not empty, a run left that file in the earlier run's folder.
+    empty = tmp_path / "empty.csv"
+    empty.write_text("review,sentiment\n")
+    out = tmp_path / "outputs" / "model"
+    result = run_script("train.py", "--data", str(empty), *TINY, "--output-dir", str(out), check=False)
+    assert result.returncode == 2 and "too few rows" in result.stderr
+    assert list((tmp_path / "outputs").iterdir()) == []
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "train_config.json").write_text("{}")
+    result = run_script("train.py", "--data", str(reviews_csv), *TINY, "--output-dir", str(earlier), check=False)
+    assert result.returncode == 2 and "is not empty; pass --overwrite" in result.stderr
+    assert [p.name for p in earlier.iterdir()] == ["train_config.json"]
+    run_script("train.py", "--data", str(reviews_csv), *TINY, "--max-steps", "2", "--output-dir", str(out))
+    assert (out / "model.safetensors").exists() and (out / ".lock").exists()  # a run's folder keeps its lock
+
+
+def test_a_lock_let_go_and_removed_while_another_run_opened_it_is_not_held_twice(tmp_path, monkeypatch):
+    # A run that lets go of a folder it wrote nothing in removes the lock file; a run that had opened that file
+    # just before, then locked it, held a file no longer there, and a third run made a new one and started too.
+    folder = tmp_path / "out"
+    folder.mkdir()
+    first = outputs.OutputLock(str(folder))
+    flock = fcntl.flock
+
+    def let_go_first(handle, operation):
+        if first.handle.closed is False:
+            first.close()  # between the second run's open and its lock
+        return flock(handle, operation)
+
+    monkeypatch.setattr(outputs.fcntl, "flock", let_go_first)
+    second = outputs.OutputLock(str(folder))
+    monkeypatch.setattr(outputs.fcntl, "flock", flock)
+    with pytest.raises(SentimentError, match=f"--output-dir {folder} is in use by another training run \\(process "
+                                             f"{os.getpid()}\\)"):
+        outputs.OutputLock(str(folder))
+    second.close()
+    assert list(folder.iterdir()) == []
 
 
 @pytest.mark.slow
