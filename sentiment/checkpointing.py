@@ -165,6 +165,7 @@ def find_checkpoint(resume, output_dir):
                 return folder
             warn(f"checkpoint {folder} is damaged ({problem}); trying the one before")
         raise SentimentError(f"--resume latest: every checkpoint in {checkpoint_root(output_dir)} is damaged")
+    resume = os.path.normpath(resume)  # as a shell completes it, with a slash at the end
     if not os.path.isfile(os.path.join(resume, STATE_FILE)):
         raise SentimentError(f"--resume {resume}: not a complete checkpoint folder (no {STATE_FILE})")
     problem = damage(resume)
@@ -173,16 +174,18 @@ def find_checkpoint(resume, output_dir):
     return resume
 
 
-def forget_after(output_dir, folder):
-    """Resuming from `folder` abandons the checkpoints saved after it; remove them, so a later
-    `--resume latest` cannot pick one, and restore the best weights this checkpoint knew."""
+def forget_after(output_dir, folder, step):
+    """Resuming from `folder`, the checkpoint of `step` (named as the user likes, if not `output_dir`'s),
+    abandons the checkpoints saved after it; remove them, so a later `--resume latest` cannot pick one,
+    and restore the best weights this checkpoint knew."""
     for newer in complete_checkpoints(output_dir):
-        if step_of(newer) > step_of(folder):
+        if step_of(newer) > step:
             remove_tree(newer)
     saved, best = os.path.join(folder, BEST_WEIGHTS), best_weights(output_dir)
     if os.path.exists(best):
         os.remove(best)
     if os.path.exists(saved):
+        os.makedirs(checkpoint_root(output_dir), exist_ok=True)  # resumed into a new folder, it has none yet
         link_or_copy(saved, best)
 
 

@@ -15,7 +15,7 @@ import os
 import shutil
 import socket
 
-from .checkpointing import remove_leftovers
+from .checkpointing import checkpoint_root, remove_leftovers
 from .config import CONFIG_FILE, LOG_FILE, METRICS_FILE, MODEL_FILES, PUBLISHING_FILE
 from .errors import SentimentError, warn
 from .files import fsync_path, fsync_tree, write_atomically
@@ -41,12 +41,21 @@ def claim(args, accelerator):
         remove_leftovers(out)
     accelerator.wait_for_everyone()
     busy = [name for name in os.listdir(out) if name != LOCK_FILE]
+    # A checkpoint of another run, resumed into this folder's run, would replace its later checkpoints and log
+    another = args.resume not in (None, "latest") and not one_of_its_checkpoints(args.resume, out)
+    refusal = None
     if busy and not args.resume and not args.overwrite:
+        refusal = (f"--output-dir {out} is not empty; pass --overwrite to replace it, --resume latest to continue "
+                   f"it, or choose another folder")
+    elif busy and another and not args.overwrite:
+        refusal = (f"--resume {args.resume} is not a checkpoint of the run in --output-dir {out}, whose checkpoints "
+                   f"and log resuming would replace; resume into a new or empty folder, or pass --overwrite to "
+                   f"replace that run")
+    if refusal:
         if lock:
             lock.close(refused=True)  # the folder is left as it was found
-        raise SentimentError(f"--output-dir {out} is not empty; pass --overwrite to replace it, "
-                             f"--resume latest to continue it, or choose another folder")
-    if accelerator.is_main_process and busy and args.overwrite and not args.resume:
+        raise SentimentError(refusal)
+    if accelerator.is_main_process and busy and args.overwrite and (not args.resume or another):
         for name in ("checkpoints", LOG_FILE, STAGING):  # the old model (and its metrics) stays until the new is ready
             path = os.path.join(out, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
@@ -107,6 +116,11 @@ class OutputLock:
             pass
         finally:
             self.handle.close()
+
+
+def one_of_its_checkpoints(path, folder):
+    """Whether the checkpoint at `path` is one of the run's in `folder` (it need not exist)."""
+    return os.path.realpath(os.path.dirname(os.path.abspath(path))) == os.path.realpath(checkpoint_root(folder))
 
 
 def not_a_run(folder):

@@ -310,7 +310,7 @@ class FineTuneRecipe:
                                      f"{str(err).strip()[:200]}; resume from an older checkpoint") from None
             if accelerator.is_main_process:
                 truncate_log(self.log_path, self.state.step)
-                forget_after(self.args.output_dir, self.resume_from)
+                forget_after(self.args.output_dir, self.resume_from, self.state.step)
             accelerator.wait_for_everyone()
             accelerator.print(f"resumed from {self.resume_from} at step {self.state.step}")
             patience = self.args.early_stopping_patience

@@ -1100,6 +1100,33 @@ def test_a_run_into_a_folder_that_is_not_a_run_s_is_refused_and_its_files_kept(t
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "log.jsonl"]
 
 
+def test_a_checkpoint_of_another_run_resumes_into_a_new_folder_but_not_over_another_run(tmp_path, uninterrupted):
+    # Resumed into a new folder, a checkpoint failed with a FileNotFoundError (no checkpoints folder to restore
+    # its best weights into); named with a slash at its end, as a shell completes it, or renamed, with a
+    # ValueError from its name. Resumed into the folder of another run, it replaced that run's later
+    # checkpoints and log without a word.
+    data, whole = uninterrupted
+    checkpoint = tmp_path / "kept by hand"
+    shutil.copytree(checkpointing.complete_checkpoints(whole)[0], checkpoint)
+    new = tmp_path / "new"
+    run_script(*kill_test_flags(data), "--output-dir", str(new), "--resume", f"{checkpoint}{os.sep}")
+    assert (new / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    other = tmp_path / "other"
+    shutil.copytree(whole, other)
+
+    def files():
+        return {path: path.read_bytes() for path in other.rglob("*") if path.is_file() and path.name != ".lock"}
+
+    before = files()
+    refused = run_script(*kill_test_flags(data), "--output-dir", str(other), "--resume", str(checkpoint), check=False)
+    assert refused.returncode == 2 and refused.stderr == (
+        f"error: --resume {checkpoint} is not a checkpoint of the run in --output-dir {other}, whose checkpoints and "
+        f"log resuming would replace; resume into a new or empty folder, or pass --overwrite to replace that run\n")
+    assert files() == before
+    run_script(*kill_test_flags(data), "--output-dir", str(other), "--resume", str(checkpoint), "--overwrite")
+    assert (other / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+
+
 def test_a_run_that_stops_before_writing_anything_leaves_no_trace(tmp_path, reviews_csv):
     # Each left its output folder behind, made for it, holding a .lock file and nothing else; and refused
     # as not empty, a run left that file in the earlier run's folder.
