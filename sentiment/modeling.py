@@ -111,6 +111,8 @@ def load_tokenizer(name, train_texts):
     if name == "tiny":
         return train_tiny_tokenizer(train_texts)
     if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):  # a run's checkpoint or folder has a tokenizer too
+            raise SentimentError(f"--model {name}: not a model folder (no config.json){what_it_is(name)}")
         if publication(name) is PUBLISHING:
             raise SentimentError(f"--model {name}: a training run is moving a new model into this folder; try "
                                  f"again when it has finished")
@@ -141,7 +143,7 @@ def load_model(name, labels, vocab_size, attention_dropout=None):
     try:
         config = (tiny_config(vocab_size, labels) if name == "tiny" else AutoConfig.from_pretrained(
             name, id2label=id2label, label2id=label2id, **download_options(name)))  # the labels' count with them
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: a config.json without a model_type transformers knows
         raise model_error(name, err) from None
     # Trained with cross-entropy: a softmax over the labels. Said in the config, since a base checkpoint's
     # own (multi-label, regression) would have the pipeline and the Predictor score it otherwise.
@@ -252,7 +254,8 @@ def model_error(name, err):
                               f"small model offline")
     if not os.path.isdir(name) and (name.startswith(("/", ".", "~")) or name.count("/") > 1):  # no Hub id
         return SentimentError(f"--model {name}: no such folder{did_you_mean(name, folder=True)}")
-    beside = did_you_mean(name, folder=True) if "/" in name and os.path.isdir(os.path.dirname(name)) else ""
+    beside = (did_you_mean(name, folder=True) if "/" in name and not os.path.isdir(name)
+              and os.path.isdir(os.path.dirname(name)) else "")
     what = (f"no such folder{beside}, nor a Hub id that loads" if beside else
             f"could not load this {'folder' if os.path.isdir(name) else 'Hub id'}")
     return SentimentError(f"--model {name}: {what} ({str(err).strip().splitlines()[0]}){offline_note(name)}; pass a "

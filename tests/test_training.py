@@ -1127,6 +1127,24 @@ def test_a_checkpoint_of_another_run_resumes_into_a_new_folder_but_not_over_anot
     assert (other / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
 
 
+def test_a_model_to_start_from_that_is_no_model_folder_is_one_line(tmp_path, uninterrupted):
+    # A checkpoint as --model (its tokenizer loads) ended in transformers' ValueError traceback, as did a folder
+    # whose config.json has no model_type; that folder, which exists, was also asked "did you mean" itself.
+    data, whole = uninterrupted
+    checkpoint = checkpointing.complete_checkpoints(whole)[0]
+    odd = tmp_path / "odd"
+    shutil.copytree(whole, odd, ignore=shutil.ignore_patterns("checkpoints"))
+    (odd / "config.json").write_text("{}")
+    for model, said in ((checkpoint, f"error: --model {checkpoint}: not a model folder (no config.json); it is a "
+                                     f"training checkpoint: the model is written to its run's folder, {whole}, when "
+                                     f"the run ends\n"),
+                        (odd, f"error: --model {odd}: could not load this folder (Unrecognized model in {odd}.")):
+        result = run_script(*kill_test_flags(data), "--model", str(model), "--output-dir", str(tmp_path / "out"),
+                            check=False)
+        assert result.returncode == 2 and result.stderr.startswith(said), result.stderr[-2000:]
+        assert len(result.stderr.splitlines()) == 1
+
+
 def test_a_run_that_stops_before_writing_anything_leaves_no_trace(tmp_path, reviews_csv):
     # Each left its output folder behind, made for it, holding a .lock file and nothing else; and refused
     # as not empty, a run left that file in the earlier run's folder.
