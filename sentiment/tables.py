@@ -228,14 +228,36 @@ def json_objects_problem(path, size, mtime_ns):
 
 
 def existing_file(path):
-    """`path`, once it is known to be a file: a folder or a missing path is a one-line error."""
+    """`path`, once it is known to be a file, and not a compressed one: a folder, a missing path or packed
+    bytes are a one-line error."""
     if os.path.isdir(path):
         raise SentimentError(f"{path}: a folder, not a file; name the file in it")
     if os.path.exists(path) and not os.path.isfile(path):  # read twice (columns, then rows): a pipe empties
         raise SentimentError(f"{path}: a named pipe or device, not a file; save what it gives to a file first")
     if not os.path.isfile(path):
         raise SentimentError(f"{path}: no such file{did_you_mean(path)}")
+    packed = compression(path)
+    if packed:
+        kind, unpack = packed
+        stem, ext = os.path.splitext(str(path))
+        raise SentimentError(f"{path}: its bytes are {kind}-compressed, though it is named {ext or 'without a type'}; "
+                             f"unpack it first: {unpack} {shlex.quote(str(path))} > "
+                             f"{shlex.quote(stem + '-unpacked' + ext)}")
     return path
+
+
+# How compressed files start, whatever their names (a download saved as .csv, a .gz renamed): what it is, and
+# what unpacks it to standard output. Read as text, their bytes were taken for lines ending in carriage
+# returns alone, or for text in another encoding.
+COMPRESSED = ((re.compile(rb"\x1f\x8b"), "gzip", "gunzip -c"), (re.compile(rb"BZh[1-9]1AY&SY"), "bzip2", "bunzip2 -c"),
+              (re.compile(rb"\xfd7zXZ\x00"), "xz", "unxz -c"), (re.compile(rb"\x28\xb5\x2f\xfd"), "zstd", "unzstd -c"))
+
+
+def compression(path):
+    """(kind, command to unpack) for a file whose bytes are compressed, else None."""
+    with open(path, "rb") as f:
+        start = f.read(10)
+    return next(((kind, unpack) for magic, kind, unpack in COMPRESSED if magic.match(start)), None)
 
 
 def where_broken(path, err):

@@ -1,5 +1,8 @@
+import bz2
 import codecs
+import gzip
 import json
+import lzma
 import os
 import shutil
 
@@ -226,6 +229,24 @@ def test_bad_data_errors_name_the_problem(tmp_path, problem, match):
         path.write_text(path.read_text().replace("review,sentiment", "review,sentiment,review", 1))
     with pytest.raises(SentimentError, match=match):
         splits_of(path)
+
+
+@pytest.mark.parametrize("kind, pack", [("gzip", gzip.compress), ("bzip2", bz2.compress), ("xz", lzma.compress)])
+@pytest.mark.parametrize("name", ["d.csv", "d.jsonl", "d.parquet"])
+def test_a_compressed_file_under_a_table_s_name_says_so(tmp_path, kind, pack, name):
+    # A download saved as d.csv, or a .gz renamed: its bytes were read as text, and it was said to end its lines
+    # in carriage returns alone (tr '\r' '\n' would not have helped), or to be text that is not UTF-8.
+    path = tmp_path / name
+    frame = demo_reviews(400, seed=10)
+    frame.write_csv(path) if name.endswith(".csv") else frame.write_ndjson(path) if name.endswith(".jsonl") \
+        else frame.write_parquet(path)
+    path.write_bytes(pack(path.read_bytes()))
+    stem, ext = os.path.splitext(name)
+    unpack = {"gzip": "gunzip", "bzip2": "bunzip2", "xz": "unxz"}[kind]
+    with pytest.raises(SentimentError) as refused:
+        splits_of(path)
+    assert str(refused.value) == (f"{path}: its bytes are {kind}-compressed, though it is named {ext}; unpack it "
+                                  f"first: {unpack} -c {path} > {tmp_path / (stem + '-unpacked' + ext)}")
 
 
 @pytest.mark.parametrize("name, record, where, key", [

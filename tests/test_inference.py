@@ -1,6 +1,7 @@
 """`infer.py`: texts and files in, scored rows and label metrics out."""
 
 import fcntl
+import gzip
 import json
 import os
 import pty
@@ -691,6 +692,10 @@ def test_text_that_is_not_utf8_is_one_line(tmp_path, trained_model):
     folder = run_script("infer.py", "--model", str(trained_model), "--input", str(tmp_path / "folder.txt"),
                         check=False)
     assert folder.returncode == 2 and "a folder, not a file" in folder.stderr
+    (tmp_path / "packed.txt").write_bytes(gzip.compress(b"good film\ndull film\n"))  # was "line 1 is not valid UTF-8"
+    packed = run_script("infer.py", "--model", str(trained_model), "--input", str(tmp_path / "packed.txt"), check=False)
+    assert packed.returncode == 2
+    assert "packed.txt: its bytes are gzip-compressed, though it is named .txt" in packed.stderr
 
 
 def test_a_text_column_of_lists_or_numbers_is_one_line(tmp_path, trained_model):
