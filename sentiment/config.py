@@ -13,12 +13,13 @@ once. Nothing here reads data or touches a model.
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
 import typing
 from dataclasses import dataclass, field
 
-from .errors import SentimentError, flag
+from .errors import SentimentError, flag, warn
 
 try:
     import resource
@@ -322,6 +323,18 @@ def open_file_limit():
     return None if limit == resource.RLIM_INFINITY else limit
 
 
+def misspelt_settings(environ, names):
+    """(variable, setting) for each SENTIMENT_ variable of `environ` that is not one of the settings `names` but
+    looks like one (SENTIMENT_MAX_BATCH_SZE): ignored, it would leave a limit meant to be set at its default
+    without a word. Others of the prefix (predict_sentiment.sh's SENTIMENT_URL) are left alone."""
+    short = {name.removeprefix("SENTIMENT_"): name for name in names}
+    for name in sorted(environ):
+        if name.startswith("SENTIMENT_") and name not in names:
+            close = difflib.get_close_matches(name.removeprefix("SENTIMENT_"), short, n=1, cutoff=0.75)
+            if close:
+                yield name, short[close[0]]
+
+
 @dataclass
 class ServeSettings:
     """The service's settings, each read from `SENTIMENT_<NAME>` (`max_wait_ms` from SENTIMENT_MAX_WAIT_MS)."""
@@ -387,6 +400,8 @@ class ServeSettings:
             except ValueError:
                 what = {int: "a whole number", float: "a number"}.get(kind, kind.__name__)
                 raise ValueError(f"SENTIMENT_{f.name.upper()}={raw!r} is not {what}") from None
+        for name, meant in misspelt_settings(environ, [f"SENTIMENT_{f.name.upper()}" for f in dataclasses.fields(cls)]):
+            warn(f"{name} is not a setting of the service, and is ignored; did you mean {meant}?")
         return cls(**values)
 
     def __post_init__(self):

@@ -714,6 +714,18 @@ def test_the_model_thread_gets_the_gil_back_sooner_while_serving_and_the_interpr
     assert sys.getswitchinterval() == before
 
 
+def test_a_misspelt_setting_is_named_with_the_one_meant(capsys):
+    # SENTIMENT_MAX_BATCH_SZE=4 served with the default batch size, without a word.
+    settings = ServeSettings.from_env({"SENTIMENT_MAX_BATCH_SZE": "4", "SENTIMENT_REQUEST_TIMEOUT": "5",
+                                       "SENTIMENT_URL": "http://localhost:8000", "SENTIMENT_QUEUE_SIZE": "100"})
+    assert settings.max_batch_size is None and settings.queue_size == 100
+    assert capsys.readouterr().err == (
+        "warning: SENTIMENT_MAX_BATCH_SZE is not a setting of the service, and is ignored; did you mean "
+        "SENTIMENT_MAX_BATCH_SIZE?\n"
+        "warning: SENTIMENT_REQUEST_TIMEOUT is not a setting of the service, and is ignored; did you mean "
+        "SENTIMENT_REQUEST_TIMEOUT_S?\n")  # and nothing of predict_sentiment.sh's SENTIMENT_URL
+
+
 def test_settings_come_from_the_environment_and_bad_ones_are_named():
     settings = ServeSettings.from_env({"SENTIMENT_QUEUE_SIZE": "100", "SENTIMENT_PRECISION": "fp32"})
     assert (settings.queue_size, settings.precision, settings.max_texts) == (100, "fp32", 64)
