@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from starlette.requests import ClientDisconnect
 
 from .data import only_markup
-from .errors import repeated_key
+from .errors import json_type, repeated_key
 
 PARSE_OFF_LOOP_BYTES = 64 << 10  # larger bodies are parsed and checked on a worker thread
 FUNCTIONS = ("softmax", "sigmoid", "none")  # as the pipeline names them; a model answers with its own alone
@@ -214,7 +214,7 @@ def parameters(payload, function):
 
 def check_text(text, where, settings):
     if not isinstance(text, str):
-        raise BadRequest(422, "invalid_request", f"{where} must be a string, got {type(text).__name__}")
+        raise BadRequest(422, "invalid_request", f"{where} must be a string, got a JSON {json_type(text)}")
     if not text.strip():
         raise BadRequest(422, "empty_text", f"{where} is empty")
     if len(text) > settings.max_chars:

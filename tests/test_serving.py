@@ -134,6 +134,18 @@ def test_bad_requests_get_json_errors_with_the_right_status(kwargs, status, kind
         assert client.get("/nowhere").json()["error"]["type"] == "http_error"
 
 
+def test_a_text_that_is_not_a_string_is_named_in_json_s_words():
+    # It was Python's: "texts[1] must be a string, got NoneType".
+    with client_for(FakePredictor()) as client:
+        wait_ready(client)
+        for body, said in (({"texts": ["good", None]}, "texts[1] must be a string, got a JSON null"),
+                           ({"text": ["good"]}, "text must be a string, got a JSON array"),
+                           ({"text": {"en": "good"}}, "text must be a string, got a JSON object"),
+                           ({"inputs": 5}, "inputs must be a string, got a JSON number")):
+            response = client.post("/predict", json=body)
+            assert response.status_code == 422 and response.json()["error"]["message"] == said
+
+
 @pytest.mark.parametrize("body, key", [
     (b'{"text": "dreadful", "text": "good"}', '"text"'),
     (b'{"inputs": "good", "parameters": {"top_k": 1, "top_k": 0}}', '"top_k"'),
