@@ -118,7 +118,7 @@ def test_a_failing_step_of_the_gpu_check_costs_none_of_the_others(tmp_path, fail
 
 
 SHELL_COMMANDS = ["predict_sentiment.sh", "bench/gpu_check.sh", "bench/gpu_rehearsal.sh", "bench/gpu_wheels.sh",
-                  "bench/full_scale.sh"]
+                  "bench/full_scale.sh", ".ci/run", ".ci/lowest"]
 PYTHON_COMMANDS = ["train.py", "infer.py", "sentiment.report"] + sorted(
     f"bench.{name[:-3]}" for name in os.listdir(os.path.join(ROOT, "bench"))
     if name.endswith(".py") and name not in ("__init__.py", "common.py", "pipeline_server.py", "hammer_peer.py",
@@ -128,8 +128,10 @@ PYTHON_COMMANDS = ["train.py", "infer.py", "sentiment.report"] + sorted(
 @pytest.mark.parametrize("command", SHELL_COMMANDS + PYTHON_COMMANDS)
 def test_every_command_answers_help_and_does_nothing_else(tmp_path, command):
     # `bash bench/gpu_wheels.sh --help` deleted and downloaded the wheels, `gpu_check.sh --help` ran the
-    # whole check, and `./predict_sentiment.sh --help` sent "--help" to the service as a review.
-    if command.endswith(".sh"):  # each in a checkout of its own, with a wheel to lose
+    # whole check, and `./predict_sentiment.sh --help` sent "--help" to the service as a review; `.ci/run --help`
+    # made a virtual environment in the checkout and installed the project into it.
+    shell = not command.endswith(".py") and not command.startswith(("sentiment.", "bench."))
+    if shell:  # each in a checkout of its own, with a wheel to lose
         root = checkout_with(tmp_path, command)
         argv = ["bash", str(root / command)]
     else:
@@ -143,8 +145,10 @@ def test_every_command_answers_help_and_does_nothing_else(tmp_path, command):
         mistyped = subprocess.run([*argv, "--cpu-smok"], cwd=root, capture_output=True, text=True, timeout=60,
                                   env=env)
         assert mistyped.returncode == 2 and mistyped.stderr.startswith("usage: bash " + command), mistyped.stderr
-    if command.endswith(".sh"):
-        assert os.listdir(root / ".whl") == ["kept-1.0-py3-none-any.whl"]
+    if shell:
+        folders = [str(p) for p in pathlib.Path(command).parents if str(p) != "."]
+        assert sorted(str(path.relative_to(root)) for path in root.rglob("*")) == sorted(
+            [".whl", ".whl/kept-1.0-py3-none-any.whl", *folders, command])
     assert not (tmp_path / "out").exists()
 
 
