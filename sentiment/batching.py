@@ -24,6 +24,11 @@ HEAD_SHARE = 0.25  # head+tail keeps this share of the budget from the start (12
 # about 4.5 a token) has only its ends tokenised: far beyond any IMDb review (14 kB at most).
 CUT_CHARS_PER_TOKEN = 32
 CUT_MARGIN = 16  # tokens beyond those kept that a cut end must give
+# A text whose cut ends are not clear of the words they cut is tokenised whole up to this many characters (about
+# a second and 250 MB at a million); a longer one, from ends of half this each, whose tokens are then kept as they
+# are: a 100 MB line without a space took 53 s and 6.5 GB whole. Only there may the kept tokens differ from the
+# whole text's, in the words a cut went through.
+WHOLE_CHARS = 1 << 20
 
 
 def special_tokens(tokenizer):
@@ -114,7 +119,7 @@ def kept_tokens(tokenizer, texts, budget, truncation):
     are kept, cost seconds and gigabytes (bench/long_texts.py). The kept tokens are the whole text's:
     each end is cut at a fixed length, anywhere, even inside a word, and it is used only when every
     token kept of it comes from a word the cut left whole, with another whole word between them and
-    the cut (`clear_of_the_cut`); otherwise the text is tokenised whole."""
+    the cut (`clear_of_the_cut`); otherwise the text is tokenised whole, up to WHOLE_CHARS."""
     if truncation not in TRUNCATIONS:
         raise SettingError("truncation", f"{truncation!r} is not one of {', '.join(TRUNCATIONS)}")
     head = {"head": budget, "tail": 0}.get(truncation, int(budget * HEAD_SHARE))
@@ -122,16 +127,24 @@ def kept_tokens(tokenizer, texts, budget, truncation):
     chars = budget * CUT_CHARS_PER_TOKEN
     # Word ids come with fast tokenizers only; a slow one tokenises every text whole.
     cut = [i for i, text in enumerate(texts) if len(text) > 2 * chars] if tokenizer.is_fast else []
-    ends = encodings(tokenizer, [piece for i in cut for piece in (texts[i][:chars], texts[i][-chars:])])
     kept = [None] * len(texts)
-    for i, first, last in zip(cut, ends[::2], ends[1::2]):
+    for i, first, last in cut_ends(tokenizer, texts, cut, chars):
         if clear_of_the_cut(first.word_ids, head, cut_after=True) and clear_of_the_cut(last.word_ids, tail,
                                                                                        cut_after=False):
             kept[i] = first.ids[:head] + last.ids[len(last.ids) - tail:]
+    huge = [i for i in cut if kept[i] is None and len(texts[i]) > WHOLE_CHARS]
+    for i, first, last in cut_ends(tokenizer, texts, huge, WHOLE_CHARS // 2):
+        kept[i] = first.ids[:head] + last.ids[len(last.ids) - tail:]
     whole = [i for i, one in enumerate(kept) if one is None]
     for i, one in zip(whole, tokenize(tokenizer, [texts[i] for i in whole]) if whole else []):
         kept[i] = truncate(one, budget, truncation)
     return kept
+
+
+def cut_ends(tokenizer, texts, which, chars):
+    """(i, encoding of its first `chars` characters, of its last) for each text `i` in `which`."""
+    ends = encodings(tokenizer, [piece for i in which for piece in (texts[i][:chars], texts[i][-chars:])])
+    return zip(which, ends[::2], ends[1::2])
 
 
 def encodings(tokenizer, texts):

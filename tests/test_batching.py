@@ -3,6 +3,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from sentiment import batching
 from sentiment.batching import (CUT_CHARS_PER_TOKEN, TRUNCATIONS, Collator, LengthGroupedBatches, encode,
                                 special_tokens, truncate)
 from sentiment.demo_data import demo_reviews
@@ -115,6 +116,28 @@ def test_only_the_ends_of_a_huge_text_are_tokenised_and_the_kept_tokens_are_the_
             recording = Recording(tok)
             encode(recording, [text], max_length, truncation)
             assert recording.longest == len(text)
+
+
+@pytest.mark.parametrize("truncation", TRUNCATIONS)
+def test_a_huge_text_cut_inside_a_word_is_tokenised_from_its_ends_alone(tokenizer, monkeypatch, truncation):
+    # Its ends cut inside its one word, a text was tokenised whole however long: a 100 MB line without a space
+    # took 53 s and 6.5 GB to keep 510 tokens.
+    monkeypatch.setattr(batching, "WHOLE_CHARS", 20_000)
+    max_length = 40
+    prefix, suffix = special_tokens(tokenizer)
+    huge, long = "a" * 60_000 + " word1 here", "a" * 15_000 + " word1 here"
+    recording = Recording(tokenizer)
+    ids = encode(recording, [huge], max_length, truncation)
+    assert recording.longest == 10_000  # an end of half WHOLE_CHARS, not the 60,000 characters
+    unknown = tokenizer.unk_token_id  # WordPiece's token for a word of over 100 characters
+    tail = tokenizer("a" * 9_989 + " word1 here", add_special_tokens=False)["input_ids"]
+    assert ids[0].tolist() == prefix + {"head": [unknown], "tail": tail, "head+tail": [unknown, *tail]}[truncation] \
+        + suffix
+    recording = Recording(tokenizer)
+    ids = encode(recording, [long], max_length, truncation)  # up to WHOLE_CHARS, still the whole text's tokens
+    assert recording.longest == len(long)
+    whole = tokenizer(long, add_special_tokens=False)["input_ids"]
+    assert ids[0].tolist() == prefix + truncate(whole, max_length - len(prefix) - len(suffix), truncation) + suffix
 
 
 def test_length_grouped_batches_cover_every_index_once_with_little_padding():
