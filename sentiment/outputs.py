@@ -9,6 +9,7 @@ never take parts of two models for one. `log_line` and `truncate_log` keep `log.
 any one file safely is `files`' concern; the training loop itself lives in `training`.
 """
 
+import errno
 import fcntl
 import json
 import os
@@ -75,8 +76,13 @@ class OutputLock:
             self.made = not os.path.exists(self.path)
             try:
                 os.makedirs(folder, exist_ok=True)
-                self.handle = open(self.path, "a+")
+                # Never through a link: the file is emptied for this run's number, and a link's target would be
+                self.handle = open(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644),
+                                   "a+")
             except OSError as err:
+                if err.errno == errno.ELOOP:
+                    raise SentimentError(f"--output-dir {folder}: its {LOCK_FILE} is a symbolic link, which a run "
+                                         f"would empty the target of; remove it") from None
                 raise SentimentError(f"--output-dir {folder}: cannot write there ({err.strerror})") from None
             try:
                 fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -1164,6 +1164,18 @@ def test_a_run_that_stops_before_writing_anything_leaves_no_trace(tmp_path, revi
     assert (out / "model.safetensors").exists() and (out / ".lock").exists()  # a run's folder keeps its lock
 
 
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_kept(tmp_path):
+    # The lock file is emptied for the run's process number: a .lock linked elsewhere had its target overwritten.
+    target, folder = tmp_path / "precious.txt", tmp_path / "out"
+    target.write_text("precious")
+    folder.mkdir()
+    (folder / ".lock").symlink_to(target)
+    with pytest.raises(SentimentError, match=f"^--output-dir {folder}: its .lock is a symbolic link, which a run "
+                                             f"would empty the target of; remove it$"):
+        outputs.OutputLock(str(folder))
+    assert target.read_text() == "precious"
+
+
 def test_a_lock_let_go_and_removed_while_another_run_opened_it_is_not_held_twice(tmp_path, monkeypatch):
     # A run that lets go of a folder it wrote nothing in removes the lock file; a run that had opened that file
     # just before, then locked it, held a file no longer there, and a third run made a new one and started too.
