@@ -14,6 +14,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass
 
@@ -78,6 +79,21 @@ def remove_leftovers(output_dir):
         shutil.rmtree(path, ignore_errors=True)
     if os.path.exists(best_weights(output_dir) + ".tmp"):
         os.remove(best_weights(output_dir) + ".tmp")
+
+
+def remove_checkpoints(output_dir):
+    """Remove a run's checkpoints and best weights (`--overwrite`). A `checkpoints` that is a link (to a
+    larger disk, say) is kept, and only the checkpoints' own entries go from where it points."""
+    root = checkpoint_root(output_dir)
+    if os.path.islink(root) and os.path.isdir(root):
+        for name in os.listdir(root):
+            path = os.path.join(root, name)
+            if name in (BEST_WEIGHTS, BEST_WEIGHTS + ".tmp") or re.fullmatch(r"(\.tmp-|\.del-)?step-\d+", name):
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    elif os.path.isdir(root):
+        shutil.rmtree(root)
+    elif os.path.lexists(root):  # a file, or a link to nothing
+        os.remove(root)
 
 
 def remove_tree(folder):

@@ -16,7 +16,7 @@ import os
 import shutil
 import socket
 
-from .checkpointing import checkpoint_root, remove_leftovers
+from .checkpointing import checkpoint_root, remove_checkpoints, remove_leftovers
 from .config import CONFIG_FILE, LOG_FILE, METRICS_FILE, MODEL_FILES, PUBLISHING_FILE
 from .errors import SentimentError, warn
 from .files import fsync_path, fsync_tree, write_atomically
@@ -57,9 +57,11 @@ def claim(args, accelerator):
             lock.close(refused=True)  # the folder is left as it was found
         raise SentimentError(refusal)
     if accelerator.is_main_process and busy and args.overwrite and (not args.resume or another):
-        for name in ("checkpoints", LOG_FILE, STAGING):  # the old model (and its metrics) stays until the new is ready
+        remove_checkpoints(out)  # the old model (and its metrics) stays until the new is ready
+        for name in (LOG_FILE, STAGING):
             path = os.path.join(out, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else (
+                os.path.lexists(path) and os.remove(path))
     accelerator.wait_for_everyone()
     return lock
 
@@ -140,6 +142,8 @@ def publish_model(folder, model, tokenizer, settings, metrics):
     then moved in file by file under a PUBLISHING_FILE marker, which readers wait on (a live run) or
     refuse (a run killed midway, whose files may be mixed; `--resume latest` publishes again)."""
     staging = os.path.join(folder, STAGING)
+    if os.path.islink(staging):  # never written through: the model's files would land where it points
+        os.remove(staging)
     shutil.rmtree(staging, ignore_errors=True)
     try:
         save_model_folder(staging, model, tokenizer, settings)
@@ -150,7 +154,9 @@ def publish_model(folder, model, tokenizer, settings, metrics):
         shutil.rmtree(staging, ignore_errors=True)  # a full disk: give back the space the half model took
         raise
     marker = os.path.join(folder, PUBLISHING_FILE)
-    with open(marker, "w") as f:
+    if os.path.lexists(marker):  # a killed run's, or a link: made anew, never written through
+        os.remove(marker)
+    with open(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "w") as f:
         f.write(f"{socket.gethostname()} {os.getpid()}\n")
     fsync_path(marker)
     fsync_path(folder)

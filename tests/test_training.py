@@ -1164,6 +1164,32 @@ def test_a_run_that_stops_before_writing_anything_leaves_no_trace(tmp_path, revi
     assert (out / "model.safetensors").exists() and (out / ".lock").exists()  # a run's folder keeps its lock
 
 
+def test_overwrite_keeps_a_checkpoints_folder_behind_a_link_and_empties_it_of_checkpoints(tmp_path, uninterrupted):
+    # Checkpoints moved to a larger disk, `checkpoints` a link to them: --overwrite ended in a traceback
+    # ("Cannot call rmtree on a symbolic link"). Links where a run writes its own files (the model's staging
+    # folder, the publishing marker) had their targets written into.
+    data, whole = uninterrupted
+    out, disk = tmp_path / "out", tmp_path / "larger disk"
+    shutil.copytree(whole, out, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(whole / "checkpoints", disk)
+    (out / "checkpoints").symlink_to(disk)
+    (disk / "notes.txt").write_text("mine")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "config.json").write_text("mine")
+    (out / ".tmp-model").symlink_to(elsewhere)
+    (out / ".publishing").symlink_to(elsewhere / "config.json")
+    old = sorted(p.name for p in disk.iterdir())
+    run_script(*kill_test_flags(data), "--checkpoint-every", "4", "--output-dir", str(out), "--overwrite")
+    assert (out / "checkpoints").is_symlink() and (disk / "notes.txt").read_text() == "mine"
+    new = sorted(p.name for p in disk.iterdir())
+    steps = json.loads((out / "metrics.json").read_text())["steps"]
+    assert new == ["best.safetensors", "notes.txt", f"step-{steps // 4 * 4 - 4:08d}", f"step-{steps // 4 * 4:08d}"]
+    assert new != old and (elsewhere / "config.json").read_text() == "mine" and list(elsewhere.iterdir()) == [
+        elsewhere / "config.json"]
+    assert Predictor(str(out)).predict(["A fine film."])[0]["label"] in ("negative", "positive")
+
+
 def test_a_lock_file_that_is_a_link_is_refused_and_its_target_kept(tmp_path):
     # The lock file is emptied for the run's process number: a .lock linked elsewhere had its target overwritten.
     target, folder = tmp_path / "precious.txt", tmp_path / "out"
