@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from .config import CONFIG_FILE, STATE_FILE, TrainArgs, invariants
 from .errors import SentimentError, flag, warn
-from .files import as_plain_files, fsync_path, fsync_tree
+from .files import as_plain_files, fsync_path, fsync_tree, remove_path
 
 BEST_WEIGHTS = "best.safetensors"
 INVARIANTS = tuple(invariants(TrainArgs))  # settings a resumed run must share with the saved one
@@ -85,15 +85,12 @@ def remove_checkpoints(output_dir):
     """Remove a run's checkpoints and best weights (`--overwrite`). A `checkpoints` that is a link (to a
     larger disk, say) is kept, and only the checkpoints' own entries go from where it points."""
     root = checkpoint_root(output_dir)
-    if os.path.islink(root) and os.path.isdir(root):
-        for name in os.listdir(root):
-            path = os.path.join(root, name)
-            if name in (BEST_WEIGHTS, BEST_WEIGHTS + ".tmp") or re.fullmatch(r"(\.tmp-|\.del-)?step-\d+", name):
-                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-    elif os.path.isdir(root):
-        shutil.rmtree(root)
-    elif os.path.lexists(root):  # a file, or a link to nothing
-        os.remove(root)
+    if not (os.path.islink(root) and os.path.isdir(root)):
+        remove_path(root)
+        return
+    for name in os.listdir(root):
+        if name in (BEST_WEIGHTS, BEST_WEIGHTS + ".tmp") or re.fullmatch(r"(\.tmp-|\.del-)?step-\d+", name):
+            remove_path(os.path.join(root, name))
 
 
 def remove_tree(folder):

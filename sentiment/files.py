@@ -48,6 +48,15 @@ def remove_stale_temporaries(path):
             shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else os.remove(stale)
 
 
+def remove_path(path):
+    """Remove what is at `path`, if anything: a folder with all it holds, a file, or a link (never what it
+    points to)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
 def write_atomically(path, text):
     """Write `text` to `path` through a temporary file beside it, renamed into place once complete:
     a crash leaves the old file or the new one, never half of one. A link is written through, as

@@ -19,7 +19,7 @@ import socket
 from .checkpointing import checkpoint_root, remove_checkpoints, remove_leftovers
 from .config import CONFIG_FILE, LOG_FILE, METRICS_FILE, MODEL_FILES, PUBLISHING_FILE
 from .errors import SentimentError, warn
-from .files import fsync_path, fsync_tree, write_atomically
+from .files import fsync_path, fsync_tree, remove_path, write_atomically
 from .modeling import save_model_folder
 
 LOCK_FILE = ".lock"
@@ -59,9 +59,7 @@ def claim(args, accelerator):
     if accelerator.is_main_process and busy and args.overwrite and (not args.resume or another):
         remove_checkpoints(out)  # the old model (and its metrics) stays until the new is ready
         for name in (LOG_FILE, STAGING):
-            path = os.path.join(out, name)
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else (
-                os.path.lexists(path) and os.remove(path))
+            remove_path(os.path.join(out, name))
     accelerator.wait_for_everyone()
     return lock
 
